@@ -1,0 +1,25 @@
+"""surgeon: trace PyTorch models into torch.fx graphs, find their residual adds and norms, and
+rewrite them. Nothing heavy is imported until a public function is used."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["inspect", "trace", "SurgeonError", "__version__"]
+
+if TYPE_CHECKING:
+    from surgeon.api import inspect, trace
+    from surgeon.errors import SurgeonError
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("inspect", "trace"):
+        from surgeon import api
+
+        return getattr(api, name)
+    if name == "SurgeonError":
+        from surgeon.errors import SurgeonError
+
+        return SurgeonError
+    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")

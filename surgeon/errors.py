@@ -1,0 +1,31 @@
+"""Every failure a user can cause ends in a `SurgeonError` with a one-line message.
+
+The message names the file, module, key or option at fault and says what to do. The CLI prints
+`error: <message>` and exits non-zero; Python callers can catch `SurgeonError` (or a subclass).
+"""
+
+from __future__ import annotations
+
+
+class SurgeonError(Exception):
+    """Base class of all errors surgeon raises for a user's mistake."""
+
+
+class SourceError(SurgeonError):
+    """A model source (directory, hub id, `pkg.mod:factory`, weights file) cannot be used."""
+
+
+class ExampleError(SurgeonError):
+    """No example input was given and none can be built for this model, or the example fails."""
+
+
+class TracingError(SurgeonError):
+    """The model cannot be traced at all (no module of it produced a verified graph)."""
+
+
+class SpecializationError(SurgeonError):
+    """A traced module was called with an argument its graph was specialised away from.
+
+    Tracing records one real call; non-tensor arguments (None, flags, ints) are baked into the graph.
+    A later call that passes something else would silently take the wrong branch, so it raises this.
+    """

@@ -1,0 +1,592 @@
+"""Analysis only: residual adds, LayerNorm/RMSNorm layers and residual trunks in a traced model.
+
+Each module owns its own graph (see `surgeon.tracing`), so results name the module whose code holds
+the add or the norm. Facts that depend only on a graph (ancestry, the adds in it) are computed once
+per shared graph, so a deep model costs what one block costs plus a little per block.
+
+- A residual add is `add(skip, branch)` where `skip` is an ancestor of `branch` and the path between
+  them holds a parameterised op (a submodule with parameters, or an op fed a parameter) — this leaves
+  out GELU's `x + 0.044715·x³`. When both operands are inputs of the module (BERT's
+  `LayerNorm(dense(h) + input_tensor)`), the question is asked again in the caller's graph.
+- Kinds: "pre_norm" (the branch starts with a norm of the skip), "post_norm" (the add feeds a norm
+  that produces the module's output), else "plain".
+- Norms are found by class (nn.LayerNorm, nn.RMSNorm), by call (`F.layer_norm`, `F.rms_norm`) and by
+  behaviour (`x·rsqrt(mean(x²)+eps)`, `(x−mean)/sqrt(var+eps)`), including modules whose whole
+  forward is such a norm (nanoGPT's LayerNorm class, Llama's and T5's RMSNorm).
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.report import Inspection, Norm, Residual, Trunk, Untraced
+from surgeon.tracing import ModelTrace, ModuleTrace, flatten
+
+_FUNCTION_OPS: dict[Any, str] = {
+    operator.add: "add", operator.iadd: "add", torch.add: "add",
+    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
+    operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
+    operator.truediv: "div", operator.itruediv: "div", torch.div: "div", torch.true_divide: "div",
+    operator.pow: "pow", torch.pow: "pow", torch.square: "square",
+    torch.rsqrt: "rsqrt", torch.sqrt: "sqrt", torch.mean: "mean", torch.var: "var",
+    F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
+    F.rms_norm: "rms_norm", torch.rms_norm: "rms_norm",
+    F.dropout: "dropout", torch.dropout: "dropout",
+}
+_METHOD_OPS = {"add": "add", "add_": "add", "__add__": "add", "__iadd__": "add",
+               "mul": "mul", "mul_": "mul", "sub": "sub", "sub_": "sub", "div": "div",
+               "div_": "div", "pow": "pow", "square": "square", "rsqrt": "rsqrt", "sqrt": "sqrt",
+               "mean": "mean", "var": "var"}
+_CASTS = frozenset(("to", "float", "type", "type_as", "half", "bfloat16", "double",
+                    "contiguous"))
+_NORM_CLASSES: tuple[tuple[type, str], ...] = ((nn.LayerNorm, "layer_norm"),)
+if hasattr(nn, "RMSNorm"):
+    _NORM_CLASSES += ((nn.RMSNorm, "rms_norm"),)
+
+
+def op_name(node: fx.Node) -> str | None:
+    """A short name for what a node computes ("add", "mean", ...), or None."""
+    if node.op == "call_function":
+        return _FUNCTION_OPS.get(node.target)
+    if node.op == "call_method":
+        return _METHOD_OPS.get(node.target)
+    return None
+
+
+def _is_cast(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target in _CASTS
+
+
+def strip_casts(value: Any) -> Any:
+    """Follow dtype casts back to the value they cast."""
+    while isinstance(value, fx.Node) and _is_cast(value) and value.args:
+        value = value.args[0]
+    return value
+
+
+def _operands(node: fx.Node) -> tuple[Any, Any]:
+    args = list(node.args) + [node.kwargs.get(k) for k in ("other",) if k in node.kwargs]
+    return (args[0] if args else None, args[1] if len(args) > 1 else None)
+
+
+def _source(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    found = [(p, ln) for p, ln in re.findall(r'File "([^"]+)", line (\d+)', trace)
+             if f"{os.sep}torch{os.sep}" not in p and f"{os.sep}surgeon{os.sep}" not in p]
+    if not found:
+        return ""
+    path, line = found[-1]
+    return f"{os.path.basename(path)}:{line}"
+
+
+def _class_source(cls: type) -> str:
+    try:
+        path = inspect.getsourcefile(cls) or ""
+        line = inspect.getsourcelines(cls)[1]
+    except (OSError, TypeError):
+        return ""
+    return f"{os.path.basename(path)}:{line}"
+
+
+@dataclass(frozen=True)
+class _NormNode:
+    kind: str
+    input: Any  # the normalised value (casts stripped)
+    shape: tuple[int, ...] | None
+    eps: float | None
+    affine: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-graph facts.
+# ---------------------------------------------------------------------------------------------
+
+class GraphFacts:
+    """Ancestry (as bitsets), parameterised ops and norm nodes of one graph, for the module it was
+    traced on (instances sharing the graph have the same structure)."""
+
+    def __init__(self, graph: fx.Graph, module: nn.Module, child_norms: dict[str, _NormNode]):
+        self.graph = graph
+        self.nodes = list(graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.anc: list[int] = []
+        for n in self.nodes:
+            mask = 0
+            for inp in n.all_input_nodes:
+                j = self.index[inp]
+                mask |= self.anc[j] | (1 << j)
+            self.anc.append(mask)
+        params = {name for name, _ in module.named_parameters()}
+        self.param_mask = 0
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        for i, n in enumerate(self.nodes):
+            if _is_parameterised(n, module, params):
+                self.param_mask |= 1 << i
+        self.norms: dict[fx.Node, _NormNode] = {}
+        for n in self.nodes:
+            found = _norm_node(n, module, params, child_norms)
+            if found is not None:
+                self.norms[n] = found
+        self.output = next(n for n in reversed(self.nodes) if n.op == "output")
+
+    def bit(self, node: fx.Node) -> int:
+        return 1 << self.index[node]
+
+    def is_ancestor(self, a: fx.Node, b: fx.Node) -> bool:
+        return bool(self.anc[self.index[b]] & self.bit(a))
+
+    def path_mask(self, skip: fx.Node, branch: fx.Node) -> int:
+        """Nodes on some path from `skip` to `branch`, `branch` included."""
+        sbit = self.bit(skip)
+        below = self.anc[self.index[branch]] | self.bit(branch)
+        mask = 0
+        for i, n in enumerate(self.nodes):
+            if (below >> i) & 1 and self.anc[i] & sbit:
+                mask |= 1 << i
+        return mask
+
+    def starts_with_norm_of(self, skip: fx.Node, mask: int) -> bool:
+        for n, info in self.norms.items():
+            if (mask >> self.index[n]) & 1 and info.input is skip:
+                return True
+        return False
+
+    def feeds_output_norm(self, add: fx.Node) -> bool:
+        """The add (through dropout, casts and in-place aliases) feeds a norm whose result
+        reaches the graph's output."""
+        frontier = [add]
+        seen = set()
+        while frontier:
+            n = frontier.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            for user in n.users:
+                info = self.norms.get(user)
+                if info is not None and info.input is n:
+                    out = self.output
+                    if user in out.all_input_nodes or self.is_ancestor(user, out):
+                        return True
+                if _is_cast(user) or op_name(user) == "dropout" or _is_dropout_module(user):
+                    frontier.append(user)
+        return False
+
+    def placeholder_indices(self, mask: int) -> list[int]:
+        return [k for k, p in enumerate(self.placeholders) if (mask >> self.index[p]) & 1]
+
+
+def _is_dropout_module(node: fx.Node) -> bool:
+    return node.op == "call_module" and "drop" in str(node.target).rsplit(".", 1)[-1].lower()
+
+
+def _is_parameterised(node: fx.Node, module: nn.Module, params: set[str]) -> bool:
+    if node.op == "call_module":
+        try:
+            sub = module.get_submodule(str(node.target))
+        except AttributeError:
+            return False
+        return any(True for _ in sub.parameters())
+    if node.op in ("call_function", "call_method"):
+        return any(i.op == "get_attr" and str(i.target) in params
+                   for i in node.all_input_nodes)
+    return False
+
+
+def _const(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _param_shape(value: Any, module: nn.Module) -> tuple[int, ...] | None:
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        try:
+            return tuple(module.get_parameter(str(value.target)).shape)
+        except AttributeError:
+            return None
+    return None
+
+
+def _norm_node(n: fx.Node, module: nn.Module, params: set[str],
+               child_norms: dict[str, _NormNode]) -> _NormNode | None:
+    """The norm `n` computes, if it is one: a norm submodule, a functional norm, or the core of a
+    hand-written RMSNorm / LayerNorm."""
+    if n.op == "call_module":
+        info = child_norms.get(str(n.target))
+        if info is None or not n.args:
+            return None
+        return _NormNode(info.kind, strip_casts(n.args[0]), info.shape, info.eps, info.affine)
+    name = op_name(n)
+    if name in ("layer_norm", "rms_norm"):
+        args = list(n.args) + [None] * 5
+        weight = n.kwargs.get("weight", args[2])
+        eps = n.kwargs.get("eps", args[4] if name == "layer_norm" else args[3])
+        shape_arg = n.kwargs.get("normalized_shape", args[1])
+        shape = (tuple(shape_arg) if isinstance(shape_arg, (list, tuple))
+                 and all(isinstance(s, int) for s in shape_arg)
+                 else (shape_arg,) if isinstance(shape_arg, int) else _param_shape(weight, module))
+        return _NormNode(name, strip_casts(args[0]), shape, _const(eps), weight is not None)
+    if name in ("mul", "div"):
+        a, b = _operands(n)
+        for x, s in ((a, b), (b, a)) if name == "mul" else ((a, b),):
+            core = _scale_core(s, "rsqrt" if name == "mul" else "sqrt")
+            if core is None or not isinstance(x, fx.Node):
+                continue
+            var, eps = core
+            src = strip_casts(x)
+            kind = _variance_kind(var, src)
+            if kind == "rms_norm":
+                return _NormNode("rms_norm", src, None, eps, False)
+            if kind == "layer_norm":
+                centred_from = _centred_source(src)
+                return _NormNode("layer_norm", centred_from, None, eps, False)
+    return None
+
+
+def _scale_core(node: Any, fn: str) -> tuple[fx.Node, float | None] | None:
+    """`rsqrt(var + eps)` (or `sqrt`): returns (var, eps)."""
+    if not isinstance(node, fx.Node) or op_name(node) != fn or not node.args:
+        return None
+    inner = node.args[0]
+    if isinstance(inner, fx.Node) and op_name(inner) == "add":
+        a, b = _operands(inner)
+        if isinstance(a, fx.Node) and not isinstance(b, fx.Node):
+            return a, _const(b)
+        if isinstance(b, fx.Node) and not isinstance(a, fx.Node):
+            return b, _const(a)
+    return None
+
+
+def _squared_of(node: Any) -> Any:
+    node = strip_casts(node)
+    if not isinstance(node, fx.Node):
+        return None
+    name = op_name(node)
+    if name == "pow" and len(node.args) > 1 and node.args[1] == 2:
+        return strip_casts(node.args[0])
+    if name == "square":
+        return strip_casts(node.args[0])
+    if name == "mul":
+        a, b = _operands(node)
+        if a is b:
+            return strip_casts(a)
+    return None
+
+
+def _centred_source(node: Any) -> Any:
+    """For `x - mean(x)`, x; else None."""
+    if isinstance(node, fx.Node) and op_name(node) == "sub":
+        a, b = _operands(node)
+        b = strip_casts(b)
+        if isinstance(b, fx.Node) and op_name(b) == "mean" and strip_casts(b.args[0]) is \
+                strip_casts(a):
+            return strip_casts(a)
+    return None
+
+
+def _variance_kind(var: fx.Node, x: Any) -> str | None:
+    """"rms_norm" if var = mean(x²) over the last dim, "layer_norm" if x = z − mean(z) and var is
+    its variance (mean of squares or torch.var)."""
+    var = strip_casts(var)
+    name = op_name(var)
+    if name == "mean":
+        sq = _squared_of(var.args[0])
+        if sq is None:
+            return None
+        if sq is x:
+            return "layer_norm" if _centred_source(x) is not None else "rms_norm"
+        if _centred_source(sq) is not None and _centred_source(sq) is _centred_source(x):
+            return "layer_norm"
+    if name == "var" and _centred_source(x) is strip_casts(var.args[0]):
+        return "layer_norm"
+    return None
+
+
+def module_norm(mt: ModuleTrace, facts: GraphFacts) -> _NormNode | None:
+    """If the module's whole forward is a norm of its first input (plus an optional affine gain
+    and bias), what norm it is."""
+    out = facts.output.args[0]
+    value, gain, bias = strip_casts(out), None, None
+    while isinstance(value, fx.Node) and value not in facts.norms:
+        name = op_name(value)
+        if name not in ("mul", "add"):
+            return None
+        a, b = _operands(value)
+        a, b = strip_casts(a), strip_casts(b)
+        if isinstance(b, fx.Node) and b.op == "get_attr":
+            param, value = b, a
+        elif isinstance(a, fx.Node) and a.op == "get_attr":
+            param, value = a, b
+        else:
+            return None
+        if name == "mul":
+            gain = param
+        else:
+            bias = param
+        value = strip_casts(value)
+    info = facts.norms.get(value) if isinstance(value, fx.Node) else None
+    if info is None or info.input is not (facts.placeholders[0] if facts.placeholders else None):
+        return None
+    if value.op == "call_module":
+        return None  # a wrapper around a norm module: the inner module is the norm
+    affine = info.affine or gain is not None or bias is not None
+    shape = info.shape or _param_shape(gain, mt.module) or _param_shape(bias, mt.module)
+    return _NormNode(info.kind, None, shape, info.eps, affine)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model.
+# ---------------------------------------------------------------------------------------------
+
+class _Analysis:
+    def __init__(self, trace: ModelTrace):
+        self.trace = trace
+        self.facts: dict[int, GraphFacts] = {}
+        self.norm_of: dict[str, _NormNode] = {}  # module name -> its norm, for norm modules
+        self.calls_into: dict[str, tuple[str, fx.Node]] = {}  # child -> (caller, call node)
+        for name, module in trace.model.named_modules():
+            kind = _class_norm_kind(module)
+            if kind is not None and _is_atomic_norm(module):
+                self.norm_of[name] = _atomic_norm(module, kind)
+
+    def graph_facts(self, mt: ModuleTrace) -> GraphFacts:
+        key = id(mt.shared)
+        facts = self.facts.get(key)
+        if facts is None:
+            child_norms = {}
+            prefix = mt.name + "." if mt.name else ""
+            for n in mt.graph.nodes:
+                if n.op == "call_module" and prefix + str(n.target) in self.norm_of:
+                    child_norms[str(n.target)] = self.norm_of[prefix + str(n.target)]
+            facts = GraphFacts(mt.graph, mt.module, child_norms)
+            self.facts[key] = facts
+        return facts
+
+
+def _class_norm_kind(module: nn.Module) -> str | None:
+    for cls, kind in _NORM_CLASSES:
+        if isinstance(module, cls):
+            return kind
+    name = type(module).__name__.lower()
+    if name.endswith("rmsnorm"):
+        return "rms_norm"
+    if name.endswith("layernorm"):
+        return "layer_norm"
+    return None
+
+
+def _is_atomic_norm(module: nn.Module) -> bool:
+    return isinstance(module, tuple(c for c, _ in _NORM_CLASSES))
+
+
+def _atomic_norm(module: nn.Module, kind: str) -> _NormNode:
+    shape = tuple(getattr(module, "normalized_shape", ()) or ()) or None
+    eps = getattr(module, "eps", None)
+    affine = bool(getattr(module, "elementwise_affine", False))
+    return _NormNode(kind, None, shape, float(eps) if eps is not None else None, affine)
+
+
+def _by_name_norm(module: nn.Module, kind: str) -> _NormNode:
+    weight = getattr(module, "weight", None)
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+    eps = next((getattr(module, a) for a in ("eps", "variance_epsilon", "epsilon")
+                if isinstance(getattr(module, a, None), float)), None)
+    return _NormNode(kind, None, shape, eps, isinstance(weight, torch.Tensor))
+
+
+def inspect_trace(trace: ModelTrace, model_name: str = "") -> Inspection:
+    """Find residual adds, norms and trunks in a traced model."""
+    an = _Analysis(trace)
+    calls = trace.calls
+    ordered = [(n, trace.traces[n]) for n in sorted(trace.traces,
+                                                    key=lambda n: (-n.count("."), calls[n].order))]
+    # Bottom-up: a module's norm-ness is known before its callers' graphs are analysed.
+    for name, mt in ordered:
+        facts = an.graph_facts(mt)
+        info = module_norm(mt, facts)
+        if info is not None:
+            an.norm_of[name] = info
+    report = Inspection(model=model_name or type(trace.model).__name__)
+    for name, module in trace.model.named_modules():
+        if name not in calls:
+            continue
+        info = an.norm_of.get(name)
+        if info is None and name not in trace.traces:
+            kind = _class_norm_kind(module)
+            if kind is not None:
+                info = _by_name_norm(module, kind)
+                an.norm_of[name] = info
+        if info is not None:
+            report.norms.append(Norm(name, info.kind, info.shape, info.eps, info.affine, None,
+                                     _class_source(type(module))))
+    for name, mt in sorted(trace.traces.items(), key=lambda kv: calls[kv[0]].order):
+        facts = an.graph_facts(mt)
+        if name not in an.norm_of:
+            for node, info in facts.norms.items():
+                if node.op != "call_module":
+                    report.norms.append(Norm(name, info.kind, info.shape, info.eps, info.affine,
+                                             node.name, _source(node)))
+        report.residuals.extend(_residuals(an, name, mt, facts))
+    report.traced = [n for n, _ in sorted(trace.traces.items(), key=lambda kv: calls[kv[0]].order)]
+    report.untraced = [Untraced(n, r) for n, r in trace.failures.items()]
+    report.trunks = _trunks(trace, {r.module for r in report.residuals})
+    return report
+
+
+def _residuals(an: _Analysis, name: str, mt: ModuleTrace, facts: GraphFacts) -> list[Residual]:
+    found = []
+    for node in facts.nodes:
+        if op_name(node) != "add":
+            continue
+        a, b = _operands(node)
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        kind = _local_residual(facts, node, a, b)
+        if kind is None:
+            kind = _lifted_residual(an, name, facts, node, a, b)
+        if kind is not None:
+            found.append(Residual(name, kind, node.name, _source(node)))
+    return found
+
+
+def _local_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> str | None:
+    if facts.is_ancestor(a, b):
+        skip, branch = a, b
+    elif facts.is_ancestor(b, a):
+        skip, branch = b, a
+    else:
+        return None
+    mask = facts.path_mask(skip, branch)
+    if not mask & facts.param_mask:
+        return None
+    return _kind(facts, add, skip, mask)
+
+
+def _kind(facts: GraphFacts, add: fx.Node, skip: Any, mask: int) -> str:
+    if skip is not None and facts.starts_with_norm_of(skip, mask):
+        return "pre_norm"
+    if facts.feeds_output_norm(add):
+        return "post_norm"
+    return "plain"
+
+
+def _caller(an: _Analysis, name: str) -> tuple[ModuleTrace, fx.Node] | None:
+    """The traced module whose graph calls `name`, and the call node."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        owner = ".".join(parts[:cut])
+        mt = an.trace.traces.get(owner)
+        if mt is None:
+            continue
+        rel = ".".join(parts[cut:])
+        for n in mt.graph.nodes:
+            if n.op == "call_module" and n.target == rel:
+                return mt, n
+        return None
+    return None
+
+
+def _caller_inputs(child: ModuleTrace, call: fx.Node) -> list[Any] | None:
+    """The caller's values for each of the child's graph inputs."""
+    spec = child.shared.spec
+    try:
+        bound = spec.signature.bind(*call.args, **call.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    leaves, tree = flatten(dict(bound.arguments))
+    if tree != spec.spec:
+        return None
+    return [v for v, k in zip(leaves, spec.kinds) if k != "const"]
+
+
+def _lifted_residual(an: _Analysis, name: str, facts: GraphFacts, add: fx.Node, a: fx.Node,
+                     b: fx.Node, depth: int = 0) -> str | None:
+    """Both operands come from the module's inputs (one of them is an input): ask the caller."""
+    for skip, branch in ((strip_casts(a), b), (strip_casts(b), a)):
+        if not (isinstance(skip, fx.Node) and skip.op == "placeholder"):
+            continue
+        branch_mask = facts.anc[facts.index[branch]] | facts.bit(branch)
+        sources = facts.placeholder_indices(branch_mask & ~facts.bit(skip))
+        if not sources:
+            continue
+        local_param = bool(branch_mask & facts.param_mask)
+        kind = _ask_caller(an, name, facts.placeholders.index(skip), sources, local_param, depth)
+        if kind is not None:
+            return "post_norm" if facts.feeds_output_norm(add) else kind
+    return None
+
+
+def _ask_caller(an: _Analysis, name: str, skip_idx: int, branch_idxs: list[int],
+                has_param: bool, depth: int) -> str | None:
+    if depth > 3:
+        return None
+    child = an.trace.traces.get(name)
+    found = _caller(an, name)
+    if child is None or found is None:
+        return None
+    caller, call = found
+    values = _caller_inputs(child, call)
+    if values is None or skip_idx >= len(values):
+        return None
+    facts = an.graph_facts(caller)
+    skip = strip_casts(values[skip_idx])
+    if not isinstance(skip, fx.Node):
+        return None
+    for j in branch_idxs:
+        branch = values[j] if j < len(values) else None
+        if not isinstance(branch, fx.Node) or branch is skip:
+            continue
+        if facts.is_ancestor(skip, branch):
+            mask = facts.path_mask(skip, branch)
+            if has_param or mask & facts.param_mask:
+                return "pre_norm" if facts.starts_with_norm_of(skip, mask) else "plain"
+        elif skip.op == "placeholder":
+            branch_mask = facts.anc[facts.index[branch]] | facts.bit(branch)
+            sources = facts.placeholder_indices(branch_mask & ~facts.bit(skip))
+            if sources:
+                up = _ask_caller(an, caller.name, facts.placeholders.index(skip), sources,
+                                 has_param or bool(branch_mask & facts.param_mask), depth + 1)
+                if up is not None:
+                    return up
+    return None
+
+
+def _trunks(trace: ModelTrace, owners: set[str]) -> list[Trunk]:
+    """Chains of sibling modules holding residual adds, each one's output the next one's input."""
+    calls = trace.calls
+    candidates = set()
+    for owner in owners:
+        parts = owner.split(".")
+        for cut in range(len(parts), 0, -1):
+            candidates.add(".".join(parts[:cut]))
+    groups: dict[str, list[str]] = {}
+    for c in candidates:
+        if c in calls and calls[c].out_ids:
+            groups.setdefault(c.rsplit(".", 1)[0] if "." in c else "", []).append(c)
+    chains: list[list[str]] = []
+    for members in groups.values():
+        members.sort(key=lambda n: calls[n].order)
+        chain = [members[0]]
+        for prev, nxt in zip(members, members[1:]):
+            if calls[prev].out_ids[0] in calls[nxt].in_ids:
+                chain.append(nxt)
+            else:
+                if len(chain) > 1:
+                    chains.append(chain)
+                chain = [nxt]
+        if len(chain) > 1:
+            chains.append(chain)
+    outer = [c for c in chains if not any(
+        other is not c and any(b.startswith(o + ".") for b in c for o in other)
+        for other in chains)]
+    outer.sort(key=lambda c: calls[c[0]].order)
+    return [Trunk(tuple(c)) for c in outer]

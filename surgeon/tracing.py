@@ -1,0 +1,703 @@
+"""Example-guided, per-module torch.fx capture.
+
+`torch.fx.symbolic_trace` fails on today's models (wrapped forwards, `**kwargs` passed on, Python
+control flow on shapes, mask code that refuses tracing on purpose). We trace differently:
+
+1. Record one real call of every module on an example input (forward pre-hooks with kwargs).
+2. Trace each module on its own, top-down, through a generated stand-in forward that takes only the
+   call's tensors (and opaque objects such as caches) as graph inputs. Non-tensor leaves of the call
+   (None, flags, ints, strings) are specialised; the traced module keeps the original call signature
+   and checks them at run time, raising `SpecializationError` when a call differs.
+3. Every child module is a leaf (`call_module`) of its parent's graph and is traced in its own right,
+   so each module owns the adds and norms written in its own code. A leaf's output is given the
+   structure its recorded call had (a tuple of tensors becomes a tuple of proxies, `None` stays None).
+4. A graph is trusted only if it reproduces the recorded call's outputs (structure and values);
+   otherwise the module is reported untraced, with the reason, and stays eager.
+5. Modules of the same class, called with the same signature, with the same children and the same
+   values of the attributes their forward reads, share one graph: tracing cost does not grow with depth.
+
+Nothing here edits the model; `ModuleTrace.to_module()` builds a `TracedModule` (a GraphModule with
+the original parameter names and call signature) when a pass needs one.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import math
+import operator
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from surgeon.errors import ExampleError, SpecializationError, TracingError
+
+# ---------------------------------------------------------------------------------------------
+# Structures: our own tiny pytree. Only exact tuple/list/dict are containers; everything else is a
+# leaf, so namedtuples, ModelOutputs and cache objects pass through whole.
+# ---------------------------------------------------------------------------------------------
+
+_LEAF = "*"
+_CONSTANT_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+                   enum.Enum, type(Ellipsis), slice)
+
+
+def flatten(obj: Any) -> tuple[list[Any], Any]:
+    """Split `obj` into leaves and a hashable spec that `unflatten` inverts."""
+    leaves: list[Any] = []
+
+    def go(o: Any) -> Any:
+        t = type(o)
+        if t is tuple or t is list:
+            return (t.__name__, tuple(go(v) for v in o))
+        if t is dict:
+            return ("dict", tuple(o.keys()), tuple(go(v) for v in o.values()))
+        leaves.append(o)
+        return _LEAF
+
+    return leaves, go(obj)
+
+
+def unflatten(spec: Any, leaves: list[Any]) -> Any:
+    """Rebuild the object `flatten` described, taking leaves in order."""
+    it = iter(leaves)
+
+    def go(s: Any) -> Any:
+        if s == _LEAF:
+            return next(it)
+        if s[0] == "dict":
+            return {k: go(v) for k, v in zip(s[1], s[2])}
+        items = [go(v) for v in s[1]]
+        return tuple(items) if s[0] == "tuple" else items
+
+    return go(spec)
+
+
+def _is_constant(x: Any) -> bool:
+    return isinstance(x, _CONSTANT_TYPES)
+
+
+def _first_line(text: Any, limit: int = 160) -> str:
+    line = " ".join(str(text).strip().splitlines()[:1]) or type(text).__name__
+    if len(line) > limit and ". " in line:
+        line = line[: line.index(". ") + 1]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _where(exc: BaseException) -> str:
+    """` (at file.py:line)` for the innermost frame of `exc` in model code (not torch, not us)."""
+    tb, where = exc.__traceback__, ""
+    while tb is not None:
+        path = tb.tb_frame.f_code.co_filename
+        if not any(part in path for part in (os.sep + "torch" + os.sep, os.sep + "surgeon" + os.sep,
+                                              "<surgeon")):
+            where = f" (at {os.path.basename(path)}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return where
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a Tensor of shape {tuple(x.shape)}"
+    if _is_constant(x):
+        return repr(x)
+    return f"a {type(x).__name__}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Which modules are atomic: never traced, always leaves.
+# ---------------------------------------------------------------------------------------------
+
+def is_atomic(module: nn.Module) -> bool:
+    """True for modules whose forward is a primitive op: torch.nn layers without children
+    (Linear, LayerNorm, Conv, Dropout, activations, ...), nn.MultiheadAttention, and surgeon's own
+    runtime modules (marked `_surgeon_atomic = True`)."""
+    if getattr(type(module), "_surgeon_atomic", False):
+        return True
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    mod = type(module).__module__
+    return mod.startswith(("torch.nn.", "torch.ao.nn.")) and not module._modules
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording one real call of every module.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Call:
+    """One recorded call of a module: cloned arguments and output, and the ids of the original
+    tensors it took and returned (to link blocks whose output feeds the next one's input)."""
+
+    args: tuple
+    kwargs: dict
+    output: Any = None
+    order: int = 0
+    in_ids: tuple[int, ...] = ()
+    out_ids: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] | None = None
+
+
+def _clone(obj: Any) -> Any:
+    leaves, spec = flatten(obj)
+    return unflatten(spec, [x.detach().clone() if isinstance(x, torch.Tensor) else x
+                            for x in leaves])
+
+
+def _tensor_ids(obj: Any) -> tuple[int, ...]:
+    return tuple(id(x) for x in flatten(obj)[0] if isinstance(x, torch.Tensor))
+
+
+def run_example(model: nn.Module, example: tuple | dict) -> Any:
+    """Call `model` on an example given as a tuple of positional args or a dict of keyword args."""
+    if isinstance(example, dict):
+        return model(**example)
+    if isinstance(example, (tuple, list)):
+        return model(*example)
+    raise ExampleError(
+        f"example must be a tuple of positional args or a dict of keyword args, "
+        f"not {type(example).__name__}")
+
+
+def record_calls(model: nn.Module, example: tuple | dict) -> dict[str, Call]:
+    """Run `model` once in eval mode without gradients and record the first call of every module.
+
+    Train/eval flags are restored afterwards. Inputs and outputs are cloned, so in-place ops later
+    in the forward (`out += identity`) do not change what was recorded.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    calls: dict[str, Call] = {}
+    keep: list[Any] = []  # originals stay alive so that tensor ids stay unique during the run
+    counter = iter(range(1 << 62))
+
+    def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        name = names.get(id(mod))
+        if name is None or name in calls:
+            return
+        keep.append((args, kwargs))
+        calls[name] = Call(_clone(args), _clone(kwargs), order=next(counter),
+                           in_ids=_tensor_ids((args, kwargs)))
+
+    def post_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        name = names.get(id(mod))
+        call = calls.get(name) if name is not None else None
+        if call is None or call.out_ids:
+            return
+        keep.append(output)
+        call.output = _clone(output)
+        call.out_ids = _tensor_ids(output) or (-1,)
+        first = next((x for x in flatten(output)[0] if isinstance(x, torch.Tensor)), None)
+        call.out_shape = tuple(first.shape) if first is not None else None
+
+    modes = {m: m.training for m in model.modules()}
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
+    try:
+        model.eval()
+        with torch.no_grad():
+            run_example(model, example)
+    except ExampleError:
+        raise
+    except Exception as e:
+        raise ExampleError(
+            f"the example input fails on {type(model).__name__}: {type(e).__name__}: "
+            f"{_first_line(e)}; pass an example the model accepts") from e
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Call specs: how a call maps to graph inputs, and the run-time guard.
+# ---------------------------------------------------------------------------------------------
+
+def _forward_signature(cls: type) -> inspect.Signature:
+    sig = inspect.signature(inspect.unwrap(cls.forward))
+    params = list(sig.parameters.values())[1:]  # drop self
+    return sig.replace(parameters=params)
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """How a module's calls map to its graph's flat inputs.
+
+    `spec` is the structure of the bound arguments (defaults applied); `kinds` says for each leaf
+    whether it is a graph input ("tensor" or "object") or a constant the graph was specialised to.
+    """
+
+    signature: inspect.Signature
+    spec: Any
+    kinds: tuple[str, ...]
+    constants: tuple[Any, ...]
+    arg_names: tuple[str, ...]  # a readable name for each leaf, for messages and placeholders
+
+    @property
+    def key(self) -> Any:
+        return (self.spec, self.kinds, tuple((type(c), c) for c in self.constants))
+
+    def inputs(self, owner: str, args: tuple, kwargs: dict) -> list[Any]:
+        """Check a call against what was traced and return the graph's flat inputs."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise SpecializationError(f"{owner}: {e}") from None
+        bound.apply_defaults()
+        leaves, spec = flatten(dict(bound.arguments))
+        if spec != self.spec:
+            raise SpecializationError(
+                f"{owner} was traced for a call with arguments {_spec_text(self.spec)} but got "
+                f"{_spec_text(spec)}; trace it again with an example that calls it this way")
+        out = []
+        for value, kind, const, name in zip(leaves, self.kinds, self.constants, self.arg_names):
+            if kind == "const":
+                if type(value) is not type(const) or value != const:
+                    raise SpecializationError(
+                        f"{owner} was traced with {name}={const!r}, but this call passes "
+                        f"{_describe(value)}; trace it again with an example that passes {name} "
+                        f"the way your model will")
+                continue
+            if kind == "tensor" and not isinstance(value, torch.Tensor):
+                raise SpecializationError(
+                    f"{owner} was traced with a Tensor for {name}, but this call passes "
+                    f"{_describe(value)}; trace it again with an example that passes {name} "
+                    f"the way your model will")
+            out.append(value)
+        return out
+
+
+def _spec_text(spec: Any) -> str:
+    if spec[0] == "dict":
+        return "(" + ", ".join(spec[1]) + ")"
+    return str(spec)
+
+
+def _leaf_names(spec: Any, prefix: str = "") -> list[str]:
+    if spec == _LEAF:
+        return [prefix]
+    if spec[0] == "dict":
+        out = []
+        for k, s in zip(spec[1], spec[2]):
+            out += _leaf_names(s, f"{prefix}[{k!r}]" if prefix else str(k))
+        return out
+    out = []
+    for i, s in enumerate(spec[1]):
+        out += _leaf_names(s, f"{prefix}[{i}]")
+    return out
+
+
+def make_call_spec(cls: type, call: Call) -> CallSpec:
+    """Bind a recorded call to the module's forward signature and classify its leaves."""
+    sig = _forward_signature(cls)
+    bound = sig.bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    leaves, spec = flatten(dict(bound.arguments))
+    kinds, consts = [], []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            kinds.append("tensor")
+            consts.append(None)
+        elif _is_constant(x):
+            kinds.append("const")
+            consts.append(x)
+        else:
+            kinds.append("object")
+            consts.append(None)
+    return CallSpec(sig, spec, tuple(kinds), tuple(consts), tuple(_leaf_names(spec)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracer.
+# ---------------------------------------------------------------------------------------------
+
+class _ReadLog:
+    """Attribute names read on the root module while its forward runs under tracing."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.names: set[str] = set()
+
+
+class _Tracer(fx.Tracer):
+    """Traces one module; every submodule it calls becomes a `call_module` leaf whose output has
+    the structure of that submodule's recorded output."""
+
+    def __init__(self, root_name: str, calls: dict[str, Call]) -> None:
+        super().__init__(autowrap_modules=(math,))
+        self.record_stack_traces = True
+        self.root_name = root_name
+        self.calls = calls
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        qual = self.path_of_module(m)
+        proxy = self.create_proxy("call_module", qual, args, kwargs)
+        full = f"{self.root_name}.{qual}" if self.root_name else qual
+        call = self.calls.get(full)
+        if call is None or not call.out_ids:
+            return proxy
+        return _structure_like(proxy, call.output)
+
+
+def _structure_like(proxy: fx.Proxy, value: Any) -> Any:
+    t = type(value)
+    if value is None:
+        return None
+    if t is tuple or t is list:
+        return t(_structure_like(proxy[i], v) for i, v in enumerate(value))
+    if t is dict:
+        return {k: _structure_like(proxy[k], v) for k, v in value.items()}
+    return proxy
+
+
+def _identifier(name: str, taken: set[str]) -> str:
+    base = "".join(c if c.isalnum() or c == "_" else "_" for c in name).strip("_") or "arg"
+    if base[0].isdigit() or base in ("self",):
+        base = "arg_" + base
+    out, i = base, 1
+    while out in taken:
+        out, i = f"{base}_{i}", i + 1
+    taken.add(out)
+    return out
+
+
+def _trace_once(module: nn.Module, name: str, spec: CallSpec, calls: dict[str, Call],
+                reads: _ReadLog) -> fx.Graph:
+    """Trace `module` through a stand-in forward that takes the call's graph inputs flat."""
+    cls = type(module)
+    orig_forward = cls.forward
+    n_positional = len(calls[name].args)
+    taken: set[str] = set()
+    input_names = [_identifier(n, taken) for n, k in zip(spec.arg_names, spec.kinds)
+                   if k != "const"]
+
+    def call_original(self: nn.Module, flat_inputs: tuple) -> Any:
+        it = iter(flat_inputs)
+        leaves = [next(it) if k != "const" else c for k, c in zip(spec.kinds, spec.constants)]
+        args, kwargs = _call_shape(spec, unflatten(spec.spec, leaves), n_positional)
+        reads.active = True
+        try:
+            return orig_forward(self, *args, **kwargs)
+        finally:
+            reads.active = False
+
+    params = ", ".join(["self", *input_names])
+    packed = ", ".join(input_names) + ("," if len(input_names) == 1 else "")
+    src = f"def forward({params}):\n    return __call_original(self, ({packed}))\n"
+    scope: dict[str, Any] = {"__call_original": call_original}
+    exec(compile(src, f"<surgeon stand-in for {cls.__qualname__}>", "exec"), scope)
+
+    def __getattribute__(self: nn.Module, attr: str) -> Any:  # noqa: N807
+        if reads.active and self is module:
+            reads.names.add(attr)
+        return cls.__getattribute__(self, attr)
+
+    stand_in = type(cls.__name__, (cls,), {"forward": scope["forward"],
+                                          "__getattribute__": __getattribute__,
+                                          "__module__": cls.__module__})
+    module.__class__ = stand_in
+    try:
+        graph = _Tracer(name, calls).trace(module)
+    finally:
+        module.__class__ = cls
+    _tidy(graph)
+    return graph
+
+
+def _call_shape(spec: CallSpec, arguments: dict[str, Any], n_positional: int
+                ) -> tuple[list[Any], dict[str, Any]]:
+    """Arguments as the recorded call passed them: its positional ones by position, the rest by
+    keyword, so decorators around `forward` see the same kind of call."""
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for i, (pname, param) in enumerate(spec.signature.parameters.items()):
+        value = arguments[pname]
+        if param.kind is param.VAR_POSITIONAL:
+            args.extend(value)
+        elif param.kind is param.VAR_KEYWORD:
+            kwargs.update(value)
+        elif param.kind is param.POSITIONAL_ONLY or (
+                param.kind is param.POSITIONAL_OR_KEYWORD and i < n_positional):
+            args.append(value)
+        else:
+            kwargs[pname] = value
+    return args, kwargs
+
+
+def _tidy(graph: fx.Graph) -> None:
+    """Drop getitems nobody uses (made for structured leaf outputs) and rename nodes that would
+    shadow `self` in generated code (BERT has a child module called `self`)."""
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target is operator.getitem and not node.users:
+            graph.erase_node(node)
+    for node in graph.nodes:
+        if node.name == "self":
+            node._rename("self_module")
+
+
+def compile_graph(graph: fx.Graph) -> Callable[..., Any]:
+    """Python function `forward(self, *flat_inputs)` for a graph, runnable with any module that
+    has the graph's submodule and parameter paths as `self`."""
+    code = graph.python_code(root_module="self")
+    scope = dict(code.globals)
+    exec(compile(code.src, "<surgeon graph>", "exec"), scope)
+    return scope["forward"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification: a graph is trusted only if it reproduces the recorded call.
+# ---------------------------------------------------------------------------------------------
+
+def _mismatch(got: Any, want: Any, path: str = "output") -> str | None:
+    if isinstance(want, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return f"{path} is {_describe(got)}, expected a Tensor"
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return (f"{path} has shape {tuple(got.shape)} {got.dtype}, expected "
+                    f"{tuple(want.shape)} {want.dtype}")
+        if want.is_floating_point() or want.is_complex():
+            scale = float(want.detach().abs().max()) if want.numel() else 0.0
+            ok = torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, scale), equal_nan=True)
+        else:
+            ok = torch.equal(got, want)
+        return None if ok else f"{path} values differ from the recorded call"
+    if type(got) is not type(want):
+        return f"{path} is a {type(got).__name__}, expected a {type(want).__name__}"
+    if isinstance(want, (tuple, list)):
+        if len(got) != len(want):
+            return f"{path} has {len(got)} items, expected {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            bad = _mismatch(g, w, f"{path}[{i}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(want, dict):
+        if list(got.keys()) != list(want.keys()):
+            return f"{path} has keys {list(got.keys())}, expected {list(want.keys())}"
+        for k in want:
+            bad = _mismatch(got[k], want[k], f"{path}[{k!r}]")
+            if bad:
+                return bad
+        return None
+    if _is_constant(want):
+        return None if got == want else f"{path} is {got!r}, expected {want!r}"
+    return None if got is want else f"{path} is a different {type(want).__name__} object"
+
+
+def _flat_inputs(spec: CallSpec, call: Call) -> list[Any]:
+    bound = spec.signature.bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    leaves, _ = flatten(dict(bound.arguments))
+    return [x for x, k in zip(leaves, spec.kinds) if k != "const"]
+
+
+def _verify(fn: Callable, module: nn.Module, spec: CallSpec, call: Call) -> str | None:
+    try:
+        with torch.no_grad():
+            out = fn(module, *_flat_inputs(spec, call))
+    except Exception as e:  # the graph does not even run: report why
+        return f"the traced graph fails on the recorded call: {type(e).__name__}: {_first_line(e)}"
+    bad = _mismatch(out, call.output)
+    return f"the traced graph does not reproduce the recorded call: {bad}" if bad else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Results.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SharedGraph:
+    """One traced graph and everything instances of it share."""
+
+    graph: fx.Graph
+    spec: CallSpec
+    forward: Callable[..., Any]  # forward(self, *flat_inputs)
+    reads: dict[str, Any]  # instance attributes the forward read, with their values
+    mode_dependent: bool  # the forward reads `self.training` and its graph differs by mode
+    first: str  # qualified name of the module it was traced on
+
+
+@dataclass
+class ModuleTrace:
+    """A module of the model and the verified graph it shares."""
+
+    name: str
+    module: nn.Module
+    shared: SharedGraph
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.shared.graph
+
+    def to_module(self) -> TracedModule:
+        """A GraphModule over this module's own parameters, with its original call signature."""
+        return TracedModule(self.module, self.shared.graph, self.shared.spec, self.name)
+
+
+@dataclass
+class ModelTrace:
+    """Everything tracing learnt about a model: recorded calls, graphs, and untraced modules."""
+
+    model: nn.Module
+    calls: dict[str, Call]
+    traces: dict[str, ModuleTrace] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    graphs_traced: int = 0
+
+    def modules(self) -> Iterator[tuple[str, nn.Module]]:
+        yield from self.model.named_modules()
+
+
+class TracedModule(fx.GraphModule):
+    """A GraphModule that keeps the traced module's call signature and checks specialised
+    arguments at every call. Parameter and submodule names are the original module's."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, spec: CallSpec, name: str = "") -> None:
+        super().__init__(root, graph, class_name=type(root).__name__)
+        self._call_spec = spec
+        self._surgeon_name = name or type(root).__name__
+
+    def recompile(self) -> Any:
+        code = super().recompile()
+        cls = type(self)
+        cls._flat_forward = cls.forward
+        cls.forward = TracedModule._guarded_forward
+        return code
+
+    def _guarded_forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._flat_forward(*self._call_spec.inputs(self._surgeon_name, args, kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Driving it over a model.
+# ---------------------------------------------------------------------------------------------
+
+def _same_value(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+def _structure_key(module: nn.Module, name: str, calls: dict[str, Call]) -> Any:
+    children = []
+    for cname, child in module._modules.items():
+        if child is None:
+            children.append((cname, None, None))
+            continue
+        full = f"{name}.{cname}" if name else cname
+        call = calls.get(full)
+        out_spec = flatten(call.output)[1] if call is not None and call.out_ids else None
+        children.append((cname, type(child), out_spec))
+    return (tuple(children), tuple(module._parameters), tuple(module._buffers))
+
+
+_IGNORED_READS = frozenset(("training", "_parameters", "_buffers", "_modules", "__dict__",
+                            "__class__", "forward"))
+
+
+def _instance_reads(module: nn.Module, names: set[str]) -> dict[str, Any]:
+    d = module.__dict__
+    return {n: d[n] for n in sorted(names) if n in d and n not in _IGNORED_READS
+            and not n.startswith("_forward") and not n.startswith("_backward")}
+
+
+class _Cache:
+    """Graphs keyed by class, call spec and child structure; a hit also needs equal attribute
+    reads and a passing verification."""
+
+    def __init__(self) -> None:
+        self.entries: dict[Any, list[SharedGraph]] = {}
+
+
+def _trace_module(name: str, module: nn.Module, call: Call, calls: dict[str, Call],
+                  cache: _Cache, result: ModelTrace) -> None:
+    cls = type(module)
+    try:
+        spec = make_call_spec(cls, call)
+    except (TypeError, ValueError) as e:
+        result.failures[name] = f"its forward signature does not accept the recorded call: {e}"
+        return
+    key = (cls, spec.key, _structure_key(module, name, calls))
+    last_failure = None
+    for shared in cache.entries.get(key, ()):
+        if all(_same_value(module.__dict__.get(a), v) for a, v in shared.reads.items()):
+            bad = _verify(shared.forward, module, spec, call)
+            if bad is None:
+                result.traces[name] = ModuleTrace(name, module, shared)
+                return
+            last_failure = bad
+    try:
+        shared = _new_graph(name, module, spec, call, calls)
+    except Exception as e:
+        result.failures[name] = f"{type(e).__name__}: {_first_line(e)}{_where(e)}"
+        return
+    result.graphs_traced += 1
+    bad = _verify(shared.forward, module, spec, call)
+    if bad is not None:
+        result.failures[name] = bad if last_failure is None else last_failure
+        return
+    cache.entries.setdefault(key, []).append(shared)
+    result.traces[name] = ModuleTrace(name, module, shared)
+
+
+def _new_graph(name: str, module: nn.Module, spec: CallSpec, call: Call,
+               calls: dict[str, Call]) -> SharedGraph:
+    reads = _ReadLog()
+    was_training = module.training
+    try:
+        module.training = False
+        graph = _trace_once(module, name, spec, calls, reads)
+        mode_dependent = False
+        if "training" in reads.names:
+            module.training = True
+            train_graph = _trace_once(module, name, spec, calls, _ReadLog())
+            mode_dependent = (train_graph.python_code("self").src
+                              != graph.python_code("self").src)
+    finally:
+        module.training = was_training
+    return SharedGraph(graph, spec, compile_graph(graph), _instance_reads(module, reads.names),
+                       mode_dependent, name)
+
+
+def trace_model(model: nn.Module, example: tuple | dict, *, progress: bool = False) -> ModelTrace:
+    """Record `example` on `model` and trace every module it calls, top-down.
+
+    Modules that cannot be traced (or whose graph does not reproduce the recorded call) are listed
+    in `ModelTrace.failures` with the reason; their children are traced on their own calls.
+    """
+    calls = record_calls(model, example)
+    result = ModelTrace(model, calls)
+    cache = _Cache()
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        for name, module in model.named_modules():
+            if is_atomic(module) or name not in calls or name in result.traces:
+                continue
+            if isinstance(module, fx.GraphModule):
+                continue
+            _trace_module(name, module, calls[name], calls, cache, result)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if not result.traces and not any(is_atomic(m) for _, m in model.named_modules() if _ in calls):
+        raise TracingError(f"no module of {type(model).__name__} could be traced: "
+                           + "; ".join(f"{n or '<root>'}: {r}" for n, r in
+                                       list(result.failures.items())[:3]))
+    return result
