@@ -425,8 +425,10 @@ def inspect_trace(trace: ModelTrace, model_name: str = "") -> Inspection:
                 info = _by_name_norm(module, kind)
                 an.norm_of[name] = info
         if info is not None:
+            caller = _caller(an, name)
+            where = _source(caller[1]) if caller else ""
             report.norms.append(Norm(name, info.kind, info.shape, info.eps, info.affine, None,
-                                     _class_source(type(module))))
+                                     where or _class_source(type(module))))
     for name, mt in sorted(trace.traces.items(), key=lambda kv: calls[kv[0]].order):
         facts = an.graph_facts(mt)
         if name not in an.norm_of:
@@ -452,6 +454,8 @@ def _residuals(an: _Analysis, name: str, mt: ModuleTrace, facts: GraphFacts) -> 
         kind = _local_residual(facts, node, a, b)
         if kind is None:
             kind = _lifted_residual(an, name, facts, node, a, b)
+        if kind is None:
+            kind = _projection_residual(facts, node, a, b)
         if kind is not None:
             found.append(Residual(name, kind, node.name, _source(node)))
     return found
@@ -468,6 +472,26 @@ def _local_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> 
     if not mask & facts.param_mask:
         return None
     return _kind(facts, add, skip, mask)
+
+
+def _projection_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> str | None:
+    """`f(x) + proj(x)`: a residual whose skip goes through a light projection (ResNet's
+    downsample: a conv and a norm). The branch must hold more parameterised ops than the shortcut,
+    and the two paths meet only at the fork."""
+    common = facts.anc[facts.index[a]] & facts.anc[facts.index[b]]
+    if not common:
+        return None
+    fork = facts.nodes[common.bit_length() - 1]  # the latest common ancestor
+    paths = [facts.path_mask(fork, x) for x in (a, b)]
+    if paths[0] & paths[1]:
+        return None
+    counts = [bin(p & facts.param_mask).count("1") for p in paths]
+    short, long_ = (0, 1) if counts[0] < counts[1] else (1, 0)
+    if counts[short] > 2 or counts[long_] <= counts[short]:
+        return None
+    if facts.starts_with_norm_of(fork, paths[long_]) and counts[short] == 0:
+        return "pre_norm"
+    return "post_norm" if facts.feeds_output_norm(add) else "plain"
 
 
 def _kind(facts: GraphFacts, add: fx.Node, skip: Any, mask: int) -> str:
@@ -561,7 +585,9 @@ def _ask_caller(an: _Analysis, name: str, skip_idx: int, branch_idxs: list[int],
 
 
 def _trunks(trace: ModelTrace, owners: set[str]) -> list[Trunk]:
-    """Chains of sibling modules holding residual adds, each one's output the next one's input."""
+    """Chains of sibling modules holding residual adds, each keeping the stream's shape and each
+    one's output the next one's input. A chain of two or more blocks hides chains nested in its
+    blocks (T5's sub-layers); a lone block gives way to a chain nested in it (ResNet's stages)."""
     calls = trace.calls
     candidates = set()
     for owner in owners:
@@ -570,7 +596,9 @@ def _trunks(trace: ModelTrace, owners: set[str]) -> list[Trunk]:
             candidates.add(".".join(parts[:cut]))
     groups: dict[str, list[str]] = {}
     for c in candidates:
-        if c in calls and calls[c].out_ids:
+        call = calls.get(c)
+        if call is not None and call.out_ids and call.out_shape is not None \
+                and call.out_shape == call.in_shape:
             groups.setdefault(c.rsplit(".", 1)[0] if "." in c else "", []).append(c)
     chains: list[list[str]] = []
     for members in groups.values():
@@ -580,13 +608,15 @@ def _trunks(trace: ModelTrace, owners: set[str]) -> list[Trunk]:
             if calls[prev].out_ids[0] in calls[nxt].in_ids:
                 chain.append(nxt)
             else:
-                if len(chain) > 1:
-                    chains.append(chain)
+                chains.append(chain)
                 chain = [nxt]
-        if len(chain) > 1:
-            chains.append(chain)
-    outer = [c for c in chains if not any(
-        other is not c and any(b.startswith(o + ".") for b in c for o in other)
-        for other in chains)]
-    outer.sort(key=lambda c: calls[c[0]].order)
-    return [Trunk(tuple(c)) for c in outer]
+        chains.append(chain)
+
+    def inside(inner: list[str], outer: list[str]) -> bool:
+        return any(b.startswith(o + ".") for b in inner for o in outer)
+
+    kept = [c for c in chains
+            if not any(len(d) > 1 and inside(c, d) for d in chains if d is not c)
+            and not (len(c) == 1 and any(inside(d, c) for d in chains if d is not c))]
+    kept.sort(key=lambda c: calls[c[0]].order)
+    return [Trunk(tuple(c)) for c in kept]

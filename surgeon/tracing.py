@@ -140,6 +140,7 @@ class Call:
     order: int = 0
     in_ids: tuple[int, ...] = ()
     out_ids: tuple[int, ...] = ()
+    in_shape: tuple[int, ...] | None = None
     out_shape: tuple[int, ...] | None = None
 
 
@@ -151,6 +152,10 @@ def _clone(obj: Any) -> Any:
 
 def _tensor_ids(obj: Any) -> tuple[int, ...]:
     return tuple(id(x) for x in flatten(obj)[0] if isinstance(x, torch.Tensor))
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    return next((x for x in flatten(obj)[0] if isinstance(x, torch.Tensor)), None)
 
 
 def run_example(model: nn.Module, example: tuple | dict) -> Any:
@@ -180,8 +185,10 @@ def record_calls(model: nn.Module, example: tuple | dict) -> dict[str, Call]:
         if name is None or name in calls:
             return
         keep.append((args, kwargs))
+        first = _first_tensor((args, kwargs))
         calls[name] = Call(_clone(args), _clone(kwargs), order=next(counter),
-                           in_ids=_tensor_ids((args, kwargs)))
+                           in_ids=_tensor_ids((args, kwargs)),
+                           in_shape=tuple(first.shape) if first is not None else None)
 
     def post_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         name = names.get(id(mod))
@@ -191,10 +198,11 @@ def record_calls(model: nn.Module, example: tuple | dict) -> dict[str, Call]:
         keep.append(output)
         call.output = _clone(output)
         call.out_ids = _tensor_ids(output) or (-1,)
-        first = next((x for x in flatten(output)[0] if isinstance(x, torch.Tensor)), None)
+        first = _first_tensor(output)
         call.out_shape = tuple(first.shape) if first is not None else None
 
     modes = {m: m.training for m in model.modules()}
+    fastpath = _mha_fastpath(False)
     handles = []
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -210,11 +218,23 @@ def record_calls(model: nn.Module, example: tuple | dict) -> dict[str, Call]:
             f"the example input fails on {type(model).__name__}: {type(e).__name__}: "
             f"{_first_line(e)}; pass an example the model accepts") from e
     finally:
+        _mha_fastpath(fastpath)
         for h in handles:
             h.remove()
         for m, mode in modes.items():
             m.training = mode
     return calls
+
+
+def _mha_fastpath(enabled: bool) -> bool:
+    """Switch torch's fused TransformerEncoderLayer/MultiheadAttention path; returns the old state.
+    Off while recording and tracing, so the recorded call runs the same ops the trace sees."""
+    backend = getattr(torch.backends, "mha", None)
+    if backend is None:
+        return False
+    old = backend.get_fastpath_enabled()
+    backend.set_fastpath_enabled(enabled)
+    return old
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,6 +705,7 @@ def trace_model(model: nn.Module, example: tuple | dict, *, progress: bool = Fal
     result = ModelTrace(model, calls)
     cache = _Cache()
     modes = {m: m.training for m in model.modules()}
+    fastpath = _mha_fastpath(False)
     try:
         model.eval()
         for name, module in model.named_modules():
@@ -694,6 +715,7 @@ def trace_model(model: nn.Module, example: tuple | dict, *, progress: bool = Fal
                 continue
             _trace_module(name, module, calls[name], calls, cache, result)
     finally:
+        _mha_fastpath(fastpath)
         for m, mode in modes.items():
             m.training = mode
     if not result.traces and not any(is_atomic(m) for _, m in model.named_modules() if _ in calls):
