@@ -296,9 +296,14 @@ class CallSpec:
 
 
 def _spec_text(spec: Any) -> str:
+    """`(x, mask=None-or-tensor, kwargs=(position_ids))`-like text of a call structure."""
+    if spec == _LEAF:
+        return "·"
     if spec[0] == "dict":
-        return "(" + ", ".join(spec[1]) + ")"
-    return str(spec)
+        parts = [k if s == _LEAF else f"{k}={_spec_text(s)}" for k, s in zip(spec[1], spec[2])]
+        return "(" + ", ".join(parts) + ")"
+    inner = ", ".join(_spec_text(s) for s in spec[1])
+    return f"({inner})" if spec[0] == "tuple" else f"[{inner}]"
 
 
 def _leaf_names(spec: Any, prefix: str = "") -> list[str]:
@@ -695,11 +700,13 @@ def _new_graph(name: str, module: nn.Module, spec: CallSpec, call: Call,
                        mode_dependent, name)
 
 
-def trace_model(model: nn.Module, example: tuple | dict, *, progress: bool = False) -> ModelTrace:
+def trace_model(model: nn.Module, example: tuple | dict, *, share_graphs: bool = True
+                ) -> ModelTrace:
     """Record `example` on `model` and trace every module it calls, top-down.
 
     Modules that cannot be traced (or whose graph does not reproduce the recorded call) are listed
     in `ModelTrace.failures` with the reason; their children are traced on their own calls.
+    `share_graphs=False` traces every module afresh (for debugging and benchmarks).
     """
     calls = record_calls(model, example)
     result = ModelTrace(model, calls)
@@ -713,7 +720,8 @@ def trace_model(model: nn.Module, example: tuple | dict, *, progress: bool = Fal
                 continue
             if isinstance(module, fx.GraphModule):
                 continue
-            _trace_module(name, module, calls[name], calls, cache, result)
+            _trace_module(name, module, calls[name], calls, cache if share_graphs else _Cache(),
+                          result)
     finally:
         _mha_fastpath(fastpath)
         for m, mode in modes.items():
