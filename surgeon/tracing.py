@@ -726,7 +726,7 @@ def trace_model(model: nn.Module, example: tuple | dict, *, share_graphs: bool =
         _mha_fastpath(fastpath)
         for m, mode in modes.items():
             m.training = mode
-    if not result.traces and not any(is_atomic(m) for _, m in model.named_modules() if _ in calls):
+    if not result.traces and result.failures:
         raise TracingError(f"no module of {type(model).__name__} could be traced: "
                            + "; ".join(f"{n or '<root>'}: {r}" for n, r in
                                        list(result.failures.items())[:3]))

@@ -113,3 +113,14 @@ def test_recording_restores_modes() -> None:
     model = NanoGPT().train()
     surgeon.inspect(model, (tokens(64),))
     assert all(m.training for m in model.modules())
+
+
+def test_model_that_cannot_be_traced_at_all() -> None:
+    from surgeon.errors import TracingError
+
+    class Opaque(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(TracingError, match="no module of Opaque could be traced"):
+        trace_model(Opaque(), (torch.ones(2),))
