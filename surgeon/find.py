@@ -310,6 +310,30 @@ def _variance_kind(var: fx.Node, x: Any) -> str | None:
     return None
 
 
+def _from_params_only(value: Any, facts: GraphFacts) -> bool:
+    """A value computed from parameters and constants alone (`w`, `1 + w.float()`)."""
+    if not isinstance(value, fx.Node) or value.op == "placeholder":
+        return False
+    ph = 0
+    for p in facts.placeholders:
+        ph |= facts.bit(p)
+    return not facts.anc[facts.index[value]] & ph and (
+        value.op == "get_attr" or any(facts.nodes[i].op == "get_attr"
+                                      for i in range(len(facts.nodes))
+                                      if (facts.anc[facts.index[value]] >> i) & 1))
+
+
+def _param_of(value: fx.Node) -> fx.Node:
+    """The parameter a params-only value is computed from (Gemma's `1 + w.float()` -> w)."""
+    frontier = [value]
+    while frontier:
+        n = frontier.pop(0)
+        if n.op == "get_attr":
+            return n
+        frontier.extend(n.all_input_nodes)
+    return value
+
+
 def module_norm(mt: ModuleTrace, facts: GraphFacts) -> _NormNode | None:
     """If the module's whole forward is a norm of its first input (plus an optional affine gain
     and bias), what norm it is."""
@@ -321,10 +345,10 @@ def module_norm(mt: ModuleTrace, facts: GraphFacts) -> _NormNode | None:
             return None
         a, b = _operands(value)
         a, b = strip_casts(a), strip_casts(b)
-        if isinstance(b, fx.Node) and b.op == "get_attr":
-            param, value = b, a
-        elif isinstance(a, fx.Node) and a.op == "get_attr":
-            param, value = a, b
+        if _from_params_only(b, facts):
+            param, value = _param_of(b), a
+        elif _from_params_only(a, facts):
+            param, value = _param_of(a), b
         else:
             return None
         if name == "mul":

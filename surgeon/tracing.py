@@ -22,6 +22,7 @@ the original parameter names and call signature) when a pass needs one.
 
 from __future__ import annotations
 
+import copy
 import enum
 import inspect
 import math
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.proxy import ParameterProxy
 
 from surgeon.errors import ExampleError, SpecializationError, TracingError
 
@@ -145,9 +147,17 @@ class Call:
 
 
 def _clone(obj: Any) -> Any:
+    """Tensors cloned; opaque objects (caches) deep-copied, as the forward will mutate them."""
     leaves, spec = flatten(obj)
-    return unflatten(spec, [x.detach().clone() if isinstance(x, torch.Tensor) else x
-                            for x in leaves])
+    return unflatten(spec, [x.detach().clone() if isinstance(x, torch.Tensor)
+                            else x if _is_constant(x) else _snapshot(x) for x in leaves])
+
+
+def _snapshot(x: Any) -> Any:
+    try:
+        return copy.deepcopy(x)
+    except Exception:  # not copyable (a function, a module): share it
+        return x
 
 
 def _tensor_ids(obj: Any) -> tuple[int, ...]:
@@ -352,18 +362,38 @@ class _ReadLog:
         self.names: set[str] = set()
 
 
+class _ParameterProxy(ParameterProxy):
+    """A parameter's shape, dtype and device are read from the parameter itself, so code such as
+    T5's `if self.weight.dtype in (torch.float16, torch.bfloat16)` traces (for the dtypes the
+    model has when traced)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.param.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+
 class _Tracer(fx.Tracer):
     """Traces one module; every submodule it calls becomes a `call_module` leaf whose output has
     the structure of that submodule's recorded output."""
 
     def __init__(self, root_name: str, calls: dict[str, Call]) -> None:
-        super().__init__(autowrap_modules=(math,))
+        super().__init__(autowrap_modules=(math,), param_shapes_constant=True)
         self.record_stack_traces = True
         self.root_name = root_name
         self.calls = calls
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        out = super().getattr(attr, attr_val, parameter_proxy_cache)
+        if isinstance(out, ParameterProxy):
+            out.__class__ = _ParameterProxy
+        return out
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         qual = self.path_of_module(m)
@@ -524,7 +554,8 @@ def _flat_inputs(spec: CallSpec, call: Call) -> list[Any]:
     bound = spec.signature.bind(*call.args, **call.kwargs)
     bound.apply_defaults()
     leaves, _ = flatten(dict(bound.arguments))
-    return [x for x, k in zip(leaves, spec.kinds) if k != "const"]
+    return [x if k == "tensor" else _snapshot(x) for x, k in zip(leaves, spec.kinds)
+            if k != "const"]
 
 
 def _verify(fn: Callable, module: nn.Module, spec: CallSpec, call: Call) -> str | None:

@@ -24,7 +24,8 @@ def test_zoo_counts(case) -> None:
     assert _counts(report.residuals) == case.residuals
     assert _counts(report.norms) == case.norms
     assert [len(t.blocks) for t in report.trunks] == case.trunks
-    assert {r.module for r in report.residuals} == case.residual_owners
+    if case.residual_owners:
+        assert {r.module for r in report.residuals} == case.residual_owners
     data = json.loads(json.dumps(report.to_dict()))
     assert {"residuals", "norms", "trunks", "untraced"} <= set(data)
     assert data["residuals"][0].keys() >= {"module", "kind", "node", "source"}

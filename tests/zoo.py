@@ -236,6 +236,13 @@ def hf_bert() -> nn.Module:
                                 max_position_embeddings=64))
 
 
+def hf_t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2,
+                                               d_kv=16, vocab_size=128))
+
+
 def tokens(vocab: int = 64, batch: int = 2, seq: int = 8) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
 
@@ -270,6 +277,9 @@ ZOO = [
             {"layer_norm": 5}, [2],
             {"encoder.layer.0.attention.output", "encoder.layer.0.output",
              "encoder.layer.1.attention.output", "encoder.layer.1.output"}),
+    # T5: RMSNorm by behaviour behind a `self.weight.dtype` branch; encoder and decoder trunks.
+    ZooCase("hf_t5", hf_t5, lambda: {"input_ids": tokens(128), "decoder_input_ids": tokens(128)},
+            {"pre_norm": 10}, {"rms_norm": 12}, [2, 2]),
     ZooCase("resnet", TinyResNet, lambda: (torch.randn(2, 3, 16, 16),), {"plain": 4}, {}, [2, 1],
             {"layer1.0", "layer1.1", "layer2.0", "layer2.1"}),
     ZooCase("mixer", TinyMixer, lambda: (torch.randn(2, 3, 16, 16),), {"pre_norm": 4},
