@@ -1,0 +1,1 @@
+"""Graph rewrites (AION, hyper-connections, ADyT, growth), one file each, added by later work."""

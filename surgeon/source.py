@@ -1,0 +1,218 @@
+"""How a base model is built from a SRC string: a local HF directory, a hub id, or a factory.
+
+The CLI and `surgeon.convert`/`surgeon.load` name models by one string, resolved in this order:
+
+- an existing local directory holding `config.json` and `model.safetensors` (or a sharded
+  `model.safetensors.index.json`), built with transformers;
+- `package.module:factory`, a function called with no arguments that returns an `nn.Module`
+  (the current directory is importable, as with `python -m`);
+- a hub id `owner/name`, fetched with `huggingface_hub.snapshot_download` (config, safetensors and
+  tokenizer files only), which honours `HF_HUB_OFFLINE` and the local cache, then loaded as a
+  directory.
+
+Only safetensors weights are loaded: pickle checkpoints can run code when read, so they are refused.
+Every failure the user can cause is a one-line `SourceError` naming the path, module or repo at
+fault.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgeon.errors import SourceError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+ACCEPTED = (
+    "SRC must be a local directory with config.json and model.safetensors, a hub id 'owner/name', "
+    "or 'package.module:factory'"
+)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+_FACTORY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_HUB_ID = re.compile(r"[\w][\w.-]*/[\w.-]*\w")
+
+
+@dataclass
+class LoadedModel:
+    """A built base model and where it came from.
+
+    `config` is the transformers config (None for a factory model without one), `path` the local
+    directory the weights were read from (a hub snapshot for a hub id; None for a factory), and
+    `description` a short line for the CLI, such as "LlamaForCausalLM from examples/tiny-llama".
+    """
+
+    model: nn.Module
+    config: Any | None
+    path: Path | None
+    description: str
+
+
+def load_model(src: str, *, revision: str | None = None) -> LoadedModel:
+    """Build the model that `src` names; `revision` (branch, tag or commit) is for hub ids only.
+
+    Raises `SourceError` with a one-line message for a source that cannot be used.
+    """
+    path = Path(src).expanduser()
+    if path.exists():
+        _no_revision(revision, f"the local path {src}")
+        return _load_dir(path, src)
+    if _FACTORY.fullmatch(src):
+        _no_revision(revision, f"the factory {src}")
+        return _load_factory(src)
+    if src.startswith((".", "/", "~", "\\")) or src.count("/") > 1:
+        raise SourceError(f"no such directory: {src}")
+    if _HUB_ID.fullmatch(src) and ".." not in src and "--" not in src:
+        return _load_hub(src, revision)
+    raise SourceError(f"cannot use {src!r} as a model source: {ACCEPTED}")
+
+
+def _no_revision(revision: str | None, what: str) -> None:
+    if revision is not None:
+        raise SourceError(f"revision {revision!r} applies to hub ids only, not to {what}")
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message squeezed into one line (library messages often span several)."""
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _load_dir(path: Path, label: str) -> LoadedModel:
+    """Build a transformers model from a directory of config.json plus safetensors weights."""
+    if not path.is_dir():
+        raise SourceError(f"{label} is a file, not a model directory; {ACCEPTED}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise SourceError(
+            f"{label} has no config.json: a model directory needs config.json and "
+            "model.safetensors (or model.safetensors.index.json), as save_pretrained writes them"
+        )
+    if not any((path / name).is_file() for name in WEIGHTS):
+        pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise SourceError(
+                f"{path / pickles[0]} is a pickle checkpoint, which surgeon does not load (reading "
+                "it can run code); save the model with save_pretrained() to get model.safetensors"
+            )
+        raise SourceError(f"{label} has no model.safetensors or model.safetensors.index.json")
+
+    try:
+        import transformers
+    except ImportError as e:
+        raise SourceError(
+            f"loading {label} needs transformers: pip install 'surgeon[hf]'"
+        ) from e
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"cannot read {config_file}: {_one_line(e)}") from e
+
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(path, config=config, use_safetensors=True)
+    except Exception as e:  # a bad checkpoint fails in many ways (shapes, headers, dtypes)
+        raise SourceError(f"cannot load {label} with {cls.__name__}: {_one_line(e)}") from e
+    model.eval()
+    return LoadedModel(model, config, path.resolve(), f"{type(model).__name__} from {label}")
+
+
+def _load_factory(src: str) -> LoadedModel:
+    """Import `package.module`, call `factory()` and check it returned an nn.Module."""
+    from torch import nn
+
+    module_name, attr_path = src.split(":", 1)
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise SourceError(f"cannot import module {module_name!r} for {src}: {e}") from e
+        raise SourceError(f"importing {module_name!r} failed: {_one_line(e)}") from e
+    except Exception as e:  # the user's module raised while importing
+        raise SourceError(
+            f"importing {module_name!r} failed: {type(e).__name__}: {_one_line(e)}"
+        ) from e
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+    factory: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(factory, part):
+            raise SourceError(f"module {module_name!r} has no attribute {attr_path!r} (from {src})")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise SourceError(f"{src} is not callable (it is a {type(factory).__name__})")
+    try:
+        model = factory()
+    except Exception as e:
+        raise SourceError(f"calling {src}() failed: {type(e).__name__}: {_one_line(e)}") from e
+    if not isinstance(model, nn.Module):
+        raise SourceError(f"{src}() returned a {type(model).__name__}, not a torch.nn.Module")
+
+    config = getattr(model, "config", None)
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(config, transformers.PretrainedConfig):
+        config = None
+    return LoadedModel(model, config, None, f"{type(model).__name__} from {src}")
+
+
+def _load_hub(repo_id: str, revision: str | None) -> LoadedModel:
+    """Resolve a hub id to a local snapshot (cache first, per huggingface_hub) and load it."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except GatedRepoError as e:
+        raise SourceError(
+            f"hub repo {repo_id} is gated: accept its terms on the hub and log in (hf auth login)"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise SourceError(
+            f"hub repo {repo_id} not found (or private without a token), "
+            f"and there is no local directory {repo_id}"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise SourceError(f"revision {revision or 'main'!r} not found in hub repo {repo_id}") from e
+    except LocalEntryNotFoundError as e:
+        if constants.HF_HUB_OFFLINE:
+            raise SourceError(
+                f"{at} is not in the hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is "
+                f"set: fetch it once online, or give a local directory (none named {repo_id})"
+            ) from e
+        raise SourceError(
+            f"cannot reach the hub for {at} and it is not in the hub cache "
+            f"({constants.HF_HUB_CACHE}); no local directory {repo_id} either"
+        ) from e
+    except HFValidationError as e:
+        raise SourceError(f"{repo_id!r} is not a valid hub id: {_one_line(e)}") from e
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise SourceError(f"cannot fetch {at} from the hub: {_one_line(e)}") from e
+    loaded = _load_dir(Path(snapshot), f"hub repo {at}")
+    loaded.description = f"{type(loaded.model).__name__} from hub {at} ({snapshot})"
+    return loaded
