@@ -26,6 +26,7 @@ class TracingError(SurgeonError):
 class SpecializationError(SurgeonError):
     """A traced module was called with an argument its graph was specialised away from.
 
-    Tracing records one real call; non-tensor arguments (None, flags, ints) are baked into the graph.
+    Tracing records one real call; non-tensor arguments (None, flags, ints) are baked into the
+    graph.
     A later call that passes something else would silently take the wrong branch, so it raises this.
     """

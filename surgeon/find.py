@@ -5,7 +5,8 @@ the add or the norm. Facts that depend only on a graph (ancestry, the adds in it
 per shared graph, so a deep model costs what one block costs plus a little per block.
 
 - A residual add is `add(skip, branch)` where `skip` is an ancestor of `branch` and the path between
-  them holds a parameterised op (a submodule with parameters, or an op fed a parameter) — this leaves
+  them holds a parameterised op (a submodule with parameters, or an op fed a parameter) — this
+  leaves
   out GELU's `x + 0.044715·x³`. When both operands are inputs of the module (BERT's
   `LayerNorm(dense(h) + input_tensor)`), the question is asked again in the caller's graph.
 - Kinds: "pre_norm" (the branch starts with a norm of the skip), "post_norm" (the add feeds a norm

@@ -29,7 +29,8 @@ class Residual:
 class Norm:
     """A LayerNorm or RMSNorm: a module (by class or by behaviour) or a functional call in a graph.
 
-    For a functional norm `module` is the module whose graph holds the call and `node` names it; for a
+    For a functional norm `module` is the module whose graph holds the call and `node` names it;
+    for a
     norm module `node` is None.
     """
 
@@ -44,14 +45,16 @@ class Norm:
 
 @dataclass(frozen=True)
 class Trunk:
-    """An ordered chain of blocks carrying one residual stream: block i's output is block i+1's input."""
+    """An ordered chain of blocks carrying one residual stream: block i's output is block i+1's
+    input."""
 
     blocks: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Untraced:
-    """A module that could not be captured as a verified graph, and why (its children were tried)."""
+    """A module that could not be captured as a verified graph, and why (its children were
+    tried)."""
 
     module: str
     reason: str

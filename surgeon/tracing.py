@@ -8,13 +8,16 @@ control flow on shapes, mask code that refuses tracing on purpose). We trace dif
    call's tensors (and opaque objects such as caches) as graph inputs. Non-tensor leaves of the call
    (None, flags, ints, strings) are specialised; the traced module keeps the original call signature
    and checks them at run time, raising `SpecializationError` when a call differs.
-3. Every child module is a leaf (`call_module`) of its parent's graph and is traced in its own right,
+3. Every child module is a leaf (`call_module`) of its parent's graph and is traced in its own
+right,
    so each module owns the adds and norms written in its own code. A leaf's output is given the
-   structure its recorded call had (a tuple of tensors becomes a tuple of proxies, `None` stays None).
+   structure its recorded call had (a tuple of tensors becomes a tuple of proxies, `None` stays
+   None).
 4. A graph is trusted only if it reproduces the recorded call's outputs (structure and values);
    otherwise the module is reported untraced, with the reason, and stays eager.
 5. Modules of the same class, called with the same signature, with the same children and the same
-   values of the attributes their forward reads, share one graph: tracing cost does not grow with depth.
+   values of the attributes their forward reads, share one graph: tracing cost does not grow
+   with depth.
 
 Nothing here edits the model; `ModuleTrace.to_module()` builds a `TracedModule` (a GraphModule with
 the original parameter names and call signature) when a pass needs one.

@@ -143,7 +143,8 @@ class PlainBlock(nn.Module):
 class TinyResNet(nn.Module):
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU())
         self.layer1 = nn.Sequential(BasicBlock(8, 8), PlainBlock(8))
         self.layer2 = nn.Sequential(BasicBlock(8, 16, stride=2), BasicBlock(16, 16))
         self.fc = nn.Linear(16, classes)
