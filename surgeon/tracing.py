@@ -31,7 +31,7 @@ import inspect
 import math
 import operator
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -614,8 +614,6 @@ class ModelTrace:
     failures: dict[str, str] = field(default_factory=dict)
     graphs_traced: int = 0
 
-    def modules(self) -> Iterator[tuple[str, nn.Module]]:
-        yield from self.model.named_modules()
 
 
 class TracedModule(fx.GraphModule):
@@ -676,12 +674,9 @@ def _instance_reads(module: nn.Module, names: set[str]) -> dict[str, Any]:
             and not n.startswith("_forward") and not n.startswith("_backward")}
 
 
-class _Cache:
-    """Graphs keyed by class, call spec and child structure; a hit also needs equal attribute
-    reads and a passing verification."""
-
-    def __init__(self) -> None:
-        self.entries: dict[Any, list[SharedGraph]] = {}
+# Shared graphs keyed by class, call spec and child structure; a hit also needs equal attribute
+# reads and a passing verification.
+_Cache = dict[Any, list[SharedGraph]]
 
 
 def _trace_module(name: str, module: nn.Module, call: Call, calls: dict[str, Call],
@@ -694,7 +689,7 @@ def _trace_module(name: str, module: nn.Module, call: Call, calls: dict[str, Cal
         return
     key = (cls, spec.key, _structure_key(module, name, calls))
     last_failure = None
-    for shared in cache.entries.get(key, ()):
+    for shared in cache.get(key, ()):
         if all(_same_value(module.__dict__.get(a), v) for a, v in shared.reads.items()):
             bad = _verify(shared.forward, module, spec, call)
             if bad is None:
@@ -711,7 +706,7 @@ def _trace_module(name: str, module: nn.Module, call: Call, calls: dict[str, Cal
     if bad is not None:
         result.failures[name] = bad if last_failure is None else last_failure
         return
-    cache.entries.setdefault(key, []).append(shared)
+    cache.setdefault(key, []).append(shared)
     result.traces[name] = ModuleTrace(name, module, shared)
 
 
@@ -744,7 +739,7 @@ def trace_model(model: nn.Module, example: tuple | dict, *, share_graphs: bool =
     """
     calls = record_calls(model, example)
     result = ModelTrace(model, calls)
-    cache = _Cache()
+    cache: _Cache = {}
     modes = {m: m.training for m in model.modules()}
     fastpath = _mha_fastpath(False)
     try:
@@ -754,7 +749,7 @@ def trace_model(model: nn.Module, example: tuple | dict, *, share_graphs: bool =
                 continue
             if isinstance(module, fx.GraphModule):
                 continue
-            _trace_module(name, module, calls[name], calls, cache if share_graphs else _Cache(),
+            _trace_module(name, module, calls[name], calls, cache if share_graphs else {},
                           result)
     finally:
         _mha_fastpath(fastpath)
