@@ -1,0 +1,34 @@
+"""The modules that rewritten graphs call, usable on their own as well.
+
+`AionResidual` (adaptive residual scale), `HyperConnections` / `ManifoldHyperConnections`
+(n residual streams; mHC), `ADyT` (adaptive dynamic tanh, DyT with adaptation off), and
+`attach(model, optimizer)`, which moves their statistics to the optimizer step.
+"""
+
+from surgeon.nn.adyt import ADyT, dyt_llama_alpha0
+from surgeon.nn.aion import AionResidual
+from surgeon.nn.hyper import (
+    ExpandStreams,
+    HyperConnections,
+    ReduceStreams,
+    expand_streams,
+    reduce_streams,
+)
+from surgeon.nn.mhc import ManifoldHyperConnections, hyper_connections, sinkhorn
+from surgeon.nn.stats import Attachment, attach
+
+__all__ = [
+    "ADyT",
+    "AionResidual",
+    "Attachment",
+    "ExpandStreams",
+    "HyperConnections",
+    "ManifoldHyperConnections",
+    "ReduceStreams",
+    "attach",
+    "dyt_llama_alpha0",
+    "expand_streams",
+    "hyper_connections",
+    "reduce_streams",
+    "sinkhorn",
+]

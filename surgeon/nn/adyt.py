@@ -1,0 +1,125 @@
+"""ADyT: `w ⊙ tanh(α(t)·x) + b`, a normalisation-free stand-in for LayerNorm / RMSNorm.
+
+`α(t) = clamp(alpha0·(1 + lam/(eps + G_t)), alpha_min, alpha_max)` where `G_t` (buffer
+`grad_norm_ema`, starting at 1) is the EMA of the L2 norm of this layer's parameter gradients,
+updated at each optimizer step by `surgeon.attach` — after GradScaler has unscaled them and after
+DDP has averaged them, so no collective and no host sync is needed. With `adaptive=False` this
+is plain DyT (Zhu et al. 2025): `α = alpha0`.
+
+The clamp passes a gradient that would move α back into range and blocks only one that would
+push it further out, so `alpha0` never freezes once α saturates (the public ADyT zeroes it).
+Eval uses the same adapted α as training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# DyT's LLaMA α0 by width (official code): (width ≤, attention, ffn, final).
+_LLAMA_ALPHA0 = ((4096, 0.8, 0.2, 0.2), (5120, 0.6, 0.15, 0.15), (None, 0.2, 0.05, 0.05))
+ROLES = ("attention", "ffn", "final")
+
+
+def dyt_llama_alpha0(role: str, width: int) -> float:
+    """DyT's α0 for a LLaMA-style model: attention-input norms get more than FFN-input and final
+    norms, and all shrink with width (7B 0.8/0.2/0.2, 13B 0.6/0.15/0.15, 34B+ 0.2/0.05/0.05;
+    narrower models take the 7B row)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown norm role {role!r}; choose one of {', '.join(ROLES)}")
+    for limit, *values in _LLAMA_ALPHA0:
+        if limit is None or width <= limit:
+            return values[ROLES.index(role)]
+    raise AssertionError("unreachable")
+
+
+class InwardClamp(torch.autograd.Function):
+    """`clamp(a, lo, hi)` whose backward lets through the gradient that would move `a` back
+    into `[lo, hi]` (under gradient descent) and blocks only the one that pushes it out."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        ctx.lo, ctx.hi = lo, hi
+        return a.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (a,) = ctx.saved_tensors
+        outward = ((a > ctx.hi) & (grad < 0)) | ((a < ctx.lo) & (grad > 0))
+        return grad.masked_fill(outward, 0.0), None, None
+
+
+class ADyT(nn.Module):
+    """Adaptive dynamic tanh over the last `len(normalized_shape)` dimensions."""
+
+    def __init__(
+        self,
+        normalized_shape: int | tuple[int, ...],
+        *,
+        alpha0: float = 0.5,
+        bias: bool = True,
+        adaptive: bool = True,
+        lam: float = 0.1,
+        smoothing: float = 0.99,
+        eps: float = 1e-6,
+        alpha_min: float = 0.1,
+        alpha_max: float = 2.0,
+    ) -> None:
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+        if not 0 < alpha_min <= alpha_max:
+            raise ValueError(f"need 0 < alpha_min <= alpha_max, got {alpha_min}, {alpha_max}")
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        self.normalized_shape = tuple(shape)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
+        self.alpha0 = nn.Parameter(torch.tensor(float(alpha0)))
+        self.register_buffer("grad_norm_ema", torch.tensor(1.0))
+        self.adaptive = adaptive
+        self.lam, self.smoothing, self.eps = lam, smoothing, eps
+        self.alpha_min, self.alpha_max = alpha_min, alpha_max
+
+    @classmethod
+    def from_norm(cls, norm: nn.Module, **kwargs: Any) -> ADyT:
+        """An ADyT that takes the place of `norm`: its shape, weight, and bias (if it has one:
+        RMSNorm has none). A norm without affine parameters gives `w = 1`, `b = 0`."""
+        shape = getattr(norm, "normalized_shape", None)
+        weight = getattr(norm, "weight", None)
+        if shape is None and isinstance(weight, torch.Tensor):
+            shape = tuple(weight.shape)
+        if shape is None:
+            raise ValueError(f"cannot tell the shape of {type(norm).__name__}: pass an ADyT")
+        norm_bias = getattr(norm, "bias", None)
+        has_bias = isinstance(norm_bias, torch.Tensor) or isinstance(norm, nn.LayerNorm)
+        kwargs.setdefault("bias", has_bias)
+        module = cls(shape, **kwargs)
+        ref = weight if isinstance(weight, torch.Tensor) else module.weight
+        module.to(device=ref.device, dtype=ref.dtype)
+        module.alpha0.data = module.alpha0.data.float()
+        module.grad_norm_ema.data = module.grad_norm_ema.data.float()
+        with torch.no_grad():
+            if isinstance(weight, torch.Tensor):
+                module.weight.copy_(weight)
+            if module.bias is not None and isinstance(norm_bias, torch.Tensor):
+                module.bias.copy_(norm_bias)
+        return module
+
+    def alpha(self) -> torch.Tensor:
+        """α(t) as the forward uses it (fp32 scalar)."""
+        if not self.adaptive:
+            return self.alpha0
+        scale = 1.0 + self.lam / (self.eps + self.grad_norm_ema)  # ()
+        return InwardClamp.apply(self.alpha0 * scale, self.alpha_min, self.alpha_max)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.alpha() * x)  # (..., *normalized_shape), x's dtype
+        y = y * self.weight
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        kind = "adaptive" if self.adaptive else "DyT"
+        return f"{self.normalized_shape}, {kind}, bias={self.bias is not None}"

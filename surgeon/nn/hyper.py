@@ -1,0 +1,173 @@
+"""Hyper-connections: n residual streams with learned width and depth mixing (Zhu et al. 2024).
+
+The streams are folded into the batch: a stream tensor `H` is `(b·n, ..., d)`, stream index
+inner, so the code between blocks keeps its shapes. `expand_streams` copies the input into every
+stream before the first block and `reduce_streams` averages them after the last one (a **mean**,
+so a trunk of hyper-connected blocks equals the plain residual network exactly at init;
+lucidrains' `sum` multiplies the output by n and is available as `mode="sum"`).
+
+Per block, `width_connection(H)` gives the branch its input and the mixed residual streams, the
+block runs its branch, and `depth_connection(y, residuals, beta)` adds the output back. With
+`branch=` set, `forward(H, *args)` does all three. The home stream is `layer_index mod n`:
+deterministic, unlike lucidrains' Python `random` fallback, which differs across processes.
+Parameter names follow lucidrains' `HyperConnections`, so its state dict loads into this one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def expand_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """Copy `x` into every stream: `(b, ..., d)` → `(b·n, ..., d)`."""
+    return x.repeat_interleave(num_streams, dim=0)
+
+
+def reduce_streams(h: torch.Tensor, num_streams: int, mode: str = "mean") -> torch.Tensor:
+    """Merge the streams: `(b·n, ..., d)` → `(b, ..., d)`, by `mean` (default) or `sum`.
+
+    The mean is taken as `H_0 + Σ_s (H_s − H_0) / n`, which is exact when the streams agree (as
+    they do at init), for any n, and no less accurate otherwise.
+    """
+    hs = h.unflatten(0, (-1, num_streams))  # (b, n, ..., d)
+    if mode == "sum":
+        return hs.sum(1)
+    if mode != "mean":
+        raise ValueError(f"reduce mode must be 'mean' or 'sum', got {mode!r}")
+    first = hs[:, 0]  # (b, ..., d)
+    return first + (hs[:, 1:] - first.unsqueeze(1)).sum(1) / num_streams
+
+
+class ExpandStreams(nn.Module):
+    """`expand_streams` as a module, for `nn.Sequential` models."""
+
+    def __init__(self, num_streams: int) -> None:
+        super().__init__()
+        self.num_streams = num_streams
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return expand_streams(x, self.num_streams)
+
+
+class ReduceStreams(nn.Module):
+    """`reduce_streams` as a module, for `nn.Sequential` models."""
+
+    def __init__(self, num_streams: int, mode: str = "mean") -> None:
+        super().__init__()
+        if mode not in ("mean", "sum"):
+            raise ValueError(f"reduce mode must be 'mean' or 'sum', got {mode!r}")
+        self.num_streams, self.mode = num_streams, mode
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return reduce_streams(h, self.num_streams, self.mode)
+
+
+class StreamRMSNorm(nn.Module):
+    """RMSNorm over the last dimension with a zero-initialised gain offset (`x̂·(1 + gamma)`)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) * self.scale * (self.gamma + 1)
+
+
+def unfold_streams(h: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """`(b·n, ..., d)` → `(b, n, p, d)`, p the product of the middle dimensions (a view)."""
+    return h.reshape(h.shape[0] // num_streams, num_streams, -1, h.shape[-1])
+
+
+class StreamMixer(nn.Module):
+    """What the hyper-connection modules share: the three-step protocol and `forward`."""
+
+    num_streams: int
+
+    def __init__(self, branch: nn.Module | None) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def width_connection(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`H (b·n, ..., d)` → `(branch input (b, ..., d), residuals (b, n, p, d), depth weights)`."""
+        raise NotImplementedError
+
+    def depth_connection(
+        self, branch_output: torch.Tensor, residuals: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        """`residuals + beta ⊗ branch_output` → the new streams `(b·n, ..., d)`."""
+        b, n, p, d = residuals.shape
+        y = branch_output.reshape(b, 1, p, d)  # (b, 1, p, d)
+        out = residuals + beta.to(y.dtype).unsqueeze(-1) * y  # (b, n, p, d)
+        return out.reshape(b * n, *branch_output.shape[1:])
+
+    def forward(self, h: torch.Tensor, *branch_args: Any, **branch_kwargs: Any) -> Any:
+        """With a `branch`: the new streams. Without one (lucidrains' protocol): the branch
+        input and a function that takes the branch output and returns the new streams."""
+        branch_input, residuals, beta = self.width_connection(h)
+
+        def add_residual(branch_output: Any) -> Any:
+            if isinstance(branch_output, (tuple, list)):  # (hidden, *extras), as HF blocks return
+                first = self.depth_connection(branch_output[0], residuals, beta)
+                return type(branch_output)((first, *branch_output[1:]))
+            return self.depth_connection(branch_output, residuals, beta)
+
+        if self.branch is None:
+            return branch_input, add_residual
+        return add_residual(self.branch(branch_input, *branch_args, **branch_kwargs))
+
+
+class HyperConnections(StreamMixer):
+    """Static + dynamic hyper-connections over `num_streams` streams of width `dim`.
+
+    Init (REFERENCE.md): `static_alpha = [e_home | I_n]`, `static_beta = 1`, dynamic weights 0
+    with scales 0.01, so the branch sees the home stream and every stream gets `+ y`.
+    """
+
+    def __init__(
+        self,
+        num_streams: int,
+        dim: int,
+        *,
+        layer_index: int = 0,
+        branch: nn.Module | None = None,
+        tanh: bool = True,
+    ) -> None:
+        super().__init__(branch)
+        if num_streams < 1:
+            raise ValueError(f"num_streams must be at least 1, got {num_streams}")
+        n = self.num_streams = num_streams
+        self.layer_index = layer_index
+        self.home = layer_index % n
+        self.tanh = tanh
+        self.norm = StreamRMSNorm(dim)
+        home = F.one_hot(torch.tensor([self.home]), n).float().T  # (n, 1)
+        self.static_alpha = nn.Parameter(torch.cat([home, torch.eye(n)], dim=1))  # (n, 1+n)
+        self.dynamic_alpha_fn = nn.Parameter(torch.zeros(dim, 1 + n))
+        self.dynamic_alpha_scale = nn.Parameter(torch.tensor(1e-2))
+        self.static_beta = nn.Parameter(torch.ones(n))
+        self.dynamic_beta_fn = nn.Parameter(torch.zeros(dim))
+        self.dynamic_beta_scale = nn.Parameter(torch.tensor(1e-2))
+
+    def _act(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(t) if self.tanh else t
+
+    def width_connection(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.num_streams
+        hs = unfold_streams(h, n).transpose(1, 2)  # (b, p, n, d)
+        normed = self.norm(hs)  # (b, p, n, d)
+        alpha = self._act(normed @ self.dynamic_alpha_fn) * self.dynamic_alpha_scale
+        alpha = alpha + self.static_alpha  # (b, p, n, 1+n): stream s → slot t
+        beta = self._act(normed @ self.dynamic_beta_fn) * self.dynamic_beta_scale
+        beta = (beta + self.static_beta).transpose(1, 2)  # (b, n, p)
+        mix = alpha.to(hs.dtype).transpose(-1, -2) @ hs  # (b, p, 1+n, d)
+        branch_input = mix[:, :, 0].reshape(-1, *h.shape[1:])  # (b, ..., d)
+        residuals = mix[:, :, 1:].transpose(1, 2)  # (b, n, p, d)
+        return branch_input, residuals, beta
+
+    def extra_repr(self) -> str:
+        return f"num_streams={self.num_streams}, layer_index={self.layer_index}, home={self.home}"

@@ -1,0 +1,109 @@
+"""mHC, manifold-constrained hyper-connections (DeepSeek, arXiv 2512.24880).
+
+The residual streams mix through a doubly-stochastic matrix (Sinkhorn projection, fp32), so the
+streams' mean is carried through every block; the branch reads a sigmoid-weighted sum of the
+streams and writes back with weights `2·sigmoid(·)`. Same protocol and stream layout as
+`surgeon.nn.hyper`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from surgeon.nn.hyper import HyperConnections, StreamMixer, unfold_streams
+
+
+def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
+    """Project `(..., n, n)` logits onto doubly-stochastic matrices (rows and columns sum to 1).
+
+    Alternating row/column normalisation of `exp(logits)`, done in the log domain (the same
+    iterates as the max-shifted exp form, without its underflow), in fp32 or wider.
+    """
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    for _ in range(iters):
+        z = z - torch.logsumexp(z, dim=-1, keepdim=True)  # rows
+        z = z - torch.logsumexp(z, dim=-2, keepdim=True)  # columns
+    return z.exp()
+
+
+class ManifoldHyperConnections(StreamMixer):
+    """mHC (DeepSeek 2025): `H' = H_res·H + H_postᵀ·f(H_pre·H)` with `H_pre = sigmoid(·)`,
+    `H_post = 2·sigmoid(·)` and `H_res = sinkhorn(·)` (fp32), each a bias plus a scaled
+    projection of the RMS-normalised flattened streams (`n·d`).
+
+    Init: `b_post = 0`, `b_res = 6I − 3` (the paper's), projections 0, scales 0.01, and
+    `b_pre = −3` off the home stream. The paper puts +3 on the home stream; by default this
+    module puts the logit that makes `Σ H_pre = 1` (1.80 for n = 4) so the branch sees the
+    stream unscaled and the output starts within ~1e-6 of the plain network for any branch, not
+    only for a branch that normalises its input. Pass `home_bias=3.0` for the paper's value.
+    """
+
+    def __init__(
+        self,
+        num_streams: int,
+        dim: int,
+        *,
+        layer_index: int = 0,
+        branch: nn.Module | None = None,
+        sinkhorn_iters: int = 20,
+        home_bias: float | None = None,
+    ) -> None:
+        super().__init__(branch)
+        if num_streams < 2:
+            raise ValueError(f"mHC needs at least 2 streams, got {num_streams}")
+        n = self.num_streams = num_streams
+        self.layer_index = layer_index
+        self.home = layer_index % n
+        self.sinkhorn_iters = sinkhorn_iters
+        if home_bias is None:
+            p_home = 1.0 - (n - 1) / (1.0 + math.exp(3.0))  # 1 − (n−1)·sigmoid(−3)
+            home_bias = math.log(p_home / (1.0 - p_home))
+        self.gamma = nn.Parameter(torch.zeros(n, dim))  # gain offset of the flattened RMSNorm
+        self.pre_proj = nn.Parameter(torch.zeros(n, dim, n))
+        self.post_proj = nn.Parameter(torch.zeros(n, dim, n))
+        self.res_proj = nn.Parameter(torch.zeros(n, dim, n * n))
+        self.pre_scale = nn.Parameter(torch.tensor(1e-2))
+        self.post_scale = nn.Parameter(torch.tensor(1e-2))
+        self.res_scale = nn.Parameter(torch.tensor(1e-2))
+        pre_bias = torch.full((n,), -3.0)
+        pre_bias[self.home] = home_bias
+        self.pre_bias = nn.Parameter(pre_bias)
+        self.post_bias = nn.Parameter(torch.zeros(n))
+        self.res_bias = nn.Parameter(6.0 * torch.eye(n) - 3.0)
+
+    def coefficients(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`hs (b, n, p, d)` → fp32 `H_pre (b, p, n)`, `H_post (b, p, n)`, `H_res (b, p, n, n)`."""
+        n = self.num_streams
+        x = hs.float()
+        rms = x.pow(2).mean(dim=(1, 3), keepdim=True).add(1e-6).rsqrt()  # (b, 1, p, 1)
+        x = x * rms * (self.gamma.unsqueeze(1) + 1)  # (b, n, p, d), normalised over n·d
+        pre = torch.einsum("bspd,sde->bpe", x, self.pre_proj.float())  # (b, p, n)
+        post = torch.einsum("bspd,sde->bpe", x, self.post_proj.float())  # (b, p, n)
+        res = torch.einsum("bspd,sde->bpe", x, self.res_proj.float())  # (b, p, n·n)
+        h_pre = torch.sigmoid(self.pre_scale * pre + self.pre_bias)
+        h_post = 2 * torch.sigmoid(self.post_scale * post + self.post_bias)
+        res = self.res_scale * res.unflatten(-1, (n, n)) + self.res_bias  # (b, p, n, n)
+        return h_pre, h_post, sinkhorn(res, self.sinkhorn_iters)
+
+    def width_connection(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hs = unfold_streams(h, self.num_streams)  # (b, n, p, d)
+        h_pre, h_post, h_res = self.coefficients(hs)
+        ht = hs.transpose(1, 2)  # (b, p, n, d)
+        branch_input = (h_pre.to(hs.dtype).unsqueeze(-2) @ ht).squeeze(-2)  # (b, p, d)
+        residuals = (h_res.to(hs.dtype) @ ht).transpose(1, 2)  # (b, n, p, d)
+        return branch_input.reshape(-1, *h.shape[1:]), residuals, h_post.transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"num_streams={self.num_streams}, layer_index={self.layer_index}, home={self.home}"
+
+
+def hyper_connections(
+    num_streams: int, dim: int, *, mhc: bool = False, **kwargs: Any
+) -> HyperConnections | ManifoldHyperConnections:
+    """`HyperConnections` or, with `mhc=True`, `ManifoldHyperConnections`."""
+    cls: Callable[..., Any] = ManifoldHyperConnections if mhc else HyperConnections
+    return cls(num_streams, dim, **kwargs)
