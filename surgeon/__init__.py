@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["inspect", "trace", "SurgeonError", "__version__"]
+__all__ = ["attach", "inspect", "trace", "SurgeonError", "__version__"]
 
 if TYPE_CHECKING:
     from surgeon.api import inspect, trace
     from surgeon.errors import SurgeonError
+    from surgeon.nn.stats import attach
 
 
 def __getattr__(name: str) -> Any:
@@ -18,6 +19,10 @@ def __getattr__(name: str) -> Any:
         from surgeon import api
 
         return getattr(api, name)
+    if name == "attach":
+        from surgeon.nn.stats import attach
+
+        return attach
     if name == "SurgeonError":
         from surgeon.errors import SurgeonError
 
