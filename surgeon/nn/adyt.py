@@ -86,7 +86,7 @@ class ADyT(nn.Module):
     @classmethod
     def from_norm(cls, norm: nn.Module, **kwargs: Any) -> ADyT:
         """An ADyT that takes the place of `norm`: its shape, weight, and bias (if it has one:
-        RMSNorm has none). A norm without affine parameters gives `w = 1`, `b = 0`."""
+        RMSNorm has none). A LayerNorm without affine parameters gives `w = 1`, `b = 0`."""
         shape = getattr(norm, "normalized_shape", None)
         weight = getattr(norm, "weight", None)
         if shape is None and isinstance(weight, torch.Tensor):
@@ -94,7 +94,8 @@ class ADyT(nn.Module):
         if shape is None:
             raise ValueError(f"cannot tell the shape of {type(norm).__name__}: pass an ADyT")
         norm_bias = getattr(norm, "bias", None)
-        has_bias = isinstance(norm_bias, torch.Tensor) or isinstance(norm, nn.LayerNorm)
+        no_affine = isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine
+        has_bias = isinstance(norm_bias, torch.Tensor) or no_affine
         kwargs.setdefault("bias", has_bias)
         module = cls(shape, **kwargs)
         ref = weight if isinstance(weight, torch.Tensor) else module.weight

@@ -93,7 +93,8 @@ class StreamMixer(nn.Module):
         self.branch = branch
 
     def width_connection(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`H (b·n, ..., d)` → `(branch input (b, ..., d), residuals (b, n, p, d), depth weights)`."""
+        """`H (b·n, ..., d)` → branch input `(b, ..., d)`, residuals `(b, n, p, d)`, and the
+        depth weights `(b, n, p)`."""
         raise NotImplementedError
 
     def depth_connection(
