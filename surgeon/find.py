@@ -156,11 +156,15 @@ class GraphFacts:
                 mask |= 1 << i
         return mask
 
-    def starts_with_norm_of(self, skip: fx.Node, mask: int) -> bool:
+    def norm_of(self, skip: fx.Node, mask: int) -> fx.Node | None:
+        """The norm of `skip` on the path `mask` (what a pre-norm branch starts with), or None."""
         for n, info in self.norms.items():
             if (mask >> self.index[n]) & 1 and info.input is skip:
-                return True
-        return False
+                return n
+        return None
+
+    def starts_with_norm_of(self, skip: fx.Node, mask: int) -> bool:
+        return self.norm_of(skip, mask) is not None
 
     def feeds_output_norm(self, add: fx.Node) -> bool:
         """The add (through dropout, casts and in-place aliases) feeds a norm whose result
@@ -476,17 +480,23 @@ def _residuals(an: _Analysis, name: str, mt: ModuleTrace, facts: GraphFacts) -> 
         a, b = _operands(node)
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
-        kind = _local_residual(facts, node, a, b)
-        if kind is None:
-            kind = _lifted_residual(an, name, facts, node, a, b)
-        if kind is None:
-            kind = _projection_residual(facts, node, a, b)
-        if kind is not None:
-            found.append(Residual(name, kind, node.name, _source(node)))
+        hit = _local_residual(facts, node, a, b)
+        if hit is None:
+            hit = _lifted_residual(an, name, facts, node, a, b)
+        if hit is None:
+            hit = _projection_residual(facts, node, a, b)
+        if hit is not None:
+            kind, skip, x_norm = hit
+            found.append(Residual(name, kind, node.name, _source(node), 0 if skip is a else 1,
+                                  x_norm.name if x_norm is not None else None))
     return found
 
 
-def _local_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> str | None:
+# A found residual: (kind, the skip operand, the norm node the branch starts with or None).
+_Hit = tuple[str, fx.Node, "fx.Node | None"]
+
+
+def _local_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> _Hit | None:
     if facts.is_ancestor(a, b):
         skip, branch = a, b
     elif facts.is_ancestor(b, a):
@@ -496,10 +506,11 @@ def _local_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> 
     mask = facts.path_mask(skip, branch)
     if not mask & facts.param_mask:
         return None
-    return _kind(facts, add, skip, mask)
+    return _kind(facts, add, skip, mask), skip, facts.norm_of(skip, mask)
 
 
-def _projection_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> str | None:
+def _projection_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node
+                         ) -> _Hit | None:
     """`f(x) + proj(x)`: a residual whose skip goes through a light projection (ResNet's
     downsample: a conv and a norm). The branch must hold more parameterised ops than the shortcut,
     and the two paths meet only at the fork."""
@@ -514,9 +525,10 @@ def _projection_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node
     short, long_ = (0, 1) if counts[0] < counts[1] else (1, 0)
     if counts[short] > 2 or counts[long_] <= counts[short]:
         return None
+    skip = (a, b)[short]
     if facts.starts_with_norm_of(fork, paths[long_]) and counts[short] == 0:
-        return "pre_norm"
-    return "post_norm" if facts.feeds_output_norm(add) else "plain"
+        return "pre_norm", skip, facts.norm_of(fork, paths[long_])
+    return ("post_norm" if facts.feeds_output_norm(add) else "plain"), skip, None
 
 
 def _kind(facts: GraphFacts, add: fx.Node, skip: Any, mask: int) -> str:
@@ -558,7 +570,7 @@ def _caller_inputs(child: ModuleTrace, call: fx.Node) -> list[Any] | None:
 
 
 def _lifted_residual(an: _Analysis, name: str, facts: GraphFacts, add: fx.Node, a: fx.Node,
-                     b: fx.Node, depth: int = 0) -> str | None:
+                     b: fx.Node, depth: int = 0) -> _Hit | None:
     """Both operands come from the module's inputs (one of them is an input): ask the caller."""
     for skip, branch in ((strip_casts(a), b), (strip_casts(b), a)):
         if not (isinstance(skip, fx.Node) and skip.op == "placeholder"):
@@ -570,7 +582,8 @@ def _lifted_residual(an: _Analysis, name: str, facts: GraphFacts, add: fx.Node, 
         local_param = bool(branch_mask & facts.param_mask)
         kind = _ask_caller(an, name, facts.placeholders.index(skip), sources, local_param, depth)
         if kind is not None:
-            return "post_norm" if facts.feeds_output_norm(add) else kind
+            kind = "post_norm" if facts.feeds_output_norm(add) else kind
+            return kind, (a if strip_casts(a) is skip else b), None
     return None
 
 

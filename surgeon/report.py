@@ -16,13 +16,17 @@ class Residual:
     """A residual add `skip + branch` found in the graph of `module`.
 
     `kind` is "pre_norm" (the branch starts with a norm of the skip), "post_norm" (the add feeds a
-    norm that produces the module's output) or "plain". `node` is the add's name in the graph.
+    norm that produces the module's output) or "plain". `node` is the add's name in the graph,
+    `skip` which of its two operands is the skip (0 or 1), and `x_norm` the node of the norm the
+    branch applies to the skip (pre-norm residuals in the same graph), else None.
     """
 
     module: str
     kind: str
     node: str
     source: str = ""
+    skip: int = 0
+    x_norm: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,178 @@
+"""Pass configs and the pass registry.
+
+A pass is a dataclass of options (its config) registered under a short name; its JSON form is
+`{"_type": name, "_version": n, "_data": {...}}`, which is what `surgeon.json` stores and what a
+reload replays. The faces find passes here by name: the built-in ones from the `passes` package
+(also from a source tree that was never installed), third-party ones from the `surgeon.passes`
+entry-point group (`name = "pkg.module"`, a module that registers its config on import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib
+import typing
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from surgeon.errors import SurgeonError
+
+
+class PassError(SurgeonError):
+    """An unknown pass, a bad pass option, or passes combined in an order that cannot work."""
+
+
+_REGISTRY: dict[str, type[PassConfig]] = {}
+_BUILTIN = "passes"
+_loaded = False
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Base of every pass config: `include` / `exclude` are fnmatch patterns of qualified module
+    names (empty `include` = everything). Subclasses set `name` and `version`."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def selects(self, qualified_name: str) -> bool:
+        """Whether the module `qualified_name` is in this pass's scope."""
+        def hit(patterns: tuple[str, ...]) -> bool:
+            return any(fnmatch.fnmatchcase(qualified_name, p) for p in patterns)
+
+        return (not self.include or hit(self.include)) and not hit(self.exclude)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"_type": self.name, "_version": self.version, "_data": data}
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], where: str = "") -> PassConfig:
+        """Build from user options (`key=value` strings or JSON values), checking each key and
+        converting it to the field's type; errors name the pass and the option."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for key, raw in options.items():
+            if key not in fields:
+                known = ", ".join(sorted(fields))
+                raise PassError(f"{where or cls.name}: unknown option {key!r} (options: {known})")
+            values[key] = _convert(raw, hints[key], f"{where or cls.name}: option {key!r}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as e:
+            raise PassError(f"{where or cls.name}: {e}") from None
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _convert(raw: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        if raw is None or (isinstance(raw, str) and raw.lower() == "none"):
+            if type(None) in args:
+                return None
+        last: PassError | None = None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(raw, arg, where)
+            except PassError as e:
+                last = e
+        raise last or PassError(f"{where}: cannot read {raw!r}")
+    if origin is tuple:
+        items = raw.split("|") if isinstance(raw, str) else list(raw)
+        return tuple(_convert(item, args[0] if args else str, where) for item in items if item)
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on", "0", "false", "no",
+                                                    "off"):
+            return raw.lower() in ("1", "true", "yes", "on")
+        raise PassError(f"{where}: expected true or false, got {raw!r}")
+    if hint in (int, float):
+        try:
+            value = hint(raw)
+        except (TypeError, ValueError):
+            raise PassError(f"{where}: expected a{'n' if hint is int else ''} "
+                            f"{hint.__name__}, got {raw!r}") from None
+        if hint is int and isinstance(raw, float) and raw != value:
+            raise PassError(f"{where}: expected an int, got {raw!r}")
+        return value
+    if origin is typing.Literal:
+        if raw not in args:
+            raise PassError(f"{where}: expected one of {', '.join(map(str, args))}, got {raw!r}")
+        return raw
+    if hint is str:
+        return str(raw)
+    return raw
+
+
+def register(cls: type[PassConfig]) -> type[PassConfig]:
+    """Class decorator: make a pass config findable by its `name`."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a class attribute `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_passes() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    importlib.import_module(_BUILTIN)
+    for ep in entry_points(group="surgeon.passes"):
+        try:
+            ep.load()
+        except Exception as e:  # a broken plug-in must not take the built-in passes down
+            raise PassError(f"pass plug-in {ep.name!r} ({ep.value}) failed to load: {e}") from e
+
+
+def registered() -> dict[str, type[PassConfig]]:
+    """Every known pass, by name."""
+    _load_passes()
+    return dict(_REGISTRY)
+
+
+def pass_class(name: str) -> type[PassConfig]:
+    passes = registered()
+    if name not in passes:
+        raise PassError(f"unknown pass {name!r}; known passes: {', '.join(sorted(passes))}")
+    return passes[name]
+
+
+def parse_pass(spec: str | PassConfig) -> PassConfig:
+    """A config from a config, a name (`"aion"`) or `"name:key=value,key=value"`."""
+    if isinstance(spec, PassConfig):
+        return spec
+    if not isinstance(spec, str):
+        raise PassError(f"a pass is a config or a name, not {type(spec).__name__}")
+    name, _, rest = spec.partition(":")
+    cls = pass_class(name.strip())
+    options: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise PassError(f"pass {spec!r}: option {item!r} is not key=value")
+        options[key.strip()] = value.strip()
+    return cls.from_options(options, where=f"pass {name.strip()!r}")
+
+
+def config_from_json(data: dict[str, Any]) -> PassConfig:
+    """The inverse of `PassConfig.to_json`; a newer `_version` than this surgeon knows fails."""
+    try:
+        name, version, options = data["_type"], data["_version"], data["_data"]
+    except (KeyError, TypeError):
+        raise PassError(f"not a pass config: {data!r}") from None
+    cls = pass_class(name)
+    if version > cls.version:
+        raise PassError(f"pass {name!r} config version {version} is newer than this surgeon's "
+                        f"({cls.version}); upgrade surgeon")
+    return cls.from_options(options, where=f"pass {name!r}")
