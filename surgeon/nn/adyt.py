@@ -55,6 +55,8 @@ class InwardClamp(torch.autograd.Function):
 class ADyT(nn.Module):
     """Adaptive dynamic tanh over the last `len(normalized_shape)` dimensions."""
 
+    _surgeon_atomic = True  # tracing treats it as a leaf: passes never rewrite it again
+
     def __init__(
         self,
         normalized_shape: int | tuple[int, ...],

@@ -33,6 +33,8 @@ class AionResidual(nn.Module):
     and set `adaptive = False`: α is then a plain scale and the forward skips the ratio.
     """
 
+    _surgeon_atomic = True  # tracing treats it as a leaf: passes never rewrite it again
+
     def __init__(
         self,
         alpha0: float = 0.1,

@@ -86,6 +86,8 @@ def unfold_streams(h: torch.Tensor, num_streams: int) -> torch.Tensor:
 class StreamMixer(nn.Module):
     """What the hyper-connection modules share: the three-step protocol and `forward`."""
 
+    _surgeon_atomic = True  # tracing treats it as a leaf: passes never rewrite it again
+
     num_streams: int
 
     def __init__(self, branch: nn.Module | None) -> None:
