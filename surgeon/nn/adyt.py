@@ -84,6 +84,7 @@ class ADyT(nn.Module):
         self.adaptive = adaptive
         self.lam, self.smoothing, self.eps = lam, smoothing, eps
         self.alpha_min, self.alpha_max = alpha_min, alpha_max
+        self._attachment: Any = None  # weakref to the `surgeon.attach` handle, if any
 
     @classmethod
     def from_norm(cls, norm: nn.Module, **kwargs: Any) -> ADyT:

@@ -13,6 +13,7 @@ eval. Presets `aion`, `deepnorm`, `preln`, `rezero` are the same module with oth
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,6 +63,7 @@ class AionResidual(nn.Module):
         # Set by `surgeon.attach`: (pending (L, 2) tensor, row); the forward then adds
         # (Σ ratio, token count) to the row and the EMA moves once per optimizer step.
         self._pending: tuple[torch.Tensor, int] | None = None
+        self._attachment: Any = None  # weakref to the `surgeon.attach` handle, if any
 
     @classmethod
     def from_preset(

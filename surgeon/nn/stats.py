@@ -11,13 +11,14 @@ After `attach`, each AION forward adds `(Σ per-token ratio, token count)` to on
   averaged and GradScaler has already unscaled by then (no collective).
 
 A step pre-hook runs only on real steps: under gradient accumulation once per accumulated step,
-under GradScaler not on steps it skips (their ratios count towards the next real step). Nothing
-here reads a value back to the host.
+under GradScaler not on steps it skips (their ratios count towards the next real step; fused
+optimizers, which GradScaler hands the scale and overflow flag instead, are handled too). A
+batch whose ratio overflowed is dropped. Nothing here reads a value back to the host.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import weakref
 from typing import Any
 
 import torch
@@ -29,11 +30,13 @@ from surgeon.nn.aion import AionResidual
 
 
 def _innermost(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind wrappers such as accelerate's `AcceleratedOptimizer`."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 8:
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
+    """The torch optimizer behind wrappers such as accelerate's `AcceleratedOptimizer` (itself
+    an `Optimizer` subclass that never ran `Optimizer.__init__`, so it cannot take hooks)."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError("attach needs a torch.optim.Optimizer (or a wrapper with .optimizer)")
     return optimizer
@@ -54,6 +57,11 @@ class Attachment:
         self.adyt = [m for m in model.modules() if isinstance(m, ADyT) and m.adaptive]
         self.process_group = process_group
         self.pending: torch.Tensor | None = None
+        for module in self.aion + self.adyt:  # attaching again replaces the old attachment
+            old = module._attachment() if module._attachment is not None else None
+            if old is not None and old is not self:
+                old.remove()
+            module._attachment = weakref.ref(self)
         if self.aion:
             device = self.aion[0].ratio_ema.device
             self.pending = torch.zeros(len(self.aion), 2, device=device)  # (L, [Σ r, count])
@@ -62,18 +70,27 @@ class Attachment:
                 module._pending = (self.pending, row)
         self._handle = None
         if optimizer is not None:
-            hook = lambda *_: self.step()  # noqa: E731 (the hook's (optimizer, args, kwargs))
-            self._handle = _innermost(optimizer).register_step_pre_hook(hook)
+            self._handle = _innermost(optimizer).register_step_pre_hook(self._hook)
+
+    def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Fused / scaling-aware optimizers get GradScaler's scale and overflow flag as
+        # attributes during `step` instead of unscaled gradients and a skipped call.
+        self.step(getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None))
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Fold this step's statistics into the EMAs (what the optimizer hook calls)."""
-        if self.pending is not None:
-            self._step_aion(self.pending)
-        if self.adyt:
-            self._step_adyt()
+    def step(self, grad_scale: torch.Tensor | None = None,
+             found_inf: torch.Tensor | None = None) -> None:
+        """Fold this step's statistics into the EMAs (what the optimizer hook calls).
 
-    def _step_aion(self, pending: torch.Tensor) -> None:
+        `grad_scale` divides the gradients first; a non-zero `found_inf` keeps every EMA as it
+        is (the step is skipped) and leaves the AION ratios pending for the next step."""
+        skip = None if found_inf is None else found_inf.to(torch.float32).reshape(()) > 0
+        if self.pending is not None:
+            self._step_aion(self.pending, skip)
+        if self.adyt:
+            self._step_adyt(grad_scale, skip)
+
+    def _step_aion(self, pending: torch.Tensor, skip: torch.Tensor | None) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(pending, op=dist.ReduceOp.SUM, group=self.process_group)
         total, count = pending.unbind(1)  # (L,), (L,)
@@ -81,25 +98,28 @@ class Attachment:
         emas = [m.ratio_ema for m in self.aion]
         old = torch.stack(emas)  # (L,)
         new = self._gamma * old + (1.0 - self._gamma) * ratio
-        torch._foreach_copy_(emas, list(torch.where(count > 0, new, old).unbind(0)))
-        pending.zero_()
+        keep = (count == 0) | ~torch.isfinite(ratio)  # nothing seen, or an overflowed batch
+        if skip is not None:
+            keep = keep | skip
+        torch._foreach_copy_(emas, list(torch.where(keep, old, new).unbind(0)))
+        if skip is None:
+            pending.zero_()
+        else:
+            pending.mul_(skip.to(pending.dtype))
 
-    def _step_adyt(self) -> None:
-        by_smoothing: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(
-            lambda: ([], [])
-        )
+    def _step_adyt(self, grad_scale: torch.Tensor | None, skip: torch.Tensor | None) -> None:
         for module in self.adyt:
             grads = [p.grad for p in module.parameters() if p.grad is not None]
             if not grads:
                 continue
             norms = torch._foreach_norm(grads)  # one 0-dim norm per parameter
             g = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-            emas, values = by_smoothing[module.smoothing]
-            emas.append(module.grad_norm_ema)
-            values.append(g)
-        for s, (emas, values) in by_smoothing.items():
-            torch._foreach_mul_(emas, s)
-            torch._foreach_add_(emas, values, alpha=1.0 - s)
+            if grad_scale is not None:
+                g = g / grad_scale.float().reshape(())
+            G = module.grad_norm_ema
+            new = module.smoothing * G + (1.0 - module.smoothing) * g
+            keep = ~torch.isfinite(new) if skip is None else skip | ~torch.isfinite(new)
+            G.copy_(torch.where(keep, G, new))
 
     def remove(self) -> None:
         """Detach: remove the optimizer hook and give the AION modules their own EMA back."""
@@ -108,6 +128,9 @@ class Attachment:
             self._handle = None
         for module in self.aion:
             module._pending = None
+        for module in self.aion + self.adyt:
+            if module._attachment is not None and module._attachment() is self:
+                module._attachment = None
 
     def __enter__(self) -> Attachment:
         return self
