@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["attach", "inspect", "trace", "SurgeonError", "__version__"]
+__all__ = ["apply", "attach", "inspect", "trace", "SurgeonError", "__version__"]
 
 if TYPE_CHECKING:
     from surgeon.api import inspect, trace
     from surgeon.errors import SurgeonError
+    from surgeon.apply import apply
     from surgeon.nn.stats import attach
 
 
@@ -19,6 +20,10 @@ def __getattr__(name: str) -> Any:
         from surgeon import api
 
         return getattr(api, name)
+    if name == "apply":
+        from surgeon.apply import apply
+
+        return apply
     if name == "attach":
         from surgeon.nn.stats import attach
 

@@ -747,6 +747,12 @@ def trace_model(model: nn.Module, example: tuple | dict, *, share_graphs: bool =
         for name, module in model.named_modules():
             if is_atomic(module) or name not in calls or name in result.traces:
                 continue
+            if isinstance(module, TracedModule):  # rewritten earlier: its graph is the truth
+                graph = module.graph
+                shared = SharedGraph(graph, module._call_spec, compile_graph(graph), {}, False,
+                                     name)
+                result.traces[name] = ModuleTrace(name, module, shared)
+                continue
             if isinstance(module, fx.GraphModule):
                 continue
             _trace_module(name, module, calls[name], calls, cache if share_graphs else {},

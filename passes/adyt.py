@@ -1,0 +1,115 @@
+"""LayerNorm / RMSNorm modules → `ADyT` (or plain DyT), weights carried over.
+
+The norm's effective gain and bias are read by probing it with a zero-mean, unit-variance input
+and its negation, so any parametrisation (Gemma's `x·(1 + w)`, a missing bias) comes out right;
+where the probe agrees with the stored `weight`, the stored tensor is copied exactly.
+Norms outside the residual trunk's blocks are "final" norms; norms narrower than the trunk's
+width (per-head q/k norms) are "qk" norms; both are selectable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from surgeon.nn.adyt import ADyT as ADyTModule
+from surgeon.nn.adyt import dyt_llama_alpha0
+from surgeon.recipe import PassConfig, register
+from surgeon.report import Norm
+from surgeon.rewrite import Surgery
+
+
+def effective_affine(norm: nn.Module, d: int, eps: float | None) -> tuple[torch.Tensor, ...]:
+    """(gain, bias) of a last-dimension norm: `norm(x) = gain·x̂ + bias` for normalised x̂."""
+    ref = next(iter(norm.parameters()), torch.empty(0))
+    probe = torch.tensor([(-1.0) ** i for i in range(d)], dtype=torch.float64)
+    probe = (probe - probe.mean()) / probe.std(unbiased=False)  # mean 0, variance 1
+    dtype = ref.dtype if ref.is_floating_point() else torch.float32
+    x = probe.to(dtype=dtype, device=ref.device).unsqueeze(0)  # (1, d)
+    with torch.no_grad():
+        up, down = norm(x)[0].double().cpu(), norm(-x)[0].double().cpu()
+    gain = (up - down) / (2 * probe) * math.sqrt(1.0 + (eps or 0.0))
+    return gain, (up + down) / 2
+
+
+@register
+@dataclass(frozen=True)
+class ADyT(PassConfig):
+    """Norm modules in scope → ADyT (`adaptive=True`) or DyT (`adaptive=False`)."""
+
+    name: ClassVar[str] = "adyt"
+    version: ClassVar[int] = 1
+
+    adaptive: bool = True
+    alpha0: float = 0.5
+    llama_init: bool = False  # DyT's per-role α0 (attention / ffn / final), shrinking with width
+    final_norms: bool = True
+    qk_norms: bool = False
+
+    def run(self, surgery: Surgery) -> list[str]:
+        norms = [n for n in surgery.inspection.norms if n.node is None and self.selects(n.module)]
+        blocks = {b for t in surgery.inspection.trunks for b in t.blocks}
+        width = _trunk_width(norms)
+        roles = _roles(surgery)
+        new = []
+        for norm in norms:
+            inside = any(norm.module.startswith(b + ".") for b in blocks)
+            narrow = norm.shape is not None and width is not None and norm.shape[-1] < width
+            if narrow and not self.qk_norms or not inside and not self.final_norms:
+                continue
+            module = surgery.module(norm.module)
+            if isinstance(module, ADyTModule):
+                continue
+            role = roles.get(norm.module, "ffn" if inside else "final")
+            d = norm.shape[-1] if norm.shape else None
+            alpha0 = dyt_llama_alpha0(role, d or 0) if self.llama_init else self.alpha0
+            surgery.replace(norm.module, self._convert(module, norm, alpha0))
+            new.append(norm.module)
+            parent = norm.module.rpartition(".")[0]
+            if isinstance(surgery.module(parent), _FAST_PATH) and parent in surgery.trace.traces:
+                surgery.graph(parent)  # reinstall traced: the fast path reads norm weights itself
+        return new
+
+    def after_commit(self, surgery: Surgery, new: list[str]) -> None:
+        return None
+
+    def _convert(self, module: nn.Module, norm: Norm, alpha0: float) -> ADyTModule:
+        adyt = ADyTModule.from_norm(module, alpha0=alpha0, adaptive=self.adaptive)
+        if norm.shape is None or len(norm.shape) != 1:
+            return adyt
+        gain, bias = effective_affine(module, norm.shape[0], norm.eps)
+        with torch.no_grad():
+            if not torch.allclose(adyt.weight.double(), gain, rtol=1e-3, atol=1e-5):
+                adyt.weight.copy_(gain)
+            if adyt.bias is not None and not torch.allclose(adyt.bias.double(), bias,
+                                                            atol=1e-5):
+                adyt.bias.copy_(bias)
+        return adyt
+
+
+# torch layers whose eval fast path reads their norms' weights and never calls the norm modules.
+_FAST_PATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _trunk_width(norms: list[Norm]) -> int | None:
+    widths = [n.shape[-1] for n in norms if n.shape]
+    return max(widths, key=widths.count) if widths else None
+
+
+def _roles(surgery: Surgery) -> dict[str, str]:
+    """Norm module → "attention" (feeds a block's first residual branch) or "ffn" (later ones)."""
+    roles: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for r in surgery.inspection.residuals:
+        k = seen[r.module] = seen.get(r.module, -1) + 1
+        if r.x_norm is None:
+            continue
+        graph = surgery.trace.traces[r.module].graph
+        node = next((n for n in graph.nodes if n.name == r.x_norm), None)
+        if node is not None and node.op == "call_module":
+            roles[f"{r.module}.{node.target}"] = "attention" if k == 0 else "ffn"
+    return roles

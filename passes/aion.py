@@ -1,0 +1,86 @@
+"""Residual adds → `AionResidual`: `x + f(x)` becomes `aion(x, f(x), x_norm)`.
+
+`x_norm` is the norm output the branch started from (pre-norm residuals), so the ratio is the
+one AION defines. With `preserve=True` (the default, `aion` preset) every new module is seeded
+with its branch's ratio on the example and α set to exactly 1, so the converted model computes
+what the original did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from surgeon.nn.aion import AionResidual
+from surgeon.recipe import PassConfig, PassError, register
+from surgeon.rewrite import Surgery, node_named
+
+
+@register
+@dataclass(frozen=True)
+class AION(PassConfig):
+    """Adaptive residual scaling on every residual add in scope."""
+
+    name: ClassVar[str] = "aion"
+    version: ClassVar[int] = 1
+
+    preset: Literal["aion", "deepnorm", "preln", "rezero"] = "aion"
+    preserve: bool = True
+    ema_gamma: float = 0.99
+    epsilon: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.preserve and self.preset not in ("aion", "preln"):
+            raise ValueError(f"preset {self.preset!r} starts from its own α, so it cannot "
+                             "preserve the model's function; pass preserve=false")
+
+    def run(self, surgery: Surgery) -> list[str]:
+        """Rewrite the adds; returns the qualified names of the new modules."""
+        residuals = [r for r in surgery.inspection.residuals if self.selects(r.module)]
+        if any(not r.module for r in residuals):
+            raise PassError("aion: a residual add is in the top-level module's own forward; "
+                            "wrap the model in a parent module, or exclude it with exclude=''")
+        new: list[str] = []
+        ordinal: dict[str, int] = {}
+        for r in residuals:
+            graph = surgery.graph(r.module)
+            add = node_named(graph, r.node)
+            skip, branch = add.args[r.skip], add.args[1 - r.skip]
+            args = (skip, branch)
+            if r.x_norm is not None:
+                args += (node_named(graph, r.x_norm),)
+            k = ordinal[r.module] = ordinal.get(r.module, -1) + 1
+            module = AionResidual.from_preset(
+                self.preset, num_layers=max(1, len(residuals) // 2),
+                ema_gamma=self.ema_gamma, epsilon=self.epsilon)
+            target = surgery.add_module(r.module, f"aion_{k}", module)
+            with graph.inserting_before(add):
+                call = graph.call_module(target, args)
+            add.replace_all_uses_with(call)
+            graph.erase_node(add)
+            new.append(f"{r.module}.{target}")
+        return new
+
+    def after_commit(self, surgery: Surgery, new: list[str]) -> None:
+        """Seed each new module's EMA with its ratio on the example and set α = 1."""
+        if not (self.preserve and self.preset == "aion"):
+            return
+        modules = {name: surgery.model.get_submodule(name) for name in new}
+        ratios: dict[str, torch.Tensor] = {}
+
+        def recorder(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                ratios.setdefault(name, module.batch_ratio(*args))
+            return hook
+
+        handles = [m.register_forward_pre_hook(recorder(n)) for n, m in modules.items()]
+        try:
+            surgery.run_example()
+        finally:
+            for h in handles:
+                h.remove()
+        for name, module in modules.items():
+            module.preserve_(ratios.get(name))

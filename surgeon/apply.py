@@ -1,0 +1,91 @@
+"""`surgeon.apply(model, passes, example)`: run passes over a model, in place, and report drift.
+
+Each pass sees the model as the previous one left it (traced again), rewrites the graphs of the
+modules in its scope, and the edited modules go back in their places; the model keeps its class,
+call signature and every original parameter. A pass already applied with the same config is
+skipped, so applying the same passes again changes nothing. After each pass the output on the
+example is compared with the original's: `model.surgeon_drift` lists max |Δ| and cosine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgeon.api import _example_for
+from surgeon.errors import ExampleError
+from surgeon.recipe import PassConfig, PassError, parse_pass
+from surgeon.rewrite import Surgery
+from surgeon.tracing import flatten
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far the output on the example moved after a pass (cumulative from the original)."""
+
+    pass_name: str
+    max_abs: float
+    cosine: float
+    modules: int  # modules the pass created or replaced
+
+
+def _output_vector(output: Any) -> torch.Tensor:
+    tensors = [t.detach().double().flatten() for t in flatten(_plain(output))[0]
+               if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        raise ExampleError("the model's output on the example holds no floating-point tensor")
+    return torch.cat(tensors)
+
+
+def _plain(output: Any) -> Any:
+    """ModelOutput and other mappings → dict, so the pytree can read them."""
+    if isinstance(output, dict) or hasattr(output, "to_tuple"):
+        return {k: output[k] for k in output.keys()}
+    return output
+
+
+def drift(before: torch.Tensor, after: torch.Tensor, pass_name: str, modules: int) -> Drift:
+    if before.shape != after.shape:
+        raise PassError(f"{pass_name}: the output's shape changed ({tuple(before.shape)} → "
+                        f"{tuple(after.shape)})")
+    cos = torch.nn.functional.cosine_similarity(before, after, dim=0, eps=1e-30)
+    return Drift(pass_name, float((before - after).abs().max()), float(cos), modules)
+
+
+def applied_passes(model: nn.Module) -> list[dict[str, Any]]:
+    """The JSON configs of the passes applied to `model`, in order."""
+    return list(getattr(model, "_surgeon_passes", []))
+
+
+def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
+          example: tuple | dict | None = None) -> nn.Module:
+    """Rewrite `model` in place with `passes` (configs, names like `"aion"`, or
+    `"name:key=value,..."`) and return it; see the module docstring."""
+    if not isinstance(model, nn.Module):
+        raise PassError(f"surgeon.apply expects an nn.Module, got {type(model).__name__}")
+    if isinstance(passes, (str, PassConfig)):
+        passes = [passes]
+    configs = [parse_pass(p) for p in passes]
+    example = _example_for(model, example)
+    done = applied_passes(model)
+    reference = None
+    reports: list[Drift] = list(getattr(model, "surgeon_drift", []))
+    for config in configs:
+        if config.to_json() in done:
+            continue
+        surgery = Surgery(model, example)
+        if reference is None:
+            reference = _output_vector(surgery.run_example())
+        new = config.run(surgery)
+        surgery.commit()
+        config.after_commit(surgery, new)
+        done.append(config.to_json())
+        after = _output_vector(surgery.run_example())
+        reports.append(drift(reference, after, config.name, len(new)))
+        model._surgeon_manifest = getattr(model, "_surgeon_manifest", []) + new
+    model._surgeon_passes = done
+    model.surgeon_drift = reports
+    return model

@@ -1,0 +1,138 @@
+"""The workbench passes edit a model on: per-module graph copies, new submodules, installation.
+
+A pass asks for `graph(name)`, a private copy of the graph traced for module `name` (graphs are
+shared between modules while tracing), edits it with torch.fx's API, and adds the modules it
+calls with `add_module`. `commit()` turns every edited graph into a `TracedModule` over the
+original module (same parameter objects and names, same call signature) and puts it in the
+original's place in its parent. A module replaced whole (a norm) goes in with `replace`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from surgeon.find import inspect_trace
+from surgeon.report import Inspection
+import torch
+
+from surgeon.tracing import ModelTrace, TracedModule, run_example, trace_model
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A deep copy of `graph` (nodes, names and output) that can be edited on its own."""
+    new = fx.Graph()
+    values: dict[fx.Node, fx.Node] = {}
+    out = new.graph_copy(graph, values)
+    new.output(out)
+    return new
+
+
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding `name` and the attribute name under which it holds it."""
+    owner, _, attr = name.rpartition(".")
+    return (model.get_submodule(owner) if owner else model), attr
+
+
+def checkpointing_class(original: nn.Module) -> type[TracedModule]:
+    """The class a rewritten module gets: `TracedModule`, plus transformers'
+    `GradientCheckpointingLayer` when the original was one, so HF's gradient checkpointing
+    switch still finds it (TracedModule's forward does the checkpointing itself)."""
+    for base in type(original).__mro__:
+        if base.__name__ == "GradientCheckpointingLayer":
+            return type(f"Traced{base.__name__}", (TracedModule, base), {})
+    return TracedModule
+
+
+@dataclass
+class Surgery:
+    """One run of passes over a model: the model, its example, and what has been edited."""
+
+    model: nn.Module
+    example: tuple | dict
+    trace: ModelTrace = field(init=False)
+    inspection: Inspection = field(init=False)
+    graphs: dict[str, fx.Graph] = field(default_factory=dict)
+    inserted: list[str] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Trace and inspect the model as it is now (after earlier passes committed)."""
+        self.trace = trace_model(self.model, self.example)
+        self.inspection = inspect_trace(self.trace)
+
+    def run_example(self) -> Any:
+        """The model's output on the example, in eval mode without gradients (mode restored)."""
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                return run_example(self.model, self.example)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name) if name else self.model
+
+    def graph(self, name: str) -> fx.Graph:
+        """The editable graph of module `name` (a private copy, made on first use)."""
+        if name not in self.graphs:
+            self.graphs[name] = copy_graph(self.trace.traces[name].graph)
+        return self.graphs[name]
+
+    def add_module(self, owner: str, base: str, module: nn.Module) -> str:
+        """Attach `module` to module `owner` under a free attribute name starting with `base`;
+        returns the attribute name (the `call_module` target in owner's graph)."""
+        holder = self.module(owner)
+        attr, k = base, 1
+        while hasattr(holder, attr):
+            attr, k = f"{base}_{k}", k + 1
+        holder.add_module(attr, module)
+        self.inserted.append(f"{owner}.{attr}" if owner else attr)
+        return attr
+
+    def replace(self, name: str, new: nn.Module) -> None:
+        """Put `new` where module `name` is."""
+        parent, attr = parent_of(self.model, name)
+        setattr(parent, attr, new)
+        self.rewritten.append(name)
+
+    def commit(self) -> list[str]:
+        """Install every edited graph as a TracedModule in its module's place."""
+        done = []
+        for name, graph in self.graphs.items():
+            graph.lint()
+            original = self.module(name)
+            spec = self.trace.traces[name].shared.spec
+            cls = checkpointing_class(original)
+            replacement = cls(original, graph, spec, name)
+            replacement.train(original.training)
+            for attr in ("gradient_checkpointing", "_gradient_checkpointing_func"):
+                if attr in original.__dict__:
+                    setattr(replacement, attr, original.__dict__[attr])
+            if name:
+                self.replace(name, replacement)
+            done.append(name)
+        self.graphs.clear()
+        return done
+
+
+def node_named(graph: fx.Graph, name: str) -> fx.Node:
+    for node in graph.nodes:
+        if node.name == name:
+            return node
+    raise KeyError(name)
+
+
+def call_module_after(graph: fx.Graph, anchor: fx.Node, target: str, args: tuple[Any, ...],
+                      kwargs: dict[str, Any] | None = None) -> fx.Node:
+    """Insert `call_module(target, args)` right after `anchor`."""
+    with graph.inserting_after(anchor):
+        return graph.call_module(target, args, kwargs or {})
