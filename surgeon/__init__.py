@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["apply", "attach", "inspect", "trace", "SurgeonError", "__version__"]
+__all__ = ["apply", "attach", "inspect", "load", "save", "trace", "SurgeonError", "__version__"]
 
 if TYPE_CHECKING:
     from surgeon.api import inspect, trace
     from surgeon.errors import SurgeonError
-    from surgeon.apply import apply
+    from surgeon.applying import apply
+    from surgeon.checkpoint import load, save
     from surgeon.nn.stats import attach
 
 
@@ -21,9 +22,13 @@ def __getattr__(name: str) -> Any:
 
         return getattr(api, name)
     if name == "apply":
-        from surgeon.apply import apply
+        from surgeon.applying import apply
 
         return apply
+    if name in ("save", "load"):
+        from surgeon import checkpoint
+
+        return getattr(checkpoint, name)
     if name == "attach":
         from surgeon.nn.stats import attach
 

@@ -148,10 +148,12 @@ def pass_class(name: str) -> type[PassConfig]:
     return passes[name]
 
 
-def parse_pass(spec: str | PassConfig) -> PassConfig:
-    """A config from a config, a name (`"aion"`) or `"name:key=value,key=value"`."""
+def parse_pass(spec: str | PassConfig | dict[str, Any]) -> PassConfig:
+    """A config from a config, its JSON form, a name (`"aion"`) or `"name:key=value,..."`."""
     if isinstance(spec, PassConfig):
         return spec
+    if isinstance(spec, dict):
+        return config_from_json(spec)
     if not isinstance(spec, str):
         raise PassError(f"a pass is a config or a name, not {type(spec).__name__}")
     name, _, rest = spec.partition(":")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 import inspect
 import math
 import operator
@@ -625,6 +626,19 @@ class TracedModule(fx.GraphModule):
         self._call_spec = spec
         self._surgeon_name = name or type(root).__name__
 
+    # What `copy.deepcopy` must carry over: GraphModule's deepcopy rebuilds through
+    # `GraphModule.__init__`, which knows nothing of them.
+    _KEPT = ("_call_spec", "_surgeon_name", "training", "gradient_checkpointing",
+             "_gradient_checkpointing_func")
+
+    def _deepcopy_init(self) -> Callable[..., None]:
+        def init(res: fx.GraphModule, fake_mod: nn.Module, graph: fx.Graph) -> None:
+            fx.GraphModule.__init__(res, fake_mod, graph, class_name=type(self).__name__)
+            for attr in self._KEPT:
+                if attr in fake_mod.__dict__:
+                    setattr(res, attr, fake_mod.__dict__[attr])
+        return init
+
     def recompile(self) -> Any:
         code = super().recompile()
         cls = type(self)
@@ -633,6 +647,15 @@ class TracedModule(fx.GraphModule):
         return code
 
     def _guarded_forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Hugging Face gradient checkpointing (`model.gradient_checkpointing_enable()`) sets
+        # these two attributes on every layer that has the first; honour them like the layer did.
+        if self.training and getattr(self, "gradient_checkpointing", False):
+            checkpoint = getattr(self, "_gradient_checkpointing_func", None)
+            if checkpoint is not None:
+                return checkpoint(functools.partial(self._checked_forward, **kwargs), *args)
+        return self._checked_forward(*args, **kwargs)
+
+    def _checked_forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._flat_forward(*self._call_spec.inputs(self._surgeon_name, args, kwargs))
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from zoo import ZOO, ZooCase
 
-from surgeon.apply import _plain, apply
+from surgeon.applying import _plain, apply
 from surgeon.nn import ADyT, AionResidual
 from surgeon.recipe import PassError, parse_pass
 from surgeon.tracing import flatten, run_example

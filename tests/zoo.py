@@ -244,6 +244,14 @@ def hf_t5() -> nn.Module:
                                                d_kv=16, vocab_size=128))
 
 
+def encoder_norm_first() -> nn.Module:
+    return EncoderStack(True)
+
+
+def encoder_post_norm() -> nn.Module:
+    return EncoderStack(False)
+
+
 def tokens(vocab: int = 64, batch: int = 2, seq: int = 8) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
 
@@ -264,10 +272,10 @@ class ZooCase:
 ZOO = [
     ZooCase("nanogpt", NanoGPT, lambda: (tokens(64),), {"pre_norm": 4}, {"layer_norm": 5}, [2],
             {"transformer.h.0", "transformer.h.1"}),
-    ZooCase("encoder_norm_first", lambda: EncoderStack(True), lambda: (torch.randn(2, 8, 32),),
+    ZooCase("encoder_norm_first", encoder_norm_first, lambda: (torch.randn(2, 8, 32),),
             {"pre_norm": 4}, {"layer_norm": 4}, [2],
             {"encoder.layers.0", "encoder.layers.1"}),
-    ZooCase("encoder_post_norm", lambda: EncoderStack(False), lambda: (torch.randn(2, 8, 32),),
+    ZooCase("encoder_post_norm", encoder_post_norm, lambda: (torch.randn(2, 8, 32),),
             {"post_norm": 4}, {"layer_norm": 4}, [2],
             {"encoder.layers.0", "encoder.layers.1"}),
     ZooCase("hf_gpt2", hf_gpt2, lambda: {"input_ids": tokens(128)}, {"pre_norm": 4},

@@ -69,6 +69,8 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
     if isinstance(passes, (str, PassConfig)):
         passes = [passes]
     configs = [parse_pass(p) for p in passes]
+    if not hasattr(model, "_surgeon_example"):
+        model._surgeon_example = example  # what surgeon.save records (None: the default one)
     example = _example_for(model, example)
     done = applied_passes(model)
     reference = None
