@@ -2,5 +2,6 @@
 
 from passes.adyt import ADyT
 from passes.aion import AION
+from passes.hyper import HyperConnections
 
-__all__ = ["ADyT", "AION"]
+__all__ = ["ADyT", "AION", "HyperConnections"]

@@ -26,6 +26,10 @@ class AION(PassConfig):
 
     name: ClassVar[str] = "aion"
     version: ClassVar[int] = 1
+    runs_before: ClassVar[tuple[str, ...]] = ("hyper",)
+    runs_before_reason: ClassVar[str] = (
+        "hyper-connections take over the residual adds; AION applied first scales each branch "
+        "inside the streams")
 
     preset: Literal["aion", "deepnorm", "preln", "rezero"] = "aion"
     preserve: bool = True

@@ -60,6 +60,19 @@ def applied_passes(model: nn.Module) -> list[dict[str, Any]]:
     return list(getattr(model, "_surgeon_passes", []))
 
 
+def _check_order(done: list[dict[str, Any]], configs: list[PassConfig]) -> None:
+    """Refuse a pass placed after one it must precede (already-applied configs are skipped)."""
+    seen = [d["_type"] for d in done]
+    for config in configs:
+        if config.to_json() in done:
+            continue
+        late = [name for name in seen if name in config.runs_before]
+        if late:
+            raise PassError(f"apply {config.name} before {late[0]}: "
+                            f"{config.runs_before_reason}")
+        seen.append(config.name)
+
+
 def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
           example: tuple | dict | None = None) -> nn.Module:
     """Rewrite `model` in place with `passes` (configs, names like `"aion"`, or
@@ -73,6 +86,7 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
         model._surgeon_example = example  # what surgeon.save records (None: the default one)
     example = _example_for(model, example)
     done = applied_passes(model)
+    _check_order(done, configs)
     reference = None
     reports: list[Drift] = list(getattr(model, "surgeon_drift", []))
     for config in configs:

@@ -468,8 +468,23 @@ def inspect_trace(trace: ModelTrace, model_name: str = "") -> Inspection:
         report.residuals.extend(_residuals(an, name, mt, facts))
     report.traced = [n for n, _ in sorted(trace.traces.items(), key=lambda kv: calls[kv[0]].order)]
     report.untraced = [Untraced(n, r) for n, r in trace.failures.items()]
-    report.trunks = _trunks(trace, {r.module for r in report.residuals})
+    owners = {r.module for r in report.residuals} | _aion_owners(trace)
+    report.trunks = _trunks(trace, owners)
     return report
+
+
+def _aion_owners(trace: ModelTrace) -> set[str]:
+    """Modules whose graph calls an AionResidual: residual owners after the `aion` pass."""
+    from surgeon.nn.aion import AionResidual
+
+    owners = set()
+    for name, mt in trace.traces.items():
+        for n in mt.graph.nodes:
+            if n.op == "call_module" and isinstance(
+                    getattr(mt.module, str(n.target), None), AionResidual):
+                owners.add(name)
+                break
+    return owners
 
 
 def _residuals(an: _Analysis, name: str, mt: ModuleTrace, facts: GraphFacts) -> list[Residual]:

@@ -36,6 +36,9 @@ class PassConfig:
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
+    # Passes this one must run before (it cannot see what they leave behind), and why.
+    runs_before: ClassVar[tuple[str, ...]] = ()
+    runs_before_reason: ClassVar[str] = ""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()

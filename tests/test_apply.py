@@ -9,11 +9,16 @@ import torch
 from zoo import ZOO, ZooCase
 
 from surgeon.applying import _plain, apply
+import surgeon
 from surgeon.nn import ADyT, AionResidual
+from surgeon.nn.hyper import StreamMixer
 from surgeon.recipe import PassError, parse_pass
 from surgeon.tracing import flatten, run_example
 
-COMBOS = [("aion",), ("adyt",), ("aion", "adyt"), ("adyt", "aion")]
+COMBOS = [("aion",), ("adyt",), ("hyper",), ("hyper:mhc=true",), ("aion", "adyt"),
+          ("adyt", "aion"), ("aion", "hyper", "adyt"), ("adyt", "aion", "hyper:streams=2")]
+# Models whose residual adds hyper-connections cannot wrap yet (the skip comes from the caller).
+NO_HYPER = {"hf_bert"}
 
 
 def output_sum(model: torch.nn.Module, example: tuple | dict) -> torch.Tensor:
@@ -28,6 +33,11 @@ def output_sum(model: torch.nn.Module, example: tuple | dict) -> torch.Tensor:
 def expected_new(case: ZooCase, name: str) -> int:
     if name == "aion":
         return sum(case.residuals.values())
+    if name == "hyper":  # the residual adds inside the trunks' blocks
+        report = surgeon.inspect(case.build(), case.example())
+        blocks = [b for t in report.trunks for b in t.blocks]
+        return sum(any(r.module == b or r.module.startswith(b + ".") for b in blocks)
+                   for r in report.residuals)
     return sum(case.norms.values())
 
 
@@ -36,30 +46,42 @@ def expected_new(case: ZooCase, name: str) -> int:
 def test_apply_row(case: ZooCase, combo: tuple[str, ...]) -> None:
     model, example = case.build(), case.example()
     cls, keys = type(model), set(model.state_dict())
+    names = [c.split(":")[0] for c in combo]
+    if "hyper" in names and case.name in NO_HYPER:
+        with pytest.raises(PassError, match="hyper"):
+            apply(model, list(combo), example)
+        return
     apply(model, list(combo), example)
 
     assert type(model) is cls
     assert keys <= set(model.state_dict()), keys - set(model.state_dict())
     by_pass = {d.pass_name: d for d in model.surgeon_drift}
-    for name in combo:
+    for name in names:
         assert by_pass[name].modules == expected_new(case, name)
     assert sum(isinstance(m, AionResidual) for m in model.modules()) == (
-        expected_new(case, "aion") if "aion" in combo else 0)
+        expected_new(case, "aion") if "aion" in names else 0)
     assert sum(isinstance(m, ADyT) for m in model.modules()) == (
-        expected_new(case, "adyt") if "adyt" in combo else 0)
-    if combo[0] == "aion":  # the preserving start: exact in fp32
+        expected_new(case, "adyt") if "adyt" in names else 0)
+    assert sum(isinstance(m, StreamMixer) for m in model.modules()) == (
+        expected_new(case, "hyper") if "hyper" in names else 0)
+    if "adyt" not in names[:names.index("hyper")] if "hyper" in names else False:
+        # hyper-connections at init: exact (HC), within 1e-5 relative (mHC)
+        assert by_pass["hyper"].max_abs <= (1e-5 if "mhc=true" in "".join(combo) else 0.0)
+    if names[0] == "aion":  # the preserving start: exact in fp32
         assert by_pass["aion"].max_abs == 0.0 and by_pass["aion"].cosine == pytest.approx(1.0)
 
-    # One optimizer step moves every new parameter.
-    new_params = {n: p.detach().clone() for n, p in model.named_parameters()
-                  if n not in keys or any(isinstance(m, (AionResidual, ADyT)) and n.startswith(mn)
-                                          for mn, m in model.named_modules() if mn)}
-    new_params = {n: v for n, v in new_params.items()
-                  if dict(model.named_parameters())[n].requires_grad}
+    # Optimizer steps move every new parameter: one step, or two for hyper-connections, whose
+    # dynamic scales and norm gains have no gradient while the dynamic weights are still 0.
+    ours = (AionResidual, ADyT, StreamMixer)
+    new_owners = [mn for mn, m in model.named_modules() if mn and isinstance(m, ours)]
+    new_params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+                  and (n not in keys or any(n.startswith(mn + ".") for mn in new_owners))}
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-30)  # ~lr for any gradient
-    output_sum(model, example).backward()
-    opt.step()
+    for _ in range(2 if "hyper" in names else 1):
+        opt.zero_grad()
+        output_sum(model, example).backward()
+        opt.step()
     params = dict(model.named_parameters())
     unmoved = [n for n, v in new_params.items() if torch.equal(params[n].detach(), v)]
     assert not unmoved, {n: params[n].grad for n in unmoved}
@@ -87,6 +109,15 @@ def test_pass_specs_and_errors() -> None:
         parse_pass("aion:preserve=maybe")
     with pytest.raises(PassError, match="cannot preserve"):
         parse_pass("aion:preset=rezero")
+
+
+def test_order_that_cannot_work_is_refused() -> None:
+    case = next(c for c in ZOO if c.name == "nanogpt")
+    with pytest.raises(PassError, match="apply aion before hyper"):
+        apply(case.build(), ["hyper", "aion"], case.example())
+    model = apply(case.build(), ["hyper"], case.example())
+    with pytest.raises(PassError, match="apply aion before hyper"):
+        apply(model, ["aion"], case.example())
 
 
 def test_filter_limits_the_rewrite() -> None:

@@ -110,8 +110,15 @@ class AionResidual(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor, x_norm: torch.Tensor | None = None
     ) -> torch.Tensor:
         # x, y: (..., d); x_norm: what the branch saw, (..., d), or None.
+        return x + self.scale(y, x, x_norm)
+
+    def scale(
+        self, y: torch.Tensor, x: torch.Tensor, x_norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`α·y`, the scaled branch (with the ratio and EMA work of a forward). Hyper-connections
+        call this and add the result to their streams themselves."""
         if not (self.training and self.adaptive):
-            return x + self.alpha() * y
+            return self.alpha() * y
         # per-token ratio E[y] / (E[x_norm] + ε), fp32: (...,)
         per_token = energy(y) / (energy(x if x_norm is None else x_norm) + self.epsilon)
         ratio = per_token.mean()  # () batch ratio, in the graph: α's gradient reaches y
@@ -125,7 +132,7 @@ class AionResidual(nn.Module):
                 pending[row, 0] += per_token.sum()
                 pending[row, 1] += per_token.numel()
         alpha = self.alpha0 / (1.0 + self.beta * ratio_s)  # ()
-        return x + alpha * y  # a 0-dim fp32 α keeps y's dtype
+        return alpha * y  # a 0-dim fp32 α keeps y's dtype
 
     @torch.no_grad()
     def preserve_(self, ratio: torch.Tensor | float | None = None) -> AionResidual:

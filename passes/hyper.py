@@ -1,0 +1,185 @@
+"""Residual trunks → n-stream hyper-connections (or mHC).
+
+Every residual site of a trunk (an add `skip + branch`, or an AION call left by the `aion` pass)
+is rewritten in its owner's graph:
+
+    bi, residuals, beta = hyper_k.width_connection(H)   # the branch now reads bi (b, ..., d)
+    H = hyper_k.depth_connection(branch, residuals, beta)
+
+The streams are folded into the batch (`H` is `(b·n, ..., d)`), so the code between sites keeps
+its shapes; the first site expands its skip into the streams and the last one reduces them, so
+the trunk's callers see `(b, ..., d)` as before. Masks, rotary tables and caches reach the branch,
+which runs at batch b. At init the rewrite is exact (HC) or within ~1e-6 (mHC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx as fx
+
+from surgeon.nn.aion import AionResidual
+from surgeon.nn.hyper import expand_streams, reduce_streams
+from surgeon.nn.mhc import hyper_connections
+from surgeon.recipe import PassConfig, PassError, register
+from surgeon.rewrite import Surgery, node_named
+from surgeon.tracing import flatten
+
+
+@dataclass
+class _Site:
+    owner: str
+    node: str
+    skip: int  # operand index of the skip (adds); AION calls have it first
+    aion: str | None = None  # the AION submodule target, for AION sites
+
+
+@register
+@dataclass(frozen=True)
+class HyperConnections(PassConfig):
+    """Hyper-connection streams over every residual trunk in scope."""
+
+    name: ClassVar[str] = "hyper"
+    version: ClassVar[int] = 1
+
+    streams: int = 4
+    mhc: bool = False
+    reduce: Literal["mean", "sum"] = "mean"
+
+    def __post_init__(self) -> None:
+        if self.streams < 1 or (self.mhc and self.streams < 2):
+            raise ValueError(f"streams must be at least {2 if self.mhc else 1}, "
+                             f"got {self.streams}")
+
+    def run(self, surgery: Surgery) -> list[str]:
+        trunks = [t for t in surgery.inspection.trunks
+                  if any(self.selects(b) for b in t.blocks)]
+        new: list[str] = []
+        refused: list[str] = []
+        for trunk in trunks:
+            sites = _sites(surgery, trunk.blocks)
+            if not sites:
+                continue
+            if any(not _is_local(surgery, s) for s in sites):
+                refused.append(trunk.blocks[0])
+                continue
+            for i, site in enumerate(sites):
+                new.append(self._rewrite(surgery, site, i, first=i == 0,
+                                         last=i == len(sites) - 1))
+        if refused and not new:
+            raise PassError(f"hyper: the residual adds of {refused[0]} take their skip from "
+                            "the calling module (BERT-style post-norm), which hyper-connections "
+                            "cannot wrap yet; exclude it with exclude=...")
+        return new
+
+    def after_commit(self, surgery: Surgery, new: list[str]) -> None:
+        return None
+
+    def _rewrite(self, surgery: Surgery, site: _Site, index: int, first: bool,
+                 last: bool) -> str:
+        graph = surgery.graph(site.owner)
+        node = node_named(graph, site.node)
+        skip = node.args[site.skip] if site.aion is None else node.args[0]
+        branch = node.args[1 - site.skip] if site.aion is None else node.args[1]
+        dim = _width(surgery, site.owner)
+        module = hyper_connections(self.streams, dim, mhc=self.mhc, layer_index=index)
+        target = surgery.add_module(site.owner, f"hyper_{index}", module)
+        in_branch = _branch_users(skip, branch)
+        with graph.inserting_before(_anchor(skip).next):
+            stream = skip
+            if first:
+                stream = graph.call_function(expand_streams, (skip, self.streams))
+            mixer = graph.get_attr(target)
+            width = graph.call_method("width_connection", (mixer, stream))
+            branch_input = graph.call_function(_item, (width, 0))
+            residuals = graph.call_function(_item, (width, 1))
+            beta = graph.call_function(_item, (width, 2))
+        for user in in_branch:
+            user.replace_input_with(skip, branch_input)
+        with graph.inserting_before(node):
+            y = branch
+            if site.aion is not None:  # AION scales the branch inside the streams
+                aion = graph.get_attr(site.aion)
+                y = graph.call_method("scale", (aion, branch, branch_input, *node.args[2:]))
+            out = graph.call_method("depth_connection", (mixer, y, residuals, beta))
+            if last:
+                out = graph.call_function(reduce_streams, (out, self.streams, self.reduce))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        return f"{site.owner}.{target}"
+
+
+def _item(t: tuple, i: int):  # noqa: ANN202 (fx-visible getitem with a readable name)
+    return t[i]
+
+
+def _anchor(node: fx.Node) -> fx.Node:
+    """Where to insert after `node`: after the last placeholder if it is one."""
+    if node.op != "placeholder":
+        return node
+    last = node
+    for n in node.graph.nodes:
+        if n.op == "placeholder":
+            last = n
+    return last
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for inp in n.all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                stack.append(inp)
+    return seen
+
+
+def _branch_users(skip: fx.Node, branch: fx.Node) -> list[fx.Node]:
+    """Users of `skip` on the branch's side (the branch or its ancestors)."""
+    upstream = _ancestors(branch) | {branch}
+    return [u for u in skip.users if u in upstream]
+
+
+def _is_local(surgery: Surgery, site: _Site) -> bool:
+    """The skip reaches the branch inside the owner's graph (not a BERT-style lifted add)."""
+    graph = surgery.trace.traces[site.owner].graph
+    node = node_named(graph, site.node)
+    skip = node.args[site.skip] if site.aion is None else node.args[0]
+    branch = node.args[1 - site.skip] if site.aion is None else node.args[1]
+    return isinstance(skip, fx.Node) and isinstance(branch, fx.Node) and (
+        skip in _ancestors(branch))
+
+
+def _sites(surgery: Surgery, blocks: tuple[str, ...]) -> list[_Site]:
+    """The trunk's residual sites in execution order: adds and AION calls."""
+    def inside(owner: str) -> bool:
+        return any(owner == b or owner.startswith(b + ".") for b in blocks)
+
+    sites = [_Site(r.module, r.node, r.skip) for r in surgery.inspection.residuals
+             if inside(r.module)]
+    for owner, mt in surgery.trace.traces.items():
+        if not inside(owner):
+            continue
+        for n in mt.graph.nodes:
+            if n.op == "call_module" and isinstance(mt.module.get_submodule(str(n.target)),
+                                                    AionResidual):
+                sites.append(_Site(owner, n.name, 0, str(n.target)))
+    calls = surgery.trace.calls
+    position = {}
+    for owner in {s.owner for s in sites}:
+        position[owner] = {n.name: i for i, n in
+                           enumerate(surgery.trace.traces[owner].graph.nodes)}
+    return sorted(sites, key=lambda s: (calls[s.owner].order, position[s.owner][s.node]))
+
+
+def _width(surgery: Surgery, owner: str) -> int:
+    call = surgery.trace.calls[owner]
+    tensors = [t for t in flatten((call.args, call.kwargs))[0] if isinstance(t, torch.Tensor)
+               and t.is_floating_point()]
+    if not tensors:
+        raise PassError(f"hyper: cannot tell the stream width of {owner}")
+    return int(tensors[0].shape[-1])
