@@ -26,6 +26,7 @@ the original parameter names and call signature) when a pass needs one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import functools
 import inspect
@@ -266,7 +267,9 @@ class CallSpec:
     """How a module's calls map to its graph's flat inputs.
 
     `spec` is the structure of the bound arguments (defaults applied); `kinds` says for each leaf
-    whether it is a graph input ("tensor" or "object") or a constant the graph was specialised to.
+    whether it is a graph input ("tensor", "object", or "passed": a flag or None the module only
+    hands on to its children, such as HF's `use_cache` or a mask that was None) or a constant the
+    graph was specialised to.
     """
 
     signature: inspect.Signature
@@ -274,6 +277,12 @@ class CallSpec:
     kinds: tuple[str, ...]
     constants: tuple[Any, ...]
     arg_names: tuple[str, ...]  # a readable name for each leaf, for messages and placeholders
+
+    def with_leaf(self, i: int, kind: str, constant: Any) -> CallSpec:
+        """This spec with leaf `i` of another kind or constant."""
+        kinds, consts = list(self.kinds), list(self.constants)
+        kinds[i], consts[i] = kind, constant
+        return dataclasses.replace(self, kinds=tuple(kinds), constants=tuple(consts))
 
     @property
     def key(self) -> Any:
@@ -719,18 +728,58 @@ def _trace_module(name: str, module: nn.Module, call: Call, calls: dict[str, Cal
                 result.traces[name] = ModuleTrace(name, module, shared)
                 return
             last_failure = bad
-    try:
-        shared = _new_graph(name, module, spec, call, calls)
-    except Exception as e:
-        result.failures[name] = f"{type(e).__name__}: {_first_line(e)}{_where(e)}"
-        return
-    result.graphs_traced += 1
-    bad = _verify(shared.forward, module, spec, call)
-    if bad is not None:
-        result.failures[name] = bad if last_failure is None else last_failure
-        return
+    general = _generalise_flags(name, module, spec, calls)
+    for attempt in ([general, spec] if general is not spec else [spec]):
+        try:
+            shared = _new_graph(name, module, attempt, call, calls)
+        except Exception as e:
+            if attempt is not spec:
+                continue
+            result.failures[name] = f"{type(e).__name__}: {_first_line(e)}{_where(e)}"
+            return
+        result.graphs_traced += 1
+        bad = _verify(shared.forward, module, attempt, call)
+        if bad is None:
+            break
+        if attempt is spec:
+            result.failures[name] = bad if last_failure is None else last_failure
+            return
     cache.setdefault(key, []).append(shared)
     result.traces[name] = ModuleTrace(name, module, shared)
+
+
+def _skeleton(graph: fx.Graph) -> list[tuple[str, str]]:
+    return [(n.op, str(n.target)) for n in graph.nodes if n.op != "placeholder"]
+
+
+def _generalise_flags(name: str, module: nn.Module, spec: CallSpec,
+                      calls: dict[str, Call]) -> CallSpec:
+    """Turn bool and None arguments that the module only hands on to its children (HF's
+    `use_cache`, an attention mask that was None) into graph inputs, so one graph serves other
+    values too. An argument qualifies when tracing it as an input gives the same ops as the
+    specialised trace; one the forward branches on fails that test and stays specialised."""
+    candidates = [i for i, (k, c) in enumerate(zip(spec.kinds, spec.constants))
+                  if k == "const" and (c is None or isinstance(c, bool))]
+    if not candidates:
+        return spec
+    was_training = module.training
+    general = spec
+    try:
+        module.training = False
+        base = _skeleton(_trace_once(module, name, spec, calls, _ReadLog()))
+        for i in candidates:
+            trial = spec.with_leaf(i, "passed", None)
+            try:
+                same = _skeleton(_trace_once(module, name, trial, calls, _ReadLog())) == base
+            except Exception:
+                continue
+            if same:
+                general = general.with_leaf(i, "passed", None)
+    except Exception:
+        return spec
+    finally:
+        module.training = was_training
+    return general
 
 
 def _new_graph(name: str, module: nn.Module, spec: CallSpec, call: Call,
