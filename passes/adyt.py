@@ -49,12 +49,15 @@ class ADyT(PassConfig):
     llama_init: bool = False  # DyT's per-role α0 (attention / ffn / final), shrinking with width
     final_norms: bool = True
     qk_norms: bool = False
+    calibrate: bool = False  # fit each α0 on the example so the outputs move less
+
 
     def run(self, surgery: Surgery) -> list[str]:
         norms = [n for n in surgery.inspection.norms if n.node is None and self.selects(n.module)]
         blocks = {b for t in surgery.inspection.trunks for b in t.blocks}
         width = _trunk_width(norms)
         roles = _roles(surgery)
+        seen = _record_inputs(surgery, [n.module for n in norms]) if self.calibrate else {}
         new = []
         for norm in norms:
             inside = any(norm.module.startswith(b + ".") for b in blocks)
@@ -67,7 +70,10 @@ class ADyT(PassConfig):
             role = roles.get(norm.module, "ffn" if inside else "final")
             d = norm.shape[-1] if norm.shape else None
             alpha0 = dyt_llama_alpha0(role, d or 0) if self.llama_init else self.alpha0
-            surgery.replace(norm.module, self._convert(module, norm, alpha0))
+            adyt = self._convert(module, norm, alpha0)
+            if norm.module in seen:
+                fit_alpha0_(adyt, *seen[norm.module])
+            surgery.replace(norm.module, adyt)
             new.append(norm.module)
             parent = norm.module.rpartition(".")[0]
             if isinstance(surgery.module(parent), _FAST_PATH) and parent in surgery.trace.traces:
@@ -93,6 +99,47 @@ class ADyT(PassConfig):
 
 # torch layers whose eval fast path reads their norms' weights and never calls the norm modules.
 _FAST_PATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _record_inputs(surgery: Surgery, names: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Each norm's input and output on the example, for calibration."""
+    seen: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def recorder(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if name not in seen and args and isinstance(args[0], torch.Tensor):
+                seen[name] = (args[0].detach(), output.detach())
+        return hook
+
+    handles = [surgery.module(n).register_forward_hook(recorder(n)) for n in names]
+    try:
+        surgery.run_example()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def fit_alpha0_(adyt: ADyTModule, x: torch.Tensor, target: torch.Tensor) -> float:
+    """Set `adyt.alpha0` so that α(t) (as it is now) minimises the squared error to the norm's
+    output on `x`: a log-spaced scan over the allowed α, refined once around the best."""
+    x, target = x.float(), target.float()
+    lo, hi = (adyt.alpha_min, adyt.alpha_max) if adyt.adaptive else (1e-3, 1e2)
+
+    def error(alpha: torch.Tensor) -> torch.Tensor:  # alpha: (k,)
+        y = torch.tanh(alpha.view(-1, *[1] * x.dim()) * x) * adyt.weight.float()
+        if adyt.bias is not None:
+            y = y + adyt.bias.float()
+        return (y - target).pow(2).flatten(1).mean(1)
+
+    grid = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), 64)
+    best = grid[error(grid).argmin()]
+    fine = torch.linspace(best / 1.15, best * 1.15, 64).clamp(lo, hi)
+    alpha = float(fine[error(fine).argmin()])
+    scale = 1.0 + adyt.lam / (adyt.eps + float(adyt.grad_norm_ema)) if adyt.adaptive else 1.0
+    adyt.alpha0.fill_(alpha / scale)
+    return alpha
 
 
 def _trunk_width(norms: list[Norm]) -> int | None:

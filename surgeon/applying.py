@@ -9,6 +9,7 @@ example is compared with the original's: `model.surgeon_drift` lists max |Δ| an
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,14 +75,18 @@ def _check_order(done: list[dict[str, Any]], configs: list[PassConfig]) -> None:
 
 
 def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
-          example: tuple | dict | None = None) -> nn.Module:
+          example: tuple | dict | None = None, *, calibrate: bool = False) -> nn.Module:
     """Rewrite `model` in place with `passes` (configs, names like `"aion"`, or
-    `"name:key=value,..."`) and return it; see the module docstring."""
+    `"name:key=value,..."`) and return it; see the module docstring. `calibrate=True` turns on
+    the passes' calibration on the example (ADyT fits each α0 to shrink its drift)."""
     if not isinstance(model, nn.Module):
         raise PassError(f"surgeon.apply expects an nn.Module, got {type(model).__name__}")
     if isinstance(passes, (str, PassConfig)):
         passes = [passes]
     configs = [parse_pass(p) for p in passes]
+    if calibrate:
+        configs = [dataclasses.replace(c, calibrate=True) if hasattr(c, "calibrate") else c
+                   for c in configs]
     if not hasattr(model, "_surgeon_example"):
         model._surgeon_example = example  # what surgeon.save records (None: the default one)
     example = _example_for(model, example)

@@ -126,3 +126,10 @@ def test_filter_limits_the_rewrite() -> None:
     apply(model, ["aion:include=transformer.h.1"], case.example())
     owners = {n.rsplit(".", 1)[0] for n, m in model.named_modules() if isinstance(m, AionResidual)}
     assert owners == {"transformer.h.1"}
+
+
+@pytest.mark.parametrize("case", [c for c in ZOO if c.norms], ids=lambda c: c.name)
+def test_adyt_calibration_shrinks_the_drift(case: ZooCase) -> None:
+    plain = apply(case.build().eval(), ["adyt"], case.example()).surgeon_drift[0]
+    fitted = apply(case.build().eval(), ["adyt"], case.example(), calibrate=True).surgeon_drift[0]
+    assert 0 < fitted.max_abs < plain.max_abs
