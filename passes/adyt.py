@@ -80,9 +80,6 @@ class ADyT(PassConfig):
                 surgery.graph(parent)  # reinstall traced: the fast path reads norm weights itself
         return new
 
-    def after_commit(self, surgery: Surgery, new: list[str]) -> None:
-        return None
-
     def _convert(self, module: nn.Module, norm: Norm, alpha0: float) -> ADyTModule:
         adyt = ADyTModule.from_norm(module, alpha0=alpha0, adaptive=self.adaptive)
         if norm.shape is None or len(norm.shape) != 1:

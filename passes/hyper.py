@@ -74,9 +74,6 @@ class HyperConnections(PassConfig):
                             "cannot wrap yet; exclude it with exclude=...")
         return new
 
-    def after_commit(self, surgery: Surgery, new: list[str]) -> None:
-        return None
-
     def _rewrite(self, surgery: Surgery, site: _Site, index: int, first: bool,
                  last: bool) -> str:
         graph = surgery.graph(site.owner)

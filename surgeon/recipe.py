@@ -15,9 +15,12 @@ import importlib
 import typing
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgeon.errors import SurgeonError
+
+if TYPE_CHECKING:
+    from surgeon.rewrite import Surgery
 
 
 class PassError(SurgeonError):
@@ -42,6 +45,15 @@ class PassConfig:
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+
+    def run(self, surgery: Surgery) -> list[str]:
+        """Edit `surgery`'s graphs and modules; return the qualified names of the modules the
+        pass created or replaced (the manifest)."""
+        raise NotImplementedError
+
+    def after_commit(self, surgery: Surgery, new: list[str]) -> None:
+        """Work that needs the rewritten model in place (calibration on the example)."""
+        return None
 
     def selects(self, qualified_name: str) -> bool:
         """Whether the module `qualified_name` is in this pass's scope."""
