@@ -763,23 +763,38 @@ def _generalise_flags(name: str, module: nn.Module, spec: CallSpec,
     if not candidates:
         return spec
     was_training = module.training
-    general = spec
+
+    def same_ops(trial: CallSpec) -> bool:
+        try:
+            return _skeleton(_trace_once(module, name, trial, calls, _ReadLog())) == base
+        except Exception:
+            return False
+
+    def accepted(general: CallSpec, group: list[int]) -> CallSpec:
+        # Try the whole group at once and split it only where it fails: a module that hands
+        # on all its flags costs one trace, not one per flag.
+        trial = general
+        for i in group:
+            trial = trial.with_leaf(i, "passed", None)
+        if same_ops(trial):
+            return trial
+        if len(group) == 1:
+            return general
+        half = len(group) // 2
+        return accepted(accepted(general, group[:half]), group[half:])
+
     try:
         module.training = False
-        base = _skeleton(_trace_once(module, name, spec, calls, _ReadLog()))
-        for i in candidates:
-            trial = spec.with_leaf(i, "passed", None)
-            try:
-                same = _skeleton(_trace_once(module, name, trial, calls, _ReadLog())) == base
-            except Exception:
-                continue
-            if same:
-                general = general.with_leaf(i, "passed", None)
+        graph = _trace_once(module, name, spec, calls, _ReadLog())
+        base = _skeleton(graph)
+        # Only arguments handed on by name to a child are worth a trial trace.
+        handed_on = {k for n in graph.nodes if n.op == "call_module" for k in n.kwargs}
+        candidates = [i for i in candidates if spec.arg_names[i] in handed_on]
+        return accepted(spec, candidates) if candidates else spec
     except Exception:
         return spec
     finally:
         module.training = was_training
-    return general
 
 
 def _new_graph(name: str, module: nn.Module, spec: CallSpec, call: Call,
