@@ -162,11 +162,15 @@ class HyperConnections(StreamMixer):
     def width_connection(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.num_streams
         hs = unfold_streams(h, n).transpose(1, 2)  # (b, p, n, d)
-        normed = self.norm(hs)  # (b, p, n, d)
-        alpha = self._act(normed @ self.dynamic_alpha_fn) * self.dynamic_alpha_scale
-        alpha = alpha + self.static_alpha  # (b, p, n, 1+n): stream s → slot t
-        beta = self._act(normed @ self.dynamic_beta_fn) * self.dynamic_beta_scale
-        beta = (beta + self.static_beta).transpose(1, 2)  # (b, n, p)
+        # norm(H) @ W without writing norm(H): fold the gain into W, scale the logits by 1/‖H‖;
+        # alpha's and beta's projections go through one matmul.
+        gain = (self.norm.gamma + 1).unsqueeze(-1)  # (d, 1)
+        w = torch.cat([self.dynamic_alpha_fn, self.dynamic_beta_fn.unsqueeze(-1)], 1) * gain
+        inv = self.norm.scale / torch.linalg.vector_norm(hs, dim=-1, keepdim=True).clamp_min(1e-12)
+        logits = self._act((hs @ w.to(hs.dtype)) * inv)  # (b, p, n, 2+n)
+        alpha = logits[..., : n + 1] * self.dynamic_alpha_scale + self.static_alpha
+        beta = logits[..., n + 1] * self.dynamic_beta_scale + self.static_beta  # (b, p, n)
+        beta = beta.transpose(1, 2)  # (b, n, p)
         mix = alpha.to(hs.dtype).transpose(-1, -2) @ hs  # (b, p, 1+n, d)
         branch_input = mix[:, :, 0].reshape(-1, *h.shape[1:])  # (b, ..., d)
         residuals = mix[:, :, 1:].transpose(1, 2)  # (b, n, p, d)
