@@ -119,3 +119,26 @@ def test_no_host_sync_on_cuda(case: Case) -> None:
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_attached_blocks_compiled_one_by_one_share_their_graphs() -> None:
+    """Each AION writes its statistics through a tensor view, not a row number the compiled
+    code would specialise on (which recompiled once per layer, up to dynamo's limit)."""
+    from torch._dynamo.utils import counters
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.aion = nn.Linear(D, D), AionResidual()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.aion(x, self.lin(x), x)
+
+    blocks = nn.Sequential(*[Block() for _ in range(12)])
+    handle = attach(blocks)
+    counters.clear()
+    x = torch.randn(2, 3, D)
+    for block in blocks:
+        x = torch.compile(block, backend="eager")(x)
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert handle.pending[:, 1].tolist() == [6.0] * 12

@@ -60,9 +60,10 @@ class AionResidual(nn.Module):
         self.preset = "aion"
         # Whether training tracks the ratio; the fixed-β presets switch it off (α = alpha0).
         self.adaptive = True
-        # Set by `surgeon.attach`: (pending (L, 2) tensor, row); the forward then adds
-        # (Σ ratio, token count) to the row and the EMA moves once per optimizer step.
-        self._pending: tuple[torch.Tensor, int] | None = None
+        # Set by `surgeon.attach`: this module's row of a shared (L, 2) tensor (a view, so that
+        # compiled blocks don't specialise on the row number); the forward adds (Σ ratio,
+        # token count) to it and the EMA moves once per optimizer step.
+        self._pending: torch.Tensor | None = None
         self._attachment: Any = None  # weakref to the `surgeon.attach` handle, if any
 
     @classmethod
@@ -128,9 +129,8 @@ class AionResidual(nn.Module):
             if self._pending is None:
                 self.ratio_ema.copy_(ratio_s)
             else:
-                pending, row = self._pending
-                pending[row, 0] += per_token.sum()
-                pending[row, 1] += per_token.numel()
+                self._pending[0] += per_token.sum()  # a view of the shared (L, 2) tensor
+                self._pending[1] += per_token.numel()
         alpha = self.alpha0 / (1.0 + self.beta * ratio_s)  # ()
         return alpha * y  # a 0-dim fp32 α keeps y's dtype
 

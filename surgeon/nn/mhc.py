@@ -20,14 +20,18 @@ from surgeon.nn.hyper import HyperConnections, StreamMixer, unfold_streams
 def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     """Project `(..., n, n)` logits onto doubly-stochastic matrices (rows and columns sum to 1).
 
-    Alternating row/column normalisation of `exp(logits)`, done in the log domain (the same
-    iterates as the max-shifted exp form, without its underflow), in fp32 or wider.
+    `exp` of the max-shifted logits (shift detached), then alternating row / column
+    normalisation, in fp32 or wider. Shifted logits are floored at -80 so that no entry
+    underflows to 0 (a row of zeros would divide 0 by 0); below that the floor changes nothing
+    a float32 sum can see.
     """
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    z = z - z.amax(dim=(-2, -1), keepdim=True).detach()
+    m = z.clamp_min(-80.0).exp()  # (..., n, n)
     for _ in range(iters):
-        z = z - torch.logsumexp(z, dim=-1, keepdim=True)  # rows
-        z = z - torch.logsumexp(z, dim=-2, keepdim=True)  # columns
-    return z.exp()
+        m = m / m.sum(dim=-1, keepdim=True)  # rows
+        m = m / m.sum(dim=-2, keepdim=True)  # columns
+    return m
 
 
 class ManifoldHyperConnections(StreamMixer):
@@ -81,9 +85,9 @@ class ManifoldHyperConnections(StreamMixer):
         x = hs.float()
         rms = x.pow(2).mean(dim=(1, 3), keepdim=True).add(1e-6).rsqrt()  # (b, 1, p, 1)
         x = x * rms * (self.gamma.unsqueeze(1) + 1)  # (b, n, p, d), normalised over n·d
-        pre = torch.einsum("bspd,sde->bpe", x, self.pre_proj.float())  # (b, p, n)
-        post = torch.einsum("bspd,sde->bpe", x, self.post_proj.float())  # (b, p, n)
-        res = torch.einsum("bspd,sde->bpe", x, self.res_proj.float())  # (b, p, n·n)
+        proj = torch.cat([self.pre_proj, self.post_proj, self.res_proj], dim=-1)  # (n, d, 2n+n²)
+        logits = torch.einsum("bspd,sde->bpe", x, proj.float())  # one matmul: (b, p, 2n+n²)
+        pre, post, res = logits.split([n, n, n * n], dim=-1)
         h_pre = torch.sigmoid(self.pre_scale * pre + self.pre_bias)
         h_post = 2 * torch.sigmoid(self.post_scale * post + self.post_bias)
         res = self.res_scale * res.unflatten(-1, (n, n)) + self.res_bias  # (b, p, n, n)

@@ -67,7 +67,7 @@ class Attachment:
             self.pending = torch.zeros(len(self.aion), 2, device=device)  # (L, [Σ r, count])
             self._gamma = torch.tensor([m._gamma for m in self.aion], device=device)  # (L,)
             for row, module in enumerate(self.aion):
-                module._pending = (self.pending, row)
+                module._pending = self.pending[row]  # (2,) view
         self._handle = None
         if optimizer is not None:
             self._handle = _innermost(optimizer).register_step_pre_hook(self._hook)
