@@ -13,7 +13,8 @@ After `attach`, each AION forward adds `(Σ per-token ratio, token count)` to on
 A step pre-hook runs only on real steps: under gradient accumulation once per accumulated step,
 under GradScaler not on steps it skips (their ratios count towards the next real step; fused
 optimizers, which GradScaler hands the scale and overflow flag instead, are handled too). A
-batch whose ratio overflowed is dropped. Nothing here reads a value back to the host.
+batch whose ratio overflowed is dropped. Nothing here reads a value back to the host. The hook
+sees the gradients the optimizer will apply: after `clip_grad_norm_`, if the loop clips.
 """
 
 from __future__ import annotations
