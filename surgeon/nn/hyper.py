@@ -88,11 +88,15 @@ class StreamMixer(nn.Module):
 
     _surgeon_atomic = True  # tracing treats it as a leaf: passes never rewrite it again
 
-    num_streams: int
-
-    def __init__(self, branch: nn.Module | None) -> None:
+    def __init__(self, num_streams: int, layer_index: int, branch: nn.Module | None) -> None:
         super().__init__()
+        self.num_streams = num_streams
+        self.layer_index = layer_index
+        self.home = layer_index % num_streams  # deterministic: the same in every process
         self.branch = branch
+
+    def extra_repr(self) -> str:
+        return f"num_streams={self.num_streams}, layer_index={self.layer_index}, home={self.home}"
 
     def width_connection(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`H (b·n, ..., d)` → branch input `(b, ..., d)`, residuals `(b, n, p, d)`, and the
@@ -140,12 +144,10 @@ class HyperConnections(StreamMixer):
         branch: nn.Module | None = None,
         tanh: bool = True,
     ) -> None:
-        super().__init__(branch)
         if num_streams < 1:
             raise ValueError(f"num_streams must be at least 1, got {num_streams}")
-        n = self.num_streams = num_streams
-        self.layer_index = layer_index
-        self.home = layer_index % n
+        super().__init__(num_streams, layer_index, branch)
+        n = num_streams
         self.tanh = tanh
         self.norm = StreamRMSNorm(dim)
         home = F.one_hot(torch.tensor([self.home]), n).float().T  # (n, 1)
@@ -175,6 +177,3 @@ class HyperConnections(StreamMixer):
         branch_input = mix[:, :, 0].reshape(-1, *h.shape[1:])  # (b, ..., d)
         residuals = mix[:, :, 1:].transpose(1, 2)  # (b, n, p, d)
         return branch_input, residuals, beta
-
-    def extra_repr(self) -> str:
-        return f"num_streams={self.num_streams}, layer_index={self.layer_index}, home={self.home}"

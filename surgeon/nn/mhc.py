@@ -56,12 +56,10 @@ class ManifoldHyperConnections(StreamMixer):
         sinkhorn_iters: int = 20,
         home_bias: float | None = None,
     ) -> None:
-        super().__init__(branch)
         if num_streams < 2:
             raise ValueError(f"mHC needs at least 2 streams, got {num_streams}")
-        n = self.num_streams = num_streams
-        self.layer_index = layer_index
-        self.home = layer_index % n
+        super().__init__(num_streams, layer_index, branch)
+        n = num_streams
         self.sinkhorn_iters = sinkhorn_iters
         if home_bias is None:
             p_home = 1.0 - (n - 1) / (1.0 + math.exp(3.0))  # 1 − (n−1)·sigmoid(−3)
@@ -101,8 +99,6 @@ class ManifoldHyperConnections(StreamMixer):
         residuals = (h_res.to(hs.dtype) @ ht).transpose(1, 2)  # (b, n, p, d)
         return branch_input.reshape(-1, *h.shape[1:]), residuals, h_post.transpose(1, 2)
 
-    def extra_repr(self) -> str:
-        return f"num_streams={self.num_streams}, layer_index={self.layer_index}, home={self.home}"
 
 
 def hyper_connections(
