@@ -16,9 +16,10 @@ import surgeon
 from surgeon.checkpoint import CheckpointError
 
 
-def converted(case: ZooCase) -> tuple[torch.nn.Module, tuple | dict]:
+def converted(case: ZooCase, passes: tuple[str, ...] = ("aion", "adyt")
+              ) -> tuple[torch.nn.Module, tuple | dict]:
     model, example = case.build().eval(), case.example()
-    surgeon.apply(model, ["aion", "adyt"], example)
+    surgeon.apply(model, list(passes), example)
     with torch.no_grad():  # move the new parameters off their initial values
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
@@ -29,15 +30,21 @@ def base_of(case: ZooCase, model: torch.nn.Module) -> str | None:
     return None if hasattr(model, "save_pretrained") else f"zoo:{case.build.__name__}"
 
 
-@pytest.mark.parametrize("case", ZOO, ids=lambda c: c.name)
-def test_save_load_round_trip(case: ZooCase, tmp_path: Path) -> None:
-    model, example = converted(case)
+COMBOS = [("aion", "adyt"), ("aion", "hyper", "adyt"), ("hyper:mhc=true",)]
+ROWS = [pytest.param(case, combo, id=f"{case.name}-{'+'.join(combo)}")
+        for case in ZOO for combo in COMBOS
+        if combo == COMBOS[0] or case.name not in ("hf_bert", "hf_t5")]  # no HC / slowest
+
+
+@pytest.mark.parametrize("case, combo", ROWS)
+def test_save_load_round_trip(case: ZooCase, combo: tuple[str, ...], tmp_path: Path) -> None:
+    model, example = converted(case, combo)
     out = surgeon.save(model, tmp_path / "converted", base=base_of(case, model))
     files = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "surgeon.json"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     recipe = json.loads((out / "surgeon.json").read_text())
-    assert [p["_type"] for p in recipe["passes"]] == ["aion", "adyt"]
+    assert [p["_type"] for p in recipe["passes"]] == [c.split(":")[0] for c in combo]
     assert recipe["manifest"]["modules"] == model._surgeon_manifest
 
     loaded = surgeon.load(out)
