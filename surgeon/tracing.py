@@ -787,9 +787,10 @@ def _generalise_flags(name: str, module: nn.Module, spec: CallSpec,
         module.training = False
         graph = _trace_once(module, name, spec, calls, _ReadLog())
         base = _skeleton(graph)
-        # Only arguments handed on by name to a child are worth a trial trace.
-        handed_on = {k for n in graph.nodes if n.op == "call_module" for k in n.kwargs}
-        candidates = [i for i in candidates if spec.arg_names[i] in handed_on]
+        # Only a value some child call receives can be one that is handed on.
+        handed_on = {repr(v) for n in graph.nodes if n.op == "call_module"
+                     for v in (*n.args, *n.kwargs.values()) if v is None or isinstance(v, bool)}
+        candidates = [i for i in candidates if repr(spec.constants[i]) in handed_on]
         return accepted(spec, candidates) if candidates else spec
     except Exception:
         return spec

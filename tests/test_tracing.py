@@ -93,6 +93,42 @@ def test_flag_specialised_argument_guard() -> None:
         traced(torch.ones(2, 4), scale=False)
 
 
+class Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None, keep: bool = True):
+        y = self.fc(x)
+        return y if mask is None else y * mask
+
+
+class HandsOn(nn.Module):
+    """Hands `mask` and `flag` on to a child under other names; branches on `bias` itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Inner()
+
+    def forward(self, x, attention_mask=None, flag: bool = True, bias=None):
+        y = self.inner(x, mask=attention_mask, keep=flag)
+        return y if bias is None else y + bias
+
+
+def test_arguments_only_handed_on_become_graph_inputs() -> None:
+    model = HandsOn()
+    trace = trace_model(model, (torch.randn(2, 4),))
+    spec = trace.traces[""].shared.spec
+    kinds = dict(zip(spec.arg_names, spec.kinds))
+    assert kinds == {"x": "tensor", "attention_mask": "passed", "flag": "passed", "bias": "const"}
+    traced = trace.traces[""].to_module()
+    x, mask = torch.randn(2, 4), torch.rand(2, 4)
+    torch.testing.assert_close(traced(x, attention_mask=mask, flag=False),
+                               model(x, attention_mask=mask, flag=False))
+    with pytest.raises(SpecializationError, match="bias=None"):
+        traced(x, bias=torch.ones(4))
+
+
 def test_unverifiable_module_is_untraced_and_children_still_traced() -> None:
     class DataDependent(nn.Module):
         def __init__(self) -> None:
