@@ -63,15 +63,21 @@ class HyperConnections(PassConfig):
             if not sites:
                 continue
             if any(not _is_local(surgery, s) for s in sites):
-                refused.append(trunk.blocks[0])
+                refused.append(f"the residual adds of {trunk.blocks[0]} take their skip from "
+                               "the calling module (BERT-style post-norm), which "
+                               "hyper-connections cannot wrap yet")
+                continue
+            rank = _stream_rank(surgery, sites[0].owner)
+            if rank > 3:
+                refused.append(f"the stream of {trunk.blocks[0]} has {rank} dimensions "
+                               "(channels first, as in conv nets), and hyper-connections mix "
+                               "along the last dimension only")
                 continue
             for i, site in enumerate(sites):
                 new.append(self._rewrite(surgery, site, i, first=i == 0,
                                          last=i == len(sites) - 1))
         if refused and not new:
-            raise PassError(f"hyper: the residual adds of {refused[0]} take their skip from "
-                            "the calling module (BERT-style post-norm), which hyper-connections "
-                            "cannot wrap yet; exclude it with exclude=...")
+            raise PassError(f"hyper: {refused[0]}; exclude it with exclude=...")
         return new
 
     def _rewrite(self, surgery: Surgery, site: _Site, index: int, first: bool,
@@ -173,10 +179,19 @@ def _sites(surgery: Surgery, blocks: tuple[str, ...]) -> list[_Site]:
     return sorted(sites, key=lambda s: (calls[s.owner].order, position[s.owner][s.node]))
 
 
-def _width(surgery: Surgery, owner: str) -> int:
+def _stream(surgery: Surgery, owner: str) -> torch.Tensor:
+    """The first floating-point tensor of the owner's recorded call: the residual stream."""
     call = surgery.trace.calls[owner]
     tensors = [t for t in flatten((call.args, call.kwargs))[0] if isinstance(t, torch.Tensor)
                and t.is_floating_point()]
     if not tensors:
-        raise PassError(f"hyper: cannot tell the stream width of {owner}")
-    return int(tensors[0].shape[-1])
+        raise PassError(f"hyper: cannot tell the residual stream of {owner}")
+    return tensors[0]
+
+
+def _width(surgery: Surgery, owner: str) -> int:
+    return int(_stream(surgery, owner).shape[-1])
+
+
+def _stream_rank(surgery: Surgery, owner: str) -> int:
+    return _stream(surgery, owner).dim()

@@ -18,8 +18,9 @@ from surgeon.tracing import flatten, run_example
 
 COMBOS = [("aion",), ("adyt",), ("hyper",), ("hyper:mhc=true",), ("aion", "adyt"),
           ("adyt", "aion"), ("aion", "hyper", "adyt"), ("adyt", "aion", "hyper:streams=2")]
-# Models whose residual adds hyper-connections cannot wrap yet (the skip comes from the caller).
-NO_HYPER = {"hf_bert"}
+# Models hyper-connections refuse: BERT's adds take the skip from the caller; the ResNet's
+# stream is channels first.
+NO_HYPER = {"hf_bert", "resnet"}
 
 
 def output_sum(model: torch.nn.Module, example: tuple | dict) -> torch.Tensor:
