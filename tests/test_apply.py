@@ -149,3 +149,29 @@ def test_adyt_calibration_shrinks_the_drift(case: ZooCase) -> None:
         model, example = case.build().eval(), case.example()
         drift.append(apply(model, ["adyt"], example, calibrate=calibrate).surgeon_drift[0])
     assert 0 < drift[1].max_abs < drift[0].max_abs
+
+
+def qwen3() -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen3Config"):
+        pytest.skip("this transformers has no Qwen3")
+    config = transformers.Qwen3Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=64)
+    return transformers.Qwen3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("spec, converted", [
+    ("adyt", {"input_layernorm", "post_attention_layernorm", "model.norm"}),
+    ("adyt:qk_norms=true", {"input_layernorm", "post_attention_layernorm", "model.norm",
+                            "q_norm", "k_norm"}),
+    ("adyt:final_norms=false", {"input_layernorm", "post_attention_layernorm"}),
+])
+def test_adyt_selects_qk_and_final_norms(spec: str, converted: set[str]) -> None:
+    """Qwen3 normalises q and k per head (width 8 here, against 32 for the stream)."""
+    model = apply(qwen3(), [spec])
+    names = {n for n, m in model.named_modules() if isinstance(m, ADyT)}
+    kinds = {n if n == "model.norm" else n.rsplit(".", 1)[-1] for n in names}
+    assert kinds == converted
+    assert len(names) == 1 * ("model.norm" in converted) + 2 * (len(converted) - (
+        "model.norm" in converted))
