@@ -54,8 +54,9 @@ class HyperConnections(PassConfig):
                              f"got {self.streams}")
 
     def run(self, surgery: Surgery) -> list[str]:
-        trunks = [t for t in surgery.inspection.trunks
-                  if any(self.selects(b) for b in t.blocks)]
+        trunks = self._trunks(surgery)
+        if _inline_lifted_sites(surgery, trunks):
+            trunks = self._trunks(surgery)
         new: list[str] = []
         refused: list[str] = []
         for trunk in trunks:
@@ -79,6 +80,9 @@ class HyperConnections(PassConfig):
         if refused and not new:
             raise PassError(f"hyper: {refused[0]}; exclude it with exclude=...")
         return new
+
+    def _trunks(self, surgery: Surgery) -> list:
+        return [t for t in surgery.inspection.trunks if any(self.selects(b) for b in t.blocks)]
 
     def _rewrite(self, surgery: Surgery, site: _Site, index: int, first: bool,
                  last: bool) -> str:
@@ -112,6 +116,24 @@ class HyperConnections(PassConfig):
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         return f"{site.owner}.{target}"
+
+
+def _inline_lifted_sites(surgery: Surgery, trunks: list) -> bool:
+    """Where a site's skip comes from the caller (BERT's `LayerNorm(dense(h) + input_tensor)`),
+    inline the owner into its caller until skip and branch meet in one graph; the model is then
+    committed and traced again. Returns whether anything was inlined."""
+    changed = False
+    for _ in range(3):
+        owners = [s.owner for t in trunks for s in _sites(surgery, t.blocks)
+                  if not _is_local(surgery, s)]
+        if not any([surgery.inline(o) for o in dict.fromkeys(owners)]):
+            break
+        surgery.commit()
+        surgery.refresh()
+        changed = True
+        trunks = [t for t in surgery.inspection.trunks
+                  if any(b in {x for tr in trunks for x in tr.blocks} for b in t.blocks)]
+    return changed
 
 
 def _item(t: tuple, i: int):  # noqa: ANN202 (fx-visible getitem with a readable name)
@@ -171,12 +193,22 @@ def _sites(surgery: Surgery, blocks: tuple[str, ...]) -> list[_Site]:
             if n.op == "call_module" and isinstance(mt.module.get_submodule(str(n.target)),
                                                     AionResidual):
                 sites.append(_Site(owner, n.name, 0, str(n.target)))
-    calls = surgery.trace.calls
-    position = {}
-    for owner in {s.owner for s in sites}:
-        position[owner] = {n.name: i for i, n in
-                           enumerate(surgery.trace.traces[owner].graph.nodes)}
-    return sorted(sites, key=lambda s: (calls[s.owner].order, position[s.owner][s.node]))
+    return sorted(sites, key=lambda s: _when(surgery, s.owner, s.node))
+
+
+def _when(surgery: Surgery, owner: str, node: str) -> tuple:
+    """When a node runs: its index in its owner's graph, behind the index of the call into
+    the owner in each traced ancestor's graph (a parent's add can come after a child's)."""
+    graph = surgery.trace.traces[owner].graph
+    key: tuple = (next(i for i, n in enumerate(graph.nodes) if n.name == node),)
+    while True:
+        found = surgery._caller(owner)
+        if found is None:
+            return (surgery.trace.calls[owner].order, *key)
+        owner, rel = found
+        nodes = list(surgery.trace.traces[owner].graph.nodes)
+        key = (next(i for i, n in enumerate(nodes)
+                    if n.op == "call_module" and n.target == rel), *key)
 
 
 def _stream(surgery: Surgery, owner: str) -> torch.Tensor:

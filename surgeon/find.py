@@ -473,6 +473,13 @@ def inspect_trace(trace: ModelTrace, model_name: str = "") -> Inspection:
     return report
 
 
+def _submodule(module: nn.Module, target: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(target)
+    except AttributeError:
+        return None
+
+
 def _aion_owners(trace: ModelTrace) -> set[str]:
     """Modules whose graph calls an AionResidual: residual owners after the `aion` pass."""
     from surgeon.nn.aion import AionResidual
@@ -481,7 +488,7 @@ def _aion_owners(trace: ModelTrace) -> set[str]:
     for name, mt in trace.traces.items():
         for n in mt.graph.nodes:
             if n.op == "call_module" and isinstance(
-                    getattr(mt.module, str(n.target), None), AionResidual):
+                    _submodule(mt.module, str(n.target)), AionResidual):
                 owners.add(name)
                 break
     return owners

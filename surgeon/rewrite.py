@@ -15,7 +15,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from surgeon.find import inspect_trace
+from surgeon.find import _caller_inputs, inspect_trace
 from surgeon.report import Inspection
 import torch
 
@@ -97,6 +97,51 @@ class Surgery:
         holder.add_module(attr, module)
         self.inserted.append(f"{owner}.{attr}" if owner else attr)
         return attr
+
+    def inline(self, child: str) -> bool:
+        """Copy the graph of module `child` into its caller's graph in place of the call, so
+        that values of both meet in one graph (BERT's residual adds take their skip from the
+        caller). The child's submodules stay where they are, called by their dotted paths.
+        Returns False, changing nothing, where that cannot be done."""
+        found = self._caller(child)
+        child_trace = self.trace.traces.get(child)
+        if found is None or child_trace is None:
+            return False
+        caller, rel = found
+        sub = self.graphs.get(child, child_trace.graph)
+        output = next(n for n in sub.nodes if n.op == "output").args[0]
+        if not isinstance(output, fx.Node):
+            return False  # a structured output would need its getitems rewired
+        graph = self.graph(caller)
+        call = next((n for n in graph.nodes if n.op == "call_module" and n.target == rel), None)
+        values = _caller_inputs(child_trace, call) if call is not None else None
+        placeholders = [n for n in sub.nodes if n.op == "placeholder"]
+        if values is None or len(values) != len(placeholders):
+            return False
+        env: dict[fx.Node, Any] = dict(zip(placeholders, values))
+        with graph.inserting_before(call):
+            for n in sub.nodes:
+                if n.op in ("placeholder", "output"):
+                    continue
+                env[n] = graph.node_copy(n, lambda x: env[x])
+                if n.op in ("call_module", "get_attr"):
+                    env[n].target = f"{rel}.{n.target}"
+        call.replace_all_uses_with(env[output])
+        graph.erase_node(call)
+        self.graphs.pop(child, None)
+        return True
+
+    def _caller(self, name: str) -> tuple[str, str] | None:
+        """The nearest traced ancestor whose graph calls module `name`, and the call's target."""
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            owner, rel = ".".join(parts[:cut]), ".".join(parts[cut:])
+            if owner in self.trace.traces:
+                graph = self.graphs.get(owner, self.trace.traces[owner].graph)
+                if any(n.op == "call_module" and n.target == rel for n in graph.nodes):
+                    return owner, rel
+                return None
+        return None
 
     def replace(self, name: str, new: nn.Module) -> None:
         """Put `new` where module `name` is."""

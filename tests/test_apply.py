@@ -18,9 +18,8 @@ from surgeon.tracing import flatten, run_example
 
 COMBOS = [("aion",), ("adyt",), ("hyper",), ("hyper:mhc=true",), ("aion", "adyt"),
           ("adyt", "aion"), ("aion", "hyper", "adyt"), ("adyt", "aion", "hyper:streams=2")]
-# Models hyper-connections refuse: BERT's adds take the skip from the caller; the ResNet's
-# stream is channels first.
-NO_HYPER = {"hf_bert", "resnet"}
+# Models hyper-connections refuse: the ResNet's stream is channels first.
+NO_HYPER = {"resnet"}
 
 
 def output_sum(model: torch.nn.Module, example: tuple | dict) -> torch.Tensor:
