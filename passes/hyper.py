@@ -68,12 +68,6 @@ class HyperConnections(PassConfig):
                                "the calling module (BERT-style post-norm), which "
                                "hyper-connections cannot wrap yet")
                 continue
-            rank = _stream_rank(surgery, sites[0].owner)
-            if rank > 3:
-                refused.append(f"the stream of {trunk.blocks[0]} has {rank} dimensions "
-                               "(channels first, as in conv nets), and hyper-connections mix "
-                               "along the last dimension only")
-                continue
             for i, site in enumerate(sites):
                 new.append(self._rewrite(surgery, site, i, first=i == 0,
                                          last=i == len(sites) - 1))
@@ -90,8 +84,11 @@ class HyperConnections(PassConfig):
         node = node_named(graph, site.node)
         skip = node.args[site.skip] if site.aion is None else node.args[0]
         branch = node.args[1 - site.skip] if site.aion is None else node.args[1]
-        dim = _width(surgery, site.owner)
+        stream = _stream(surgery, site.owner)
+        channel_first = stream.dim() > 3  # (b, c, h, w): conv nets carry channels first
+        dim = int(stream.shape[1] if channel_first else stream.shape[-1])
         module = hyper_connections(self.streams, dim, mhc=self.mhc, layer_index=index)
+        module.channel_first = channel_first
         target = surgery.add_module(site.owner, f"hyper_{index}", module)
         in_branch = _branch_users(skip, branch)
         with graph.inserting_before(_anchor(skip).next):
@@ -219,11 +216,3 @@ def _stream(surgery: Surgery, owner: str) -> torch.Tensor:
     if not tensors:
         raise PassError(f"hyper: cannot tell the residual stream of {owner}")
     return tensors[0]
-
-
-def _width(surgery: Surgery, owner: str) -> int:
-    return int(_stream(surgery, owner).shape[-1])
-
-
-def _stream_rank(surgery: Surgery, owner: str) -> int:
-    return _stream(surgery, owner).dim()

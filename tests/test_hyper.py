@@ -224,3 +224,18 @@ def test_sinkhorn_is_doubly_stochastic() -> None:
 def test_sinkhorn_gradcheck_float64() -> None:
     logits = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(sinkhorn, (logits,))
+
+
+@pytest.mark.parametrize("mhc", [False, True])
+def test_channels_first_streams_for_conv_branches(mhc: bool) -> None:
+    """Conv nets carry (b, c, h, w): the mixers move c last to mix and back afterwards."""
+    convs = [nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(2)]
+    plain = PlainTrunk(convs)
+    mixers = [hyper_connections(4, 8, mhc=mhc, layer_index=i, branch=f)
+              for i, f in enumerate(convs)]
+    for m in mixers:
+        m.channel_first = True
+    x = torch.randn(2, 8, 5, 6)
+    out = StreamTrunk(mixers, 4)(x)
+    assert out.shape == x.shape and out.is_contiguous()
+    torch.testing.assert_close(out, plain(x), rtol=0, atol=0 if not mhc else 1e-5)

@@ -33,7 +33,7 @@ def base_of(case: ZooCase, model: torch.nn.Module) -> str | None:
 COMBOS = [("aion", "adyt"), ("aion", "hyper", "adyt"), ("hyper:mhc=true",)]
 ROWS = [pytest.param(case, combo, id=f"{case.name}-{'+'.join(combo)}")
         for case in ZOO for combo in COMBOS
-        if combo == COMBOS[0] or case.name not in ("resnet", "hf_t5")]
+        if combo == COMBOS[0] or case.name != "hf_t5"]  # the slowest model: one row
 
 
 @pytest.mark.parametrize("case, combo", ROWS)

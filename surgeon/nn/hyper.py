@@ -94,6 +94,8 @@ class StreamMixer(nn.Module):
         self.layer_index = layer_index
         self.home = layer_index % num_streams  # deterministic: the same in every process
         self.branch = branch
+        # Channels-first streams `(b·n, d, ...)` (conv nets) are mixed with d moved last.
+        self.channel_first = False
 
     def extra_repr(self) -> str:
         return f"num_streams={self.num_streams}, layer_index={self.layer_index}, home={self.home}"
@@ -101,16 +103,25 @@ class StreamMixer(nn.Module):
     def width_connection(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`H (b·n, ..., d)` → branch input `(b, ..., d)`, residuals `(b, n, p, d)`, and the
         depth weights `(b, n, p)`."""
+        if not self.channel_first:
+            return self._width(h)
+        branch_input, residuals, beta = self._width(h.movedim(1, -1))
+        # contiguous: convolutions on a channels-last view pick other kernels and round
+        # differently, and the rewrite is meant to be exact at init
+        return branch_input.movedim(-1, 1).contiguous(), residuals, beta
+
+    def _width(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def depth_connection(
         self, branch_output: torch.Tensor, residuals: torch.Tensor, beta: torch.Tensor
     ) -> torch.Tensor:
         """`residuals + beta ⊗ branch_output` → the new streams `(b·n, ..., d)`."""
+        y = branch_output.movedim(1, -1) if self.channel_first else branch_output
         b, n, p, d = residuals.shape
-        y = branch_output.reshape(b, 1, p, d)  # (b, 1, p, d)
-        out = residuals + beta.to(y.dtype).unsqueeze(-1) * y  # (b, n, p, d)
-        return out.reshape(b * n, *branch_output.shape[1:])
+        out = residuals + beta.to(y.dtype).unsqueeze(-1) * y.reshape(b, 1, p, d)  # (b, n, p, d)
+        out = out.reshape(b * n, *y.shape[1:])
+        return out.movedim(-1, 1).contiguous() if self.channel_first else out
 
     def forward(self, h: torch.Tensor, *branch_args: Any, **branch_kwargs: Any) -> Any:
         """With a `branch`: the new streams. Without one (lucidrains' protocol): the branch
@@ -161,7 +172,7 @@ class HyperConnections(StreamMixer):
     def _act(self, t: torch.Tensor) -> torch.Tensor:
         return torch.tanh(t) if self.tanh else t
 
-    def width_connection(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _width(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.num_streams
         hs = unfold_streams(h, n).transpose(1, 2)  # (b, p, n, d)
         # norm(H) @ W without writing norm(H): fold the gain into W, scale the logits by 1/‖H‖;

@@ -91,7 +91,7 @@ class ManifoldHyperConnections(StreamMixer):
         res = self.res_scale * res.unflatten(-1, (n, n)) + self.res_bias  # (b, p, n, n)
         return h_pre, h_post, sinkhorn(res, self.sinkhorn_iters)
 
-    def width_connection(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _width(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hs = unfold_streams(h, self.num_streams)  # (b, n, p, d)
         h_pre, h_post, h_res = self.coefficients(hs)
         ht = hs.transpose(1, 2)  # (b, p, n, d)
