@@ -56,8 +56,6 @@ class Surgery:
     trace: ModelTrace = field(init=False)
     inspection: Inspection = field(init=False)
     graphs: dict[str, fx.Graph] = field(default_factory=dict)
-    inserted: list[str] = field(default_factory=list)
-    rewritten: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -95,7 +93,6 @@ class Surgery:
         while hasattr(holder, attr):
             attr, k = f"{base}_{k}", k + 1
         holder.add_module(attr, module)
-        self.inserted.append(f"{owner}.{attr}" if owner else attr)
         return attr
 
     def inline(self, child: str) -> bool:
@@ -147,7 +144,6 @@ class Surgery:
         """Put `new` where module `name` is."""
         parent, attr = parent_of(self.model, name)
         setattr(parent, attr, new)
-        self.rewritten.append(name)
 
     def commit(self) -> list[str]:
         """Install every edited graph as a TracedModule in its module's place."""
@@ -174,10 +170,3 @@ def node_named(graph: fx.Graph, name: str) -> fx.Node:
         if node.name == name:
             return node
     raise KeyError(name)
-
-
-def call_module_after(graph: fx.Graph, anchor: fx.Node, target: str, args: tuple[Any, ...],
-                      kwargs: dict[str, Any] | None = None) -> fx.Node:
-    """Insert `call_module(target, args)` right after `anchor`."""
-    with graph.inserting_after(anchor):
-        return graph.call_module(target, args, kwargs or {})
