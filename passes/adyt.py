@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from surgeon.lazy import materialized
 from surgeon.nn.adyt import ADyT as ADyTModule
 from surgeon.nn.adyt import dyt_llama_alpha0
 from surgeon.recipe import PassConfig, register
@@ -81,10 +82,11 @@ class ADyT(PassConfig):
         return new
 
     def _convert(self, module: nn.Module, norm: Norm, alpha0: float) -> ADyTModule:
-        adyt = ADyTModule.from_norm(module, alpha0=alpha0, adaptive=self.adaptive)
-        if norm.shape is None or len(norm.shape) != 1:
-            return adyt
-        gain, bias = effective_affine(module, norm.shape[0], norm.eps)
+        with materialized(module):  # the norm's weights may be on disk (surgeon convert)
+            adyt = ADyTModule.from_norm(module, alpha0=alpha0, adaptive=self.adaptive)
+            if norm.shape is None or len(norm.shape) != 1:
+                return adyt
+            gain, bias = effective_affine(module, norm.shape[0], norm.eps)
         with torch.no_grad():
             if not torch.allclose(adyt.weight.double(), gain, rtol=1e-3, atol=1e-5):
                 adyt.weight.copy_(gain)

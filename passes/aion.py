@@ -41,6 +41,10 @@ class AION(PassConfig):
             raise ValueError(f"preset {self.preset!r} starts from its own α, so it cannot "
                              "preserve the model's function; pass preserve=false")
 
+    def preserves(self) -> float | None:
+        """α = 1 exactly with the ratio seeded (`aion` preset) or frozen at 1 (`preln`)."""
+        return 1e-5 if self.preserve else None
+
     def run(self, surgery: Surgery) -> list[str]:
         """Rewrite the adds; returns the qualified names of the new modules."""
         residuals = [r for r in surgery.inspection.residuals if self.selects(r.module)]

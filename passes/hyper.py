@@ -53,6 +53,10 @@ class HyperConnections(PassConfig):
             raise ValueError(f"streams must be at least {2 if self.mhc else 1}, "
                              f"got {self.streams}")
 
+    def preserves(self) -> float | None:
+        """HC starts exact; mHC's Sinkhorn mixing is doubly stochastic only to ~1e-6."""
+        return 1e-3 if self.mhc else 1e-5
+
     def run(self, surgery: Surgery) -> list[str]:
         trunks = self._trunks(surgery)
         if _inline_lifted_sites(surgery, trunks):

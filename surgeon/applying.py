@@ -31,6 +31,13 @@ class Drift:
     max_abs: float
     cosine: float
     modules: int  # modules the pass created or replaced
+    step: float = 0.0  # max |Δ| from the output before this pass, relative to its max |value|
+    promise: float | None = None  # the pass's `preserves()`: the largest `step` it allows
+
+    @property
+    def broken(self) -> bool:
+        """The pass promised to preserve the output and moved it more than it allows."""
+        return self.promise is not None and not self.step <= self.promise
 
 
 def _output_vector(output: Any) -> torch.Tensor:
@@ -48,12 +55,18 @@ def _plain(output: Any) -> Any:
     return output
 
 
-def drift(before: torch.Tensor, after: torch.Tensor, pass_name: str, modules: int) -> Drift:
+def drift(before: torch.Tensor, after: torch.Tensor, pass_name: str, modules: int,
+          previous: torch.Tensor | None = None, promise: float | None = None) -> Drift:
+    """Drift of `after` from the original output `before` (and from `previous`, the output
+    just before this pass; the original where omitted)."""
     if before.shape != after.shape:
         raise PassError(f"{pass_name}: the output's shape changed ({tuple(before.shape)} → "
                         f"{tuple(after.shape)})")
+    previous = before if previous is None else previous
     cos = torch.nn.functional.cosine_similarity(before, after, dim=0, eps=1e-30)
-    return Drift(pass_name, float((before - after).abs().max()), float(cos), modules)
+    step = float((previous - after).abs().max() / previous.abs().max().clamp_min(1e-30))
+    return Drift(pass_name, float((before - after).abs().max()), float(cos), modules, step,
+                 promise)
 
 
 def applied_passes(model: nn.Module) -> list[dict[str, Any]]:
@@ -92,21 +105,25 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
     example = _example_for(model, example)
     done = applied_passes(model)
     _check_order(done, configs)
-    reference = None
+    reference = previous = None
     reports: list[Drift] = list(getattr(model, "surgeon_drift", []))
     for config in configs:
         if config.to_json() in done:
             continue
         surgery = Surgery(model, example)
         if reference is None:
-            reference = _output_vector(surgery.run_example())
+            reference = previous = _output_vector(surgery.run_example())
         new = config.run(surgery)
         surgery.commit()
         config.after_commit(surgery, new)
         done.append(config.to_json())
         after = _output_vector(surgery.run_example())
-        reports.append(drift(reference, after, config.name, len(new)))
+        reports.append(drift(reference, after, config.name, len(new), previous,
+                             config.preserves()))
+        previous = after
         model._surgeon_manifest = getattr(model, "_surgeon_manifest", []) + new
     model._surgeon_passes = done
     model.surgeon_drift = reports
+    if reference is not None:
+        model._surgeon_output = previous  # what surgeon.json records for `surgeon verify`
     return model

@@ -1,7 +1,7 @@
 """`surgeon.save` and `surgeon.load`: a converted model as safetensors plus its recipe.
 
-A saved directory holds `model.safetensors` (tied weights stored once, by
-`safetensors.torch.save_model`), the base model's `config.json` where it has one, the example the
+A saved directory holds `model.safetensors` or shards with an index (tied weights stored once;
+`surgeon.weights`), the base model's `config.json` where it has one, the example the
 passes were applied with (`example.safetensors`, unless it was the default for a transformers
 config), and `surgeon.json`: versions, how to rebuild the base, the ordered pass configs and a
 manifest of the modules the passes created or replaced. Loading rebuilds the base, replays the
@@ -10,22 +10,25 @@ passes, checks the manifest and loads the weights strictly. Nothing is pickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import surgeon
+from surgeon.atomic import atomic_directory
 from surgeon.errors import SurgeonError
+from surgeon.weights import DEFAULT_MAX_SHARD_SIZE, Checkpoint, Stored, write_checkpoint
+
+if TYPE_CHECKING:
+    from surgeon.lazy import LazyWeights
 
 RECIPE = "surgeon.json"
-WEIGHTS = "model.safetensors"
 EXAMPLE = "example.safetensors"
 FORMAT = 1
 
@@ -91,43 +94,77 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, base: str | None = None) -> Path:
+def tensors_to_write(model: nn.Module, lazy: LazyWeights | None = None
+                     ) -> dict[str, Stored | torch.Tensor]:
+    """The converted model's state dict with tied tensors once: a parameter still on disk
+    (bound by `lazy`) as its stored bytes, everything else as the tensor in memory. A tied group
+    keeps the key the source checkpoint used, else its first key in state-dict order."""
+    chosen: dict[Any, str] = {}
+    out: dict[str, Stored | torch.Tensor] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        stored_key = lazy.key_of(value) if lazy is not None else None
+        identity = id(value) if stored_key or value.is_meta else (
+            value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+            value.stride(), value.dtype)
+        if stored_key is None and value.is_meta:
+            raise CheckpointError(f"{key} has no values (it is on the meta device)")
+        if identity in chosen:
+            if stored_key != key:
+                continue
+            del out[chosen[identity]]
+        chosen[identity] = key
+        out[key] = lazy.checkpoint[stored_key] if stored_key else value.detach()
+    return out
+
+
+def write_recipe(out: Path, model: nn.Module, reference: dict[str, Any],
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `surgeon.json` (and `example.safetensors` when the example is not the default)."""
+    recipe = {
+        "format": FORMAT,
+        "versions": _versions(),
+        "base": reference,
+        **(extra or {}),
+        "example": _example_record(getattr(model, "_surgeon_example", None), out),
+        "passes": getattr(model, "_surgeon_passes", []),
+        "manifest": {"modules": list(getattr(model, "_surgeon_manifest", [])),
+                     "parameters": sorted(model.state_dict())},
+        "drift": [dataclasses.asdict(d) for d in getattr(model, "surgeon_drift", [])],
+        "check": output_signature(getattr(model, "_surgeon_output", None)),
+    }
+    (out / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
+    return recipe
+
+
+def output_signature(vector: torch.Tensor | None, samples: int = 16) -> dict[str, Any] | None:
+    """A few numbers that pin the converted model's output on the example: its size, norm and
+    evenly spaced values, so `surgeon verify` can tell that a reload computes the same."""
+    if vector is None:
+        return None
+    picks = torch.linspace(0, vector.numel() - 1, min(samples, vector.numel())).long()
+    return {"numel": vector.numel(), "norm": float(vector.norm()),
+            "sample": [float(v) for v in vector[picks]]}
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, base: str | None = None,
+         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = True) -> Path:
     """Write `model` (converted with `surgeon.apply`) to the directory `path`.
 
     `base` names a `package.module:factory` that builds the unconverted model; transformers
-    models need none. The directory is written beside `path` and renamed into place.
+    models need none. Weights are cut into shards of at most `max_shard_size`. The directory is
+    written beside `path` and renamed into place; an existing `path` is replaced only if
+    `overwrite` and it was written by surgeon.
     """
     dest = Path(path)
-    passes = getattr(model, "_surgeon_passes", None)
-    if passes is None:
+    if getattr(model, "_surgeon_passes", None) is None:
         raise CheckpointError(f"{type(model).__name__} was not converted with surgeon.apply; "
                               "save it with its own save method")
     reference = _base_reference(model, base)
-    if dest.exists() and not dest.is_dir():
-        raise CheckpointError(f"{dest} exists and is not a directory")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        save_model(model, str(tmp / WEIGHTS))
-        config = getattr(model, "config", None)
+    with atomic_directory(dest, overwrite=overwrite) as tmp:
+        write_checkpoint(tmp, tensors_to_write(model), max_shard_size=max_shard_size)
         if reference["kind"] == "transformers":
-            config.to_json_file(str(tmp / "config.json"))
-        recipe = {
-            "format": FORMAT,
-            "versions": _versions(),
-            "base": reference,
-            "example": _example_record(getattr(model, "_surgeon_example", None), tmp),
-            "passes": passes,
-            "manifest": {"modules": list(getattr(model, "_surgeon_manifest", [])),
-                         "parameters": sorted(model.state_dict())},
-        }
-        (tmp / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            model.config.to_json_file(str(tmp / "config.json"))
+        write_recipe(tmp, model, reference)
     return dest
 
 
@@ -184,9 +221,30 @@ def load(path: str | os.PathLike) -> nn.Module:
         diff = sorted(set(keys) ^ set(manifest["parameters"]))
         raise CheckpointError(f"{recipe_file}: the rebuilt model's state-dict keys differ from "
                               f"the manifest ({diff[:3]})")
-    missing, unexpected = load_model(model, str(root / WEIGHTS), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{root / WEIGHTS} does not match the rebuilt model (missing "
-                              f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    load_weights(model, root)
     model._surgeon_base = reference
     return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy a safetensors checkpoint (file, directory, single or sharded) into `model`, strictly:
+    every state-dict entry (a tied group through any one of its keys) and nothing else."""
+    checkpoint = Checkpoint.open(path)
+    state = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for key, value in state.items():
+        groups.setdefault(id(value), []).append(key)
+    missing = [g[0] for g in groups.values() if not any(k in checkpoint for k in g)]
+    unexpected = sorted(set(checkpoint) - set(state))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the rebuilt model (missing "
+                              f"{sorted(missing)[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for group in groups.values():
+            key = next(k for k in group if k in checkpoint)
+            value, target = checkpoint.read(key), state[group[0]]
+            if value.shape != target.shape:
+                raise CheckpointError(f"{checkpoint[key].file}: {key} has shape "
+                                      f"{list(value.shape)}, the rebuilt model wants "
+                                      f"{list(target.shape)}")
+            target.copy_(value)

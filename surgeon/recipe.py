@@ -55,6 +55,12 @@ class PassConfig:
         """Work that needs the rewritten model in place (calibration on the example)."""
         return None
 
+    def preserves(self) -> float | None:
+        """The largest change of the model's output this pass promises, relative to the
+        output's largest magnitude (None: no promise; the pass changes what the model computes).
+        `surgeon verify` fails a checkpoint whose pass moved the output more."""
+        return None
+
     def selects(self, qualified_name: str) -> bool:
         """Whether the module `qualified_name` is in this pass's scope."""
         def hit(patterns: tuple[str, ...]) -> bool:

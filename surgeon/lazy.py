@@ -1,0 +1,203 @@
+"""Run a model whose parameters stay on disk: each is read while a module that uses it runs.
+
+`convert` builds the base model with its parameters on the `meta` device (`parameters_on_meta`:
+buffers such as rotary tables are computed as usual) and wraps the passes in `LazyWeights`. A
+module call then reads the parameters it needs from the memory-mapped safetensors checkpoint
+and drops them when it returns, so a forward on the example holds about one block's weights,
+never the model. The Parameter objects never change identity (their contents are swapped with
+`torch.utils.swap_tensors`), so traced graphs that share them keep working. Pass code that reads
+an original parameter outside a module call wraps the read in `materialized(module)`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import swap_tensors
+
+from surgeon.errors import SurgeonError
+from surgeon.weights import Checkpoint
+
+DEFAULT_UNIT_BYTES = 64 * 2**20  # a module whose weights fit in this is read in one go
+_ACTIVE: list[LazyWeights] = []
+
+
+class MismatchError(SurgeonError):
+    """The checkpoint's tensors are not the ones the model built from its config has."""
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules constructed inside get their parameters on the `meta` device (no memory, no
+    random init); buffers stay where they are made, so computed tables stay right."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+class LazyWeights:
+    """Binds every meta parameter of `model` to a tensor of `checkpoint` (a tied parameter to the
+    one key the checkpoint holds) and loads the checkpoint's persistent buffers. Use as a
+    context manager; `key_of(param)` says where a parameter came from."""
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, *, label: str,
+                 unit_bytes: int = DEFAULT_UNIT_BYTES):
+        self.checkpoint = checkpoint
+        self.unit_bytes = max(unit_bytes, max((s.nbytes for s in checkpoint.values()), default=0))
+        self.keys: dict[int, str] = {}  # id(param) → checkpoint key
+        self.params: dict[int, nn.Parameter] = {}
+        self.count: dict[int, int] = {}
+        self._bind(model, label)
+        self._handles: list[Any] = []
+
+    def _bind(self, model: nn.Module, label: str) -> None:
+        stored = self.checkpoint
+        names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+            self.params[id(p)] = p
+        for pid, group in names.items():
+            p = self.params[pid]
+            key = next((n for n in group if n in stored), None)
+            if key is None:
+                raise MismatchError(f"{label} has no tensor {group[0]!r}, which "
+                                    f"{type(model).__name__} built from its config needs; the "
+                                    "config does not match the weights")
+            s = stored[key]
+            if tuple(p.shape) != s.shape:
+                raise MismatchError(f"{s.file}: {key!r} has shape {list(s.shape)} but the model "
+                                    f"built from the config wants {list(p.shape)}; the config "
+                                    "does not match the weights")
+            if p.device.type != "meta":
+                raise MismatchError(f"parameter {key!r} is not on the meta device; build the "
+                                    "model inside parameters_on_meta()")
+            swap_tensors(p, _placeholder(p, s.dtype))
+            self.keys[pid] = key
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        ignored = [re.compile(p) for p in
+                   getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+        known = {k for group in names.values() for k in group} | set(buffers)
+        for key in stored:
+            if key in buffers:
+                owner, _, attr = key.rpartition(".")
+                module = model.get_submodule(owner)
+                value = self.checkpoint.read(key)
+                if tuple(value.shape) != tuple(buffers[key].shape):
+                    raise MismatchError(f"{stored[key].file}: buffer {key!r} has shape "
+                                        f"{list(value.shape)}, the model wants "
+                                        f"{list(buffers[key].shape)}")
+                module._buffers[attr] = value
+            elif key not in known and not any(p.search(key) for p in ignored):
+                raise MismatchError(f"{stored[key].file} holds {key!r}, which "
+                                    f"{type(model).__name__} built from the config has no place "
+                                    "for; the config does not match the weights")
+
+    def key_of(self, tensor: torch.Tensor) -> str | None:
+        """The checkpoint key a bound parameter is read from (None for any other tensor)."""
+        return self.keys.get(id(tensor)) if self.params.get(id(tensor)) is tensor else None
+
+    def __enter__(self) -> LazyWeights:
+        from torch.nn.modules.module import (
+            register_module_forward_hook,
+            register_module_forward_pre_hook,
+        )
+
+        self._handles = [register_module_forward_pre_hook(self._before),
+                         register_module_forward_hook(self._after, always_call=True)]
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        _ACTIVE.remove(self)
+        for pid in [p for p, n in self.count.items() if n > 0]:
+            self.count[pid] = 1
+            self._release([pid])
+
+    # -- module hooks ------------------------------------------------------------------------
+
+    def _needed(self, module: nn.Module) -> list[int]:
+        """The bound parameters a call of `module` reads: its whole subtree when that is small
+        (one read for a small block), else its own parameters and those its graph reads."""
+        subtree = {id(p) for p in module.parameters() if id(p) in self.keys}
+        size = sum(self.checkpoint[self.keys[i]].nbytes for i in subtree)
+        if size <= self.unit_bytes:
+            return sorted(subtree)
+        own = {id(p) for p in module.parameters(recurse=False) if id(p) in self.keys}
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                if node.op == "get_attr":
+                    value = _resolve(module, node.target)
+                    if isinstance(value, nn.Parameter) and id(value) in self.keys:
+                        own.add(id(value))
+        return sorted(own)
+
+    def _before(self, module: nn.Module, args: Any) -> None:
+        needed = self._needed(module)
+        module.__dict__.setdefault("_surgeon_lazy_stack", []).append(needed)
+        self._acquire(needed)
+
+    def _after(self, module: nn.Module, args: Any, output: Any) -> None:
+        stack = module.__dict__.get("_surgeon_lazy_stack")
+        if stack:
+            self._release(stack.pop())
+
+    def _acquire(self, pids: list[int]) -> None:
+        for pid in pids:
+            n = self.count.get(pid, 0)
+            if n == 0:
+                p = self.params[pid]
+                value = self.checkpoint.read(self.keys[pid])
+                swap_tensors(p, nn.Parameter(value, requires_grad=p.requires_grad))
+            self.count[pid] = n + 1
+
+    def _release(self, pids: list[int]) -> None:
+        for pid in pids:
+            n = self.count[pid] - 1
+            self.count[pid] = n
+            if n == 0:
+                p = self.params[pid]
+                swap_tensors(p, _placeholder(p, p.dtype))
+
+
+def _placeholder(p: nn.Parameter, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(p.shape, dtype=dtype, device="meta"),
+                        requires_grad=p.requires_grad)
+
+
+def _resolve(module: nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+@contextmanager
+def materialized(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside, every parameter of `module` holds its real values, also where the parameters are
+    being read from disk by an active `LazyWeights` (elsewhere this does nothing)."""
+    if not _ACTIVE:
+        yield module
+        return
+    lazy = _ACTIVE[-1]
+    pids = sorted({id(p) for p in module.parameters() if id(p) in lazy.keys})
+    lazy._acquire(pids)
+    try:
+        yield module
+    finally:
+        lazy._release(pids)
