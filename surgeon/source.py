@@ -30,6 +30,8 @@ from surgeon.errors import SourceError
 if TYPE_CHECKING:
     from torch import nn
 
+    from surgeon.lazy import LazyWeights
+
 ACCEPTED = (
     "SRC must be a local directory with config.json and model.safetensors, a hub id 'owner/name', "
     "or 'package.module:factory'"
@@ -87,8 +89,30 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _load_dir(path: Path, label: str) -> LoadedModel:
-    """Build a transformers model from a directory of config.json plus safetensors weights."""
+def _load_dir(path: Path, label: str, *, allow_pickle: bool = False,
+              strict: bool = False) -> LoadedModel:
+    """Build a transformers model from a directory of config.json plus safetensors weights
+    (or pickle weights, read with `weights_only=True`, when `allow_pickle`). Missing or
+    mismatched weights are an error; so are checkpoint tensors the model has no place for when
+    `strict` (a conversion must not drop them)."""
+    config, cls = _dir_config(path, label, allow_pickle=allow_pickle)
+    try:
+        model, info = cls.from_pretrained(path, config=config, output_loading_info=True,
+                                          use_safetensors=None if allow_pickle else True)
+    except Exception as e:  # a bad checkpoint fails in many ways (shapes, headers, dtypes)
+        raise SourceError(f"cannot load {label} with {cls.__name__}: {_one_line(e)}") from e
+    checked = ("missing_keys", "mismatched_keys") + (("unexpected_keys",) if strict else ())
+    wrong = [(what, info[what]) for what in checked if info.get(what)]
+    if wrong:
+        what, keys = wrong[0]
+        raise SourceError(f"{label}: the weights do not match config.json ({what.replace('_', ' ')}"
+                          f": {sorted(map(str, keys))[:3]})")
+    model.eval()
+    return LoadedModel(model, config, path.resolve(), f"{type(model).__name__} from {label}")
+
+
+def _dir_config(path: Path, label: str, *, allow_pickle: bool = False) -> tuple[Any, type]:
+    """Check a model directory and read its config: (config, the transformers class to build)."""
     if not path.is_dir():
         raise SourceError(f"{label} is a file, not a model directory; {ACCEPTED}")
     config_file = path / "config.json"
@@ -99,12 +123,15 @@ def _load_dir(path: Path, label: str) -> LoadedModel:
         )
     if not any((path / name).is_file() for name in WEIGHTS):
         pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
-        if pickles:
+        if pickles and not allow_pickle:
             raise SourceError(
-                f"{path / pickles[0]} is a pickle checkpoint, which surgeon does not load (reading "
-                "it can run code); save the model with save_pretrained() to get model.safetensors"
+                f"{path / pickles[0]} is a pickle checkpoint, which surgeon does not load by "
+                "default (reading it can run code); pass --allow-pickle (allow_pickle=True) to "
+                "read it with weights_only=True, or save the model as safetensors"
             )
-        raise SourceError(f"{label} has no model.safetensors or model.safetensors.index.json")
+        if not pickles:
+            raise SourceError(f"{label} has no model.safetensors or "
+                              "model.safetensors.index.json")
 
     try:
         import transformers
@@ -121,18 +148,39 @@ def _load_dir(path: Path, label: str) -> LoadedModel:
     cls = getattr(transformers, archs[0], None) if archs else None
     if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
         cls = transformers.AutoModel
-    try:
-        model = cls.from_pretrained(path, config=config, use_safetensors=True)
-    except Exception as e:  # a bad checkpoint fails in many ways (shapes, headers, dtypes)
-        raise SourceError(f"cannot load {label} with {cls.__name__}: {_one_line(e)}") from e
-    model.eval()
-    return LoadedModel(model, config, path.resolve(), f"{type(model).__name__} from {label}")
+    return config, cls
 
 
 def _load_factory(src: str) -> LoadedModel:
     """Import `package.module`, call `factory()` and check it returned an nn.Module."""
     from torch import nn
 
+    model = call(src)
+    if not isinstance(model, nn.Module):
+        raise SourceError(f"{src}() returned a {type(model).__name__}, not a torch.nn.Module")
+    config = getattr(model, "config", None)
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(config, transformers.PretrainedConfig):
+        config = None
+    return LoadedModel(model, config, None, f"{type(model).__name__} from {src}")
+
+
+def load_example(spec: str) -> tuple | dict:
+    """The example input `package.module:function` returns (a tuple of positional args or a
+    dict of keyword args for the model's forward)."""
+    if not _FACTORY.fullmatch(spec):
+        raise SourceError(f"example {spec!r} must be 'package.module:function'")
+    example = call(spec)
+    if isinstance(example, list):
+        example = tuple(example)
+    if not isinstance(example, (tuple, dict)):
+        raise SourceError(f"{spec}() returned a {type(example).__name__}, not a tuple of "
+                          "positional args or a dict of keyword args")
+    return example
+
+
+def call(src: str) -> Any:
+    """Import `package.module` (the current directory is importable) and call `function()`."""
     module_name, attr_path = src.split(":", 1)
     cwd = os.getcwd()
     added = cwd not in sys.path and "" not in sys.path
@@ -160,21 +208,22 @@ def _load_factory(src: str) -> LoadedModel:
     if not callable(factory):
         raise SourceError(f"{src} is not callable (it is a {type(factory).__name__})")
     try:
-        model = factory()
+        return factory()
     except Exception as e:
         raise SourceError(f"calling {src}() failed: {type(e).__name__}: {_one_line(e)}") from e
-    if not isinstance(model, nn.Module):
-        raise SourceError(f"{src}() returned a {type(model).__name__}, not a torch.nn.Module")
-
-    config = getattr(model, "config", None)
-    transformers = sys.modules.get("transformers")
-    if transformers is None or not isinstance(config, transformers.PretrainedConfig):
-        config = None
-    return LoadedModel(model, config, None, f"{type(model).__name__} from {src}")
 
 
 def _load_hub(repo_id: str, revision: str | None) -> LoadedModel:
     """Resolve a hub id to a local snapshot (cache first, per huggingface_hub) and load it."""
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    snapshot = _hub_snapshot(repo_id, revision)
+    loaded = _load_dir(snapshot, f"hub repo {at}")
+    loaded.description = f"{type(loaded.model).__name__} from hub {at} ({snapshot})"
+    return loaded
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False) -> Path:
+    """The local snapshot directory of a hub repo (cache first, per huggingface_hub)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.utils import (
         GatedRepoError,
@@ -187,7 +236,8 @@ def _load_hub(repo_id: str, revision: str | None) -> LoadedModel:
 
     at = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        patterns = HUB_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
+        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except GatedRepoError as e:
         raise SourceError(
             f"hub repo {repo_id} is gated: accept its terms on the hub and log in (hf auth login)"
@@ -213,6 +263,104 @@ def _load_hub(repo_id: str, revision: str | None) -> LoadedModel:
         raise SourceError(f"{repo_id!r} is not a valid hub id: {_one_line(e)}") from e
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise SourceError(f"cannot fetch {at} from the hub: {_one_line(e)}") from e
-    loaded = _load_dir(Path(snapshot), f"hub repo {at}")
-    loaded.description = f"{type(loaded.model).__name__} from hub {at} ({snapshot})"
-    return loaded
+    return Path(snapshot)
+
+
+
+@dataclass
+class Source:
+    """A base model ready to be converted without loading its weights.
+
+    Where `lazy` is set, `model`'s parameters are on the `meta` device, bound to the safetensors
+    checkpoint they are read from while used (`surgeon.lazy.LazyWeights`); otherwise the model
+    is in memory (pickle weights, keys transformers renames on load, or a factory without
+    `--weights`). `directory` holds files to carry over (tokenizer, generation config); `base`
+    says how `surgeon.load` rebuilds the model.
+    """
+
+    model: nn.Module
+    lazy: LazyWeights | None
+    directory: Path | None
+    base: dict[str, Any]
+    description: str
+
+
+def open_source(src: str, *, revision: str | None = None, weights: str | None = None,
+                allow_pickle: bool = False) -> Source:
+    """Resolve `src` as `load_model` does, but build the model with its parameters on the meta
+    device, bound to its safetensors checkpoint. `weights` is a factory model's weights file."""
+    path = Path(src).expanduser()
+    if weights is not None and (path.exists() or not _FACTORY.fullmatch(src)):
+        raise SourceError(f"--weights applies to a 'package.module:factory' source, not {src}")
+    if path.exists():
+        _no_revision(revision, f"the local path {src}")
+        return _open_dir(path, src, allow_pickle)
+    if _FACTORY.fullmatch(src):
+        _no_revision(revision, f"the factory {src}")
+        return _open_factory(src, weights, allow_pickle)
+    if src.startswith((".", "/", "~", "\\")) or src.count("/") > 1:
+        raise SourceError(f"no such directory: {src}")
+    if _HUB_ID.fullmatch(src) and ".." not in src and "--" not in src:
+        at = f"{src}@{revision}" if revision else src
+        return _open_dir(_hub_snapshot(src, revision, allow_pickle), f"hub repo {at}",
+                         allow_pickle)
+    raise SourceError(f"cannot use {src!r} as a model source: {ACCEPTED}")
+
+
+def _hf_base(model: nn.Module) -> dict[str, Any]:
+    return {"kind": "transformers", "class": type(model).__name__}
+
+
+def _open_dir(path: Path, label: str, allow_pickle: bool) -> Source:
+    from surgeon.lazy import LazyWeights, MismatchError, parameters_on_meta
+    from surgeon.weights import INDEX, SINGLE, Checkpoint
+
+    config, cls = _dir_config(path, label, allow_pickle=allow_pickle)
+    if (path / INDEX).is_file() or (path / SINGLE).is_file():
+        checkpoint = Checkpoint.open(path)  # checks every header before anything is built
+        with parameters_on_meta():
+            model = (cls.from_config(config) if cls.__name__.startswith("Auto")
+                     else cls._from_config(config))
+        model.eval()
+        try:
+            lazy = LazyWeights(model, checkpoint, label=label)
+            return Source(model, lazy, path, _hf_base(model),
+                          f"{type(model).__name__} from {label}")
+        except MismatchError:
+            pass  # keys transformers renames on load (older layouts): load in memory below
+    loaded = _load_dir(path, label, allow_pickle=allow_pickle, strict=True)
+    return Source(loaded.model, None, path, _hf_base(loaded.model), loaded.description)
+
+
+def _open_factory(src: str, weights: str | None, allow_pickle: bool) -> Source:
+    from surgeon.lazy import LazyWeights, parameters_on_meta
+    from surgeon.weights import Checkpoint
+
+    base = {"kind": "factory", "factory": src}
+    if weights is None:
+        loaded = _load_factory(src)
+        return Source(loaded.model, None, None, base, loaded.description)
+    file = Path(weights).expanduser()
+    if not file.is_file():
+        raise SourceError(f"no such weights file: {weights}")
+    if not file.name.endswith(PICKLE_SUFFIXES):
+        checkpoint = Checkpoint.open(file)
+        with parameters_on_meta():
+            loaded = _load_factory(src)
+        loaded.model.eval()
+        lazy = LazyWeights(loaded.model, checkpoint, label=str(file))
+        return Source(loaded.model, lazy, None, base, f"{loaded.description} with {weights}")
+    if not allow_pickle:
+        raise SourceError(f"{file} is a pickle checkpoint, which surgeon does not load by default "
+                          "(reading it can run code); pass --allow-pickle to read it with "
+                          "weights_only=True, or save the weights as safetensors")
+    import torch
+
+    loaded = _load_factory(src)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        loaded.model.load_state_dict(state)
+    except Exception as e:  # unpickling and key errors come in many types
+        raise SourceError(f"cannot load {file} into {src}(): {_one_line(e)}") from e
+    loaded.model.eval()
+    return Source(loaded.model, None, None, base, f"{loaded.description} with {weights}")

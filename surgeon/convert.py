@@ -1,0 +1,157 @@
+"""`surgeon.convert(src, dst, passes)`: a checkpoint in, a converted checkpoint out.
+
+The base model is built with its parameters on the `meta` device and bound to the source's
+safetensors files (`surgeon.source.open_source`); the passes run with each module's weights read
+while it is called (`surgeon.lazy`), so memory holds about one block, never the model. The
+destination gets the layout of `surgeon.save`: tensors that come through unchanged are copied
+byte for byte from the source files, only new ones are written from memory, shards are cut at
+`max_shard_size`, and everything is written beside `dst` and renamed into place at the end.
+The same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgeon.applying import apply
+from surgeon.atomic import MARKER, DestinationError, atomic_directory, check_destination
+from surgeon.card import write_card
+from surgeon.checkpoint import RECIPE, tensors_to_write, write_recipe
+from surgeon.errors import ExampleError
+from surgeon.recipe import PassConfig, PassError, parse_pass
+from surgeon.source import PICKLE_SUFFIXES, load_example, open_source
+from surgeon.weights import DEFAULT_MAX_SHARD_SIZE, INDEX, Stored, parse_size, write_checkpoint
+
+# Source files that are not carried over into the converted directory.
+_NOT_CARRIED = (".safetensors", INDEX, "README.md", RECIPE, ".gitattributes") + PICKLE_SUFFIXES
+SEED = 0  # passes that draw random numbers draw the same ones every time
+
+
+@dataclass
+class Conversion:
+    """What `convert` did: the CLI's summary and its `--json` output."""
+
+    source: str
+    destination: str
+    model: str
+    streamed: bool  # weights read from disk as needed (False: the model was loaded in memory)
+    passes: list[dict[str, Any]]  # name, modules, drift (step), promise, max_abs
+    new_parameters: int  # elements of parameters the passes created
+    tensors: int
+    copied_bytes: int  # copied unchanged from the source files
+    written_bytes: int  # computed in memory
+    files: list[str]
+    seconds: float
+    pushed_to: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
+            revision: str | None = None, weights: str | None = None,
+            example: str | tuple | dict | None = None,
+            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+            allow_pickle: bool = False, progress: bool = False) -> Conversion:
+    """Convert the model `src` (a local HF directory, a hub id, or `package.module:factory` with
+    `weights=FILE.safetensors`) with `passes` and write it to the directory `dst`.
+
+    `example` is the input the passes trace with (a tuple or dict, or `package.module:function`
+    returning one; transformers models need none). An existing `dst` is replaced only with
+    `overwrite`. `progress` shows tqdm bars on stderr. Every user mistake raises a
+    `SurgeonError` before anything is written, and nothing is left behind.
+    """
+    start = time.perf_counter()
+    configs = [parse_pass(p) for p in passes]
+    if not configs:
+        raise PassError("give at least one pass, e.g. -p aion -p hyper:streams=4 -p adyt")
+    parse_size(max_shard_size)
+    dest = Path(dst).expanduser()
+    check_destination(dest, overwrite=overwrite)
+    if isinstance(example, str):
+        example = load_example(example)
+
+    source = open_source(src, revision=revision, weights=weights, allow_pickle=allow_pickle)
+    if source.directory is not None and _inside(dest, source.directory):
+        raise DestinationError(f"{dest} is inside the source {source.directory}; write the "
+                               "converted checkpoint elsewhere")
+    model = source.model
+    if example is None and getattr(model, "config", None) is None:
+        raise ExampleError(f"no example input for {type(model).__name__}: pass --example "
+                           "package.module:function (returning a tuple of positional args or a "
+                           "dict of keyword args for its forward)")
+    model._surgeon_base = source.base
+    before = {id(p) for p in model.parameters()}
+    if progress:
+        _say(f"rewriting {type(model).__name__} with {', '.join(c.name for c in configs)}")
+    lazy = source.lazy if source.lazy is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), lazy:
+        torch.manual_seed(SEED)
+        apply(model, configs, example)
+
+    tensors = tensors_to_write(model, source.lazy)
+    copied = sum(v.nbytes for v in tensors.values() if isinstance(v, Stored))
+    total = sum(v.nbytes if isinstance(v, Stored) else v.numel() * v.element_size()
+                for v in tensors.values())
+    new = sum(p.numel() for p in model.parameters() if id(p) not in before)
+    with atomic_directory(dest, overwrite=overwrite) as tmp:
+        bar = _bar(progress, len(tensors))
+        try:
+            files = write_checkpoint(tmp, tensors, max_shard_size=max_shard_size,
+                                     progress=lambda _: bar.update(1) if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        carried = _carry_files(source.directory, tmp)
+        write_recipe(tmp, model, source.base, {"source": {"name": src, "revision": revision}})
+        write_card(tmp, model, src, new)
+    return Conversion(
+        source=src, destination=str(dest), model=type(model).__name__,
+        streamed=source.lazy is not None,
+        passes=[{"name": d.pass_name, "modules": d.modules, "step": d.step,
+                 "promise": d.promise, "max_abs": d.max_abs, "cosine": d.cosine}
+                for d in model.surgeon_drift],
+        new_parameters=new, tensors=len(tensors), copied_bytes=copied,
+        written_bytes=total - copied,
+        files=sorted([f.name for f in files] + carried + [RECIPE, "README.md"]),
+        seconds=time.perf_counter() - start)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
+def _carry_files(directory: Path | None, out: Path) -> list[str]:
+    """Copy the source directory's other files (config, tokenizer, generation config)."""
+    if directory is None:
+        return []
+    carried = []
+    for entry in sorted(directory.iterdir()):
+        if entry.is_file() and not entry.name.endswith(_NOT_CARRIED) and entry.name != MARKER:
+            shutil.copyfile(entry, out / entry.name)
+            carried.append(entry.name)
+    return carried
+
+
+def _bar(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tensor", desc="writing", leave=False)
+
+
+def _say(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
