@@ -1,4 +1,5 @@
-"""The `surgeon` command line: `surgeon inspect SRC` and, later, convert, grow and verify.
+"""The `surgeon` command line: `surgeon inspect SRC`, `surgeon convert SRC DST -p PASS`,
+`surgeon verify DST`.
 
 Commands load models through `surgeon.source` and report through `surgeon.report`. A user's
 mistake (every `SurgeonError`) is printed as one line `error: <message>` on stderr with exit code 1,
@@ -8,6 +9,7 @@ never as a traceback; heavy imports (torch, transformers) wait until a command r
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +19,9 @@ from surgeon import __version__
 from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
+    from surgeon.convert import Conversion
     from surgeon.report import Inspection
+    from surgeon.verify import Verification
 
 REASON_WIDTH = 100  # untraced reasons are cut to this many characters in the table
 
@@ -66,6 +70,121 @@ def inspect_cmd(src: str, as_json: bool, revision: str | None) -> None:
         click.echo(json.dumps(inspection.to_dict(), indent=2))
     else:
         click.echo(format_inspection(inspection, loaded.description))
+
+
+@main.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("-p", "--pass", "passes", multiple=True, required=True,
+              metavar="NAME[:key=value,...]",
+              help="A pass to apply, in order (repeatable): aion, hyper:streams=4, adyt, ...")
+@click.option("--revision", default=None, help="Branch, tag or commit of a hub model.")
+@click.option("--weights", default=None, metavar="FILE.safetensors",
+              help="The weights of a 'package.module:factory' SRC.")
+@click.option("--example", default=None, metavar="package.module:function",
+              help="A function returning the example input (transformers models need none).")
+@click.option("--max-shard-size", default="50GB", show_default=True,
+              help="Largest weights file; bigger checkpoints are sharded with an index.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (a surgeon checkpoint).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Read .bin/.pt weights (with torch.load(weights_only=True)).")
+@click.option("--push-to-hub", "push", default=None, metavar="REPO",
+              help="Upload DST to this hub model repo when done.")
+@click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | None,
+                weights: str | None, example: str | None, max_shard_size: str, overwrite: bool,
+                allow_pickle: bool, push: str | None, private: bool, quiet: bool,
+                as_json: bool) -> None:
+    """Convert the model SRC with the passes and write the checkpoint directory DST.
+
+    SRC is a local directory with config.json and safetensors weights, a hub id 'owner/name', or
+    'package.module:factory' (with --weights). DST is written beside itself and renamed into
+    place when complete; `surgeon.load(DST)` reloads it.
+    """
+    from surgeon.convert import convert
+
+    progress = not (quiet or as_json) and sys.stderr.isatty()
+    result = convert(src, dst, list(passes), revision=revision, weights=weights,
+                     example=example, max_shard_size=max_shard_size, overwrite=overwrite,
+                     allow_pickle=allow_pickle, progress=progress)
+    if push:
+        from surgeon.hub import push_to_hub
+
+        result.pushed_to = push_to_hub(result.destination, push, private=private,
+                                       message=f"surgeon convert {src} with "
+                                               f"{', '.join(passes)}")
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(format_conversion(result))
+
+
+@main.command("verify")
+@click.argument("path")
+@click.option("--against", default=None, metavar="SRC",
+              help="The source model: replay the passes on it and compare.")
+@click.option("--revision", default=None, help="Branch, tag or commit of a hub SRC.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_cmd(path: str, against: str | None, revision: str | None, as_json: bool) -> None:
+    """Reload the converted checkpoint PATH strictly, run its example and print the drift of
+    each pass; exit 1 if a pass that promises to preserve the output moved it."""
+    from surgeon.verify import verify
+
+    result = verify(path, against, revision=revision)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_verification(result))
+    if not result.ok:
+        raise UserError(f"{path} failed verification: {result.failures[0]}")
+
+
+def format_conversion(c: Conversion) -> str:
+    """The summary `surgeon convert` prints: passes, sizes, time."""
+    how = "weights streamed from disk" if c.streamed else "weights loaded in memory"
+    lines = [f"converted {c.model} from {c.source} ({how})", ""]
+    lines += _section("Passes", ("pass", "modules", "drift", "promise", "max |Δ|"),
+                      [(p["name"], str(p["modules"]), f"{p['step']:.3g}", _promise(p["promise"]),
+                        f"{p['max_abs']:.3g}") for p in c.passes])
+    lines.append(f"new parameters: {c.new_parameters:,}")
+    lines.append(f"tensors: {c.tensors} ({_bytes(c.copied_bytes)} copied unchanged, "
+                 f"{_bytes(c.written_bytes)} computed)")
+    lines.append(f"wrote {c.destination} in {c.seconds:.1f} s: {', '.join(c.files)}")
+    if c.pushed_to:
+        lines.append(f"pushed to {c.pushed_to}")
+    return "\n".join(lines)
+
+
+def format_verification(v: Verification) -> str:
+    """The table `surgeon verify` prints."""
+    lines = [f"checkpoint: {v.path} ({v.model}), reloaded strictly"]
+    if v.reload_difference is not None:
+        lines.append(f"output on the example vs conversion: relative difference "
+                     f"{v.reload_difference:.3g}")
+    if v.source_difference is not None:
+        lines.append(f"output vs {v.against} converted afresh: relative difference "
+                     f"{v.source_difference:.3g}")
+    lines.append("")
+    title = f"Drift against {v.against}" if v.against else "Drift recorded at conversion"
+    lines += _section(title, ("pass", "modules", "drift", "promise", "max |Δ|", "cosine",
+                              "status"),
+                      [(p["name"], str(p["modules"]), f"{p['step']:.3g}",
+                        _promise(p["promise"]), f"{p['max_abs']:.3g}", f"{p['cosine']:.6f}",
+                        "ok" if p["ok"] else "DRIFTED") for p in v.passes])
+    lines.append("result: ok" if v.ok else f"result: FAILED ({len(v.failures)} problem"
+                 f"{'' if len(v.failures) == 1 else 's'})")
+    return "\n".join(lines)
+
+
+def _promise(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
 
 
 def format_inspection(ins: Inspection, description: str) -> str:
