@@ -76,12 +76,17 @@ def read_header(path: Path) -> tuple[dict[str, Stored], dict[str, str]]:
         raise WeightsError(f"{path} has a corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     base, end, entries = 8 + n, 0, {}
-    for key, info in sorted(header.items(), key=lambda kv: _offsets(path, kv)[0]):
+    # by (begin, end), as safetensors orders them: an empty tensor comes before one at its offset
+    for key, info in sorted(header.items(), key=lambda kv: _offsets(path, kv)):
         begin, stop = _offsets(path, (key, info))
-        dtype = DTYPES.get(info.get("dtype"))
+        dtype = DTYPES.get(str(info.get("dtype")))
         if dtype is None:
             raise WeightsError(f"{path}: tensor {key!r} has an unknown dtype {info.get('dtype')!r}")
-        shape = tuple(int(s) for s in info.get("shape", ()))
+        shape = info.get("shape", ())
+        if not isinstance(shape, (list, tuple)) or not all(
+                isinstance(s, int) and s >= 0 for s in shape):
+            raise WeightsError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
+        shape = tuple(shape)
         count = 1
         for s in shape:
             count *= s
