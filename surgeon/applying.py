@@ -69,6 +69,12 @@ def drift(before: torch.Tensor, after: torch.Tensor, pass_name: str, modules: in
                  promise)
 
 
+def _recorded_output(surgery: Surgery) -> Any:
+    """The model's output on the example as tracing recorded it (eval, no gradients)."""
+    call = surgery.trace.calls.get("")
+    return call.output if call is not None and call.out_ids else surgery.run_example()
+
+
 def applied_passes(model: nn.Module) -> list[dict[str, Any]]:
     """The JSON configs of the passes applied to `model`, in order."""
     return list(getattr(model, "_surgeon_passes", []))
@@ -105,25 +111,33 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
     example = _example_for(model, example)
     done = applied_passes(model)
     _check_order(done, configs)
-    reference = previous = None
+    reference: torch.Tensor | None = None  # the output before any pass ran
     reports: list[Drift] = list(getattr(model, "surgeon_drift", []))
+    pending: tuple[PassConfig, list[str], torch.Tensor] | None = None
+    current: torch.Tensor | None = None
     for config in configs:
         if config.to_json() in done:
             continue
         surgery = Surgery(model, example)
+        # Tracing ran the model once: its output is the one before this pass and after the last.
+        current = _output_vector(_recorded_output(surgery))
         if reference is None:
-            reference = previous = _output_vector(surgery.run_example())
+            reference = current
+        if pending is not None:
+            reports.append(drift(reference, current, pending[0].name, len(pending[1]),
+                                 pending[2], pending[0].preserves()))
         new = config.run(surgery)
         surgery.commit()
         config.after_commit(surgery, new)
         done.append(config.to_json())
-        after = _output_vector(surgery.run_example())
-        reports.append(drift(reference, after, config.name, len(new), previous,
-                             config.preserves()))
-        previous = after
+        pending = (config, new, current)
         model._surgeon_manifest = getattr(model, "_surgeon_manifest", []) + new
+    if pending is not None:
+        current = _output_vector(surgery.run_example())
+        reports.append(drift(reference, current, pending[0].name, len(pending[1]), pending[2],
+                             pending[0].preserves()))
     model._surgeon_passes = done
     model.surgeon_drift = reports
-    if reference is not None:
-        model._surgeon_output = previous  # what surgeon.json records for `surgeon verify`
+    if current is not None:
+        model._surgeon_output = current  # what surgeon.json records for `surgeon verify`
     return model

@@ -7,10 +7,18 @@ and drops them when it returns, so a forward on the example holds about one bloc
 never the model. The Parameter objects never change identity (their contents are swapped with
 `torch.utils.swap_tensors`), so traced graphs that share them keep working. Pass code that reads
 an original parameter outside a module call wraps the read in `materialized(module)`.
+
+A parameter's values are a zero-copy view of the file's private memory map: the passes run the
+model many times (tracing, checks, calibration), and mapping pages that are already in the page
+cache costs far less than copying them. When the parameter is dropped, its pages are unmapped
+(`madvise(MADV_DONTNEED)`), so they stop counting in the process's memory.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +29,7 @@ from torch import fx, nn
 from torch.utils import swap_tensors
 
 from surgeon.errors import SurgeonError
-from surgeon.weights import Checkpoint
+from surgeon.weights import Checkpoint, Stored
 
 DEFAULT_UNIT_BYTES = 64 * 2**20  # a module whose weights fit in this is read in one go
 _ACTIVE: list[LazyWeights] = []
@@ -29,6 +37,11 @@ _ACTIVE: list[LazyWeights] = []
 
 class MismatchError(SurgeonError):
     """The checkpoint's tensors are not the ones the model built from its config has."""
+
+
+class MissingTensorError(MismatchError):
+    """The checkpoint has no tensor under a name the model's parameter has (it may store it
+    under an older name, which transformers renames on load)."""
 
 
 @contextmanager
@@ -61,6 +74,8 @@ class LazyWeights:
         self.keys: dict[int, str] = {}  # id(param) → checkpoint key
         self.params: dict[int, nn.Parameter] = {}
         self.count: dict[int, int] = {}
+        self.live = 0  # parameters holding values now
+        self._maps: dict[Any, mmap.mmap] = {}
         self._bind(model, label)
         self._handles: list[Any] = []
 
@@ -74,7 +89,7 @@ class LazyWeights:
             p = self.params[pid]
             key = next((n for n in group if n in stored), None)
             if key is None:
-                raise MismatchError(f"{label} has no tensor {group[0]!r}, which "
+                raise MissingTensorError(f"{label} has no tensor {group[0]!r}, which "
                                     f"{type(model).__name__} built from its config needs; the "
                                     "config does not match the weights")
             s = stored[key]
@@ -156,14 +171,17 @@ class LazyWeights:
         stack = module.__dict__.get("_surgeon_lazy_stack")
         if stack:
             self._release(stack.pop())
+            if self.live == 0:  # a whole forward is over: hand its freed memory back
+                _trim_heap()
 
     def _acquire(self, pids: list[int]) -> None:
         for pid in pids:
             n = self.count.get(pid, 0)
             if n == 0:
                 p = self.params[pid]
-                value = self.checkpoint.read(self.keys[pid])
+                value = self._view(self.checkpoint[self.keys[pid]])
                 swap_tensors(p, nn.Parameter(value, requires_grad=p.requires_grad))
+                self.live += 1
             self.count[pid] = n + 1
 
     def _release(self, pids: list[int]) -> None:
@@ -173,6 +191,45 @@ class LazyWeights:
             if n == 0:
                 p = self.params[pid]
                 swap_tensors(p, _placeholder(p, p.dtype))
+                self.live -= 1
+                self._unmap(self.checkpoint[self.keys[pid]])
+
+    def _view(self, stored: Stored) -> torch.Tensor:
+        """`stored` as a tensor over the file's private map (a copy where it is misaligned)."""
+        if stored.start % stored.dtype.itemsize or stored.nbytes == 0:
+            return self.checkpoint.read(stored.key)
+        pages = self._maps.get(stored.file)
+        if pages is None:
+            with open(stored.file, "rb") as f:
+                pages = self._maps[stored.file] = mmap.mmap(f.fileno(), 0,
+                                                            access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(pages, dtype=stored.dtype, offset=stored.start,
+                                count=stored.nbytes // stored.dtype.itemsize)
+        return flat.view(stored.shape)
+
+    def _unmap(self, stored: Stored) -> None:
+        """Drop `stored`'s pages from this process (the page cache keeps them)."""
+        pages = self._maps.get(stored.file)
+        if pages is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin = stored.start - stored.start % mmap.PAGESIZE
+        end = min(len(pages), -(-(stored.start + stored.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        pages.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+
+def _trim_heap() -> None:
+    """Return the C heap's free memory to the system (glibc keeps it in its arenas, and the
+    many forwards of tracing leave a few hundred MB there); a no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name else False
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
+    if trim is not None:
+        trim(0)
+
+
+_LIBC: Any = None
 
 
 def _placeholder(p: nn.Parameter, dtype: torch.dtype) -> nn.Parameter:

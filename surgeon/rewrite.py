@@ -19,7 +19,7 @@ from surgeon.find import _caller_inputs, inspect_trace
 from surgeon.report import Inspection
 import torch
 
-from surgeon.tracing import ModelTrace, TracedModule, run_example, trace_model
+from surgeon.tracing import ModelTrace, TracedModule, _mha_fastpath, run_example, trace_model
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -66,13 +66,16 @@ class Surgery:
         self.inspection = inspect_trace(self.trace)
 
     def run_example(self) -> Any:
-        """The model's output on the example, in eval mode without gradients (mode restored)."""
+        """The model's output on the example, in eval mode without gradients (mode restored),
+        computed as tracing records it (torch's fused attention fast path off)."""
         modes = {m: m.training for m in self.model.modules()}
+        fastpath = _mha_fastpath(False)
         try:
             self.model.eval()
             with torch.no_grad():
                 return run_example(self.model, self.example)
         finally:
+            _mha_fastpath(fastpath)
             for m, mode in modes.items():
                 m.training = mode
 
