@@ -25,6 +25,7 @@ the original parameter names and call signature) when a pass needs one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import enum
@@ -33,7 +34,7 @@ import inspect
 import math
 import operator
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -571,14 +572,64 @@ def _flat_inputs(spec: CallSpec, call: Call) -> list[Any]:
             if k != "const"]
 
 
-def _verify(fn: Callable, module: nn.Module, spec: CallSpec, call: Call) -> str | None:
+def _verify(fn: Callable, module: nn.Module, spec: CallSpec, call: Call,
+            children: dict[str, Call] | None = None) -> str | None:
+    """Run the traced graph on the recorded call and compare with the recorded output.
+    `children` (recorded calls of the module's children, by attribute name) are replayed."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _replaying(module, children or {}):
             out = fn(module, *_flat_inputs(spec, call))
     except Exception as e:  # the graph does not even run: report why
         return f"the traced graph fails on the recorded call: {type(e).__name__}: {_first_line(e)}"
     bad = _mismatch(out, call.output)
     return f"the traced graph does not reproduce the recorded call: {bad}" if bad else None
+
+
+@contextlib.contextmanager
+def _replaying(module: nn.Module, children: dict[str, Call]) -> Iterator[None]:
+    """While verifying `module`'s graph, a child called with exactly the arguments recorded for
+    it returns its recorded output instead of running again: the child's own graph is verified
+    on its own, and this keeps verification from re-running the whole model below every level.
+    Any other call of the child runs it."""
+    patched = []
+    for attr, recorded in children.items():
+        child = module._modules.get(attr)
+        if child is None or not recorded.out_ids or "forward" in child.__dict__:
+            continue
+        run = child.forward
+
+        def replay(*args: Any, _run: Callable = run, _rec: Call = recorded, **kwargs: Any) -> Any:
+            if _same_call((args, kwargs), (_rec.args, _rec.kwargs)):
+                return _clone(_rec.output)
+            return _run(*args, **kwargs)
+
+        child.forward = replay
+        patched.append(child)
+    try:
+        yield
+    finally:
+        for child in patched:
+            del child.__dict__["forward"]
+
+
+def _same_call(got: Any, want: Any) -> bool:
+    """Exactly the same arguments: equal structure, bit-equal tensors, equal constants."""
+    (a, spec_a), (b, spec_b) = flatten(got), flatten(want)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+                    and x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)):
+                return False
+        elif not (_is_constant(x) and _is_constant(y) and type(x) is type(y) and x == y):
+            return False
+    return True
+
+
+def _recorded_children(module: nn.Module, name: str, calls: dict[str, Call]) -> dict[str, Call]:
+    prefix = f"{name}." if name else ""
+    return {attr: calls[prefix + attr] for attr in module._modules if prefix + attr in calls}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,10 +771,11 @@ def _trace_module(name: str, module: nn.Module, call: Call, calls: dict[str, Cal
         result.failures[name] = f"its forward signature does not accept the recorded call: {e}"
         return
     key = (cls, spec.key, _structure_key(module, name, calls))
+    children = _recorded_children(module, name, calls)
     last_failure = None
     for shared in cache.get(key, ()):
         if all(_same_value(module.__dict__.get(a), v) for a, v in shared.reads.items()):
-            bad = _verify(shared.forward, module, spec, call)
+            bad = _verify(shared.forward, module, spec, call, children)
             if bad is None:
                 result.traces[name] = ModuleTrace(name, module, shared)
                 return
@@ -738,7 +790,7 @@ def _trace_module(name: str, module: nn.Module, call: Call, calls: dict[str, Cal
             result.failures[name] = f"{type(e).__name__}: {_first_line(e)}{_where(e)}"
             return
         result.graphs_traced += 1
-        bad = _verify(shared.forward, module, attempt, call)
+        bad = _verify(shared.forward, module, attempt, call, children)
         if bad is None:
             break
         if attempt is spec:
