@@ -5,8 +5,9 @@ parses and checks each file's header (a truncated or corrupt file is named befor
 used) and reads one tensor at a time with `pread`, so nothing holds the whole model. Writing lays
 the tensors out in sorted key order, cuts shards at `max_shard_size` as transformers does, and
 copies tensors that come unchanged from a source file with `os.copy_file_range` (in the kernel,
-as `cp` does); only tensors computed in memory pass through Python. The same tensors give the
-same bytes every time.
+as `cp` does); only tensors computed in memory pass through Python. Within a file, tensors are
+laid out widest dtype first, so each one's data is aligned to its element size. The same
+tensors give the same bytes every time.
 """
 
 from __future__ import annotations
@@ -237,6 +238,9 @@ def write_checkpoint(out: Path, tensors: Mapping[str, Stored | torch.Tensor], *,
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, keys in zip(names, shards):
+        # Within a file, widest dtypes first (as safetensors lays them out): every tensor's
+        # data stays aligned to its element size, so readers can map it without a copy.
+        keys = sorted(keys, key=lambda k: (-_itemsize(tensors[k]), k))
         _write_file(out / name, [(k, tensors[k]) for k in keys], metadata, progress)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())},
@@ -244,6 +248,10 @@ def write_checkpoint(out: Path, tensors: Mapping[str, Stored | torch.Tensor], *,
         (out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return [out / n for n in names] + [out / INDEX]
     return [out / names[0]]
+
+
+def _itemsize(value: Stored | torch.Tensor) -> int:
+    return value.dtype.itemsize
 
 
 def _nbytes(value: Stored | torch.Tensor) -> int:

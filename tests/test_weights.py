@@ -113,22 +113,22 @@ def test_read_returns_fresh_memory(tmp_path: Path) -> None:
     assert_same(ck.read("a"), f32(4))
 
 
-def test_header_layout_sorted_aligned_with_metadata(tmp_path: Path) -> None:
+def test_header_layout_aligned_with_metadata(tmp_path: Path) -> None:
     tensors = {"z": f32(1), "a": f32(2), "m": torch.ones(3, dtype=torch.int64)}
     write_checkpoint(tmp_path, tensors, metadata={"origin": "test"})
     n, header = header_of(tmp_path / SINGLE)
     assert n % 8 == 0  # data 8-byte aligned
-    assert list(header) == ["__metadata__", "a", "m", "z"]
+    assert list(header) == ["__metadata__", "m", "a", "z"]  # widest dtype first, then by key
     assert header["__metadata__"] == {"format": "pt", "origin": "test"}
-    assert header["a"] == {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
-    assert header["m"] == {"dtype": "I64", "shape": [3], "data_offsets": [8, 32]}
+    assert header["m"] == {"dtype": "I64", "shape": [3], "data_offsets": [0, 24]}
+    assert header["a"] == {"dtype": "F32", "shape": [2], "data_offsets": [24, 32]}
     assert header["z"] == {"dtype": "F32", "shape": [1], "data_offsets": [32, 36]}
     with safe_open(tmp_path / SINGLE, "pt") as f:
         assert f.metadata() == {"format": "pt", "origin": "test"}
     entries, metadata = read_header(tmp_path / SINGLE)
     assert metadata == {"format": "pt", "origin": "test"}
     assert {k: (s.start, s.nbytes) for k, s in entries.items()} == {
-        "a": (8 + n, 8), "m": (8 + n + 8, 24), "z": (8 + n + 32, 4)}
+        "m": (8 + n, 24), "a": (8 + n + 24, 8), "z": (8 + n + 32, 4)}
 
 
 def test_progress_reports_each_tensor_in_order(tmp_path: Path) -> None:
