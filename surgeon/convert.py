@@ -24,7 +24,7 @@ import torch
 from surgeon.applying import apply
 from surgeon.atomic import MARKER, DestinationError, atomic_directory, check_destination
 from surgeon.card import write_card
-from surgeon.checkpoint import RECIPE, tensors_to_write, write_recipe
+from surgeon.checkpoint import EXAMPLE, RECIPE, tensors_to_write, write_recipe
 from surgeon.errors import ExampleError
 from surgeon.recipe import PassConfig, PassError, parse_pass
 from surgeon.source import PICKLE_SUFFIXES, load_example, open_source
@@ -90,7 +90,7 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
                            "package.module:function (returning a tuple of positional args or a "
                            "dict of keyword args for its forward)")
     model._surgeon_base = source.base
-    before = {id(p) for p in model.parameters()}
+    before = {name for name, _ in model.named_parameters()}  # a replaced module keeps its names
     if progress:
         _say(f"rewriting {type(model).__name__} with {', '.join(c.name for c in configs)}")
     lazy = source.lazy if source.lazy is not None else contextlib.nullcontext()
@@ -102,7 +102,7 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
     copied = sum(v.nbytes for v in tensors.values() if isinstance(v, Stored))
     total = sum(v.nbytes if isinstance(v, Stored) else v.numel() * v.element_size()
                 for v in tensors.values())
-    new = sum(p.numel() for p in model.parameters() if id(p) not in before)
+    new = sum(p.numel() for name, p in model.named_parameters() if name not in before)
     with atomic_directory(dest, overwrite=overwrite) as tmp:
         bar = _bar(progress, len(tensors))
         try:
@@ -114,6 +114,8 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
         carried = _carry_files(source.directory, tmp)
         write_recipe(tmp, model, source.base, {"source": {"name": src, "revision": revision}})
         write_card(tmp, model, src, new)
+        written = [f.name for f in files] + carried + [RECIPE, "README.md"]
+        written += [EXAMPLE] if (tmp / EXAMPLE).is_file() else []  # a factory's example
     return Conversion(
         source=src, destination=str(dest), model=type(model).__name__,
         streamed=source.lazy is not None,
@@ -122,7 +124,7 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
                 for d in model.surgeon_drift],
         new_parameters=new, tensors=len(tensors), copied_bytes=copied,
         written_bytes=total - copied,
-        files=sorted([f.name for f in files] + carried + [RECIPE, "README.md"]),
+        files=sorted(written),
         seconds=time.perf_counter() - start)
 
 

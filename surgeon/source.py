@@ -21,6 +21,8 @@ import importlib
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +100,7 @@ def _load_dir(path: Path, label: str, *, allow_pickle: bool = False,
     config, cls = _dir_config(path, label, allow_pickle=allow_pickle)
     try:
         model, info = cls.from_pretrained(path, config=config, output_loading_info=True,
+                                          ignore_mismatched_sizes=True,  # reported below
                                           use_safetensors=None if allow_pickle else True)
     except Exception as e:  # a bad checkpoint fails in many ways (shapes, headers, dtypes)
         raise SourceError(f"cannot load {label} with {cls.__name__}: {_one_line(e)}") from e
@@ -105,8 +108,9 @@ def _load_dir(path: Path, label: str, *, allow_pickle: bool = False,
     wrong = [(what, info[what]) for what in checked if info.get(what)]
     if wrong:
         what, keys = wrong[0]
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in keys)  # (key, shapes)
         raise SourceError(f"{label}: the weights do not match config.json ({what.replace('_', ' ')}"
-                          f": {sorted(map(str, keys))[:3]})")
+                          f": {names[:3]})")
     model.eval()
     return LoadedModel(model, config, path.resolve(), f"{type(model).__name__} from {label}")
 
@@ -312,7 +316,7 @@ def _hf_base(model: nn.Module) -> dict[str, Any]:
 
 
 def _open_dir(path: Path, label: str, allow_pickle: bool) -> Source:
-    from surgeon.lazy import LazyWeights, MismatchError, parameters_on_meta
+    from surgeon.lazy import LazyWeights, MismatchError, MissingTensorError, parameters_on_meta
     from surgeon.weights import INDEX, SINGLE, Checkpoint
 
     config, cls = _dir_config(path, label, allow_pickle=allow_pickle)
@@ -326,10 +330,33 @@ def _open_dir(path: Path, label: str, allow_pickle: bool) -> Source:
             lazy = LazyWeights(model, checkpoint, label=label)
             return Source(model, lazy, path, _hf_base(model),
                           f"{type(model).__name__} from {label}")
-        except MismatchError:
+        except MissingTensorError:
             pass  # keys transformers renames on load (older layouts): load in memory below
-    loaded = _load_dir(path, label, allow_pickle=allow_pickle, strict=True)
+        except MismatchError as e:  # a shape or an extra tensor: no renaming explains it
+            raise SourceError(str(e)) from e
+    with _quiet_transformers():  # a mismatch is reported below, in one line
+        loaded = _load_dir(path, label, allow_pickle=allow_pickle, strict=True)
     return Source(loaded.model, None, path, _hf_base(loaded.model), loaded.description)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Inside, transformers logs errors only and shows no progress bars (its multi-line load
+    report would bury surgeon's one-line error)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # nothing to quiet
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _open_factory(src: str, weights: str | None, allow_pickle: bool) -> Source:
@@ -339,6 +366,7 @@ def _open_factory(src: str, weights: str | None, allow_pickle: bool) -> Source:
     base = {"kind": "factory", "factory": src}
     if weights is None:
         loaded = _load_factory(src)
+        loaded.model.eval()  # as every other source: the passes measure and record in eval
         return Source(loaded.model, None, None, base, loaded.description)
     file = Path(weights).expanduser()
     if not file.is_file():

@@ -65,9 +65,10 @@ def verify(path: str | os.PathLike, against: str | None = None, *,
         drifts = [Drift(**d) for d in recipe.get("drift", [])]
         source_difference = None
     else:
-        from surgeon.source import load_model
+        from surgeon.source import _quiet_transformers, load_model
 
-        base = load_model(against, revision=revision).model
+        with _quiet_transformers():  # no progress bars around the one-line result
+            base = load_model(against, revision=revision).model.eval()  # as `load` returns it
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             apply(base, recipe["passes"], example)
