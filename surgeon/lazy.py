@@ -153,13 +153,17 @@ class LazyWeights:
         size = sum(self.checkpoint[self.keys[i]].nbytes for i in subtree)
         if size <= self.unit_bytes:
             return sorted(subtree)
+        graph = module.graph if isinstance(module, fx.GraphModule) else None
+        return self._graph_reads(module, graph)
+
+    def _graph_reads(self, module: nn.Module, graph: fx.Graph | None) -> list[int]:
+        """`module`'s own bound parameters and those `graph` (run on `module`) reads."""
         own = {id(p) for p in module.parameters(recurse=False) if id(p) in self.keys}
-        if isinstance(module, fx.GraphModule):
-            for node in module.graph.nodes:
-                if node.op == "get_attr":
-                    value = _resolve(module, node.target)
-                    if isinstance(value, nn.Parameter) and id(value) in self.keys:
-                        own.add(id(value))
+        for node in graph.nodes if graph is not None else ():
+            if node.op == "get_attr":
+                value = _resolve(module, node.target)
+                if isinstance(value, nn.Parameter) and id(value) in self.keys:
+                    own.add(id(value))
         return sorted(own)
 
     def _before(self, module: nn.Module, args: Any) -> None:
@@ -245,14 +249,20 @@ def _resolve(module: nn.Module, target: str) -> Any:
 
 
 @contextmanager
-def materialized(module: nn.Module) -> Iterator[nn.Module]:
+def materialized(module: nn.Module, graph: fx.Graph | None = None) -> Iterator[nn.Module]:
     """Inside, every parameter of `module` holds its real values, also where the parameters are
-    being read from disk by an active `LazyWeights` (elsewhere this does nothing)."""
+    being read from disk by an active `LazyWeights` (elsewhere this does nothing). With `graph`,
+    a graph traced from `module` that is about to run on it directly (not through
+    `module(...)`, whose call would read them), only what that graph reads: the module's own
+    parameters and its `get_attr` targets; its children read theirs when called."""
     if not _ACTIVE:
         yield module
         return
     lazy = _ACTIVE[-1]
-    pids = sorted({id(p) for p in module.parameters() if id(p) in lazy.keys})
+    if graph is None:
+        pids = sorted({id(p) for p in module.parameters() if id(p) in lazy.keys})
+    else:
+        pids = lazy._graph_reads(module, graph)
     lazy._acquire(pids)
     try:
         yield module

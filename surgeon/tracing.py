@@ -44,6 +44,7 @@ from torch import nn
 from torch.fx.proxy import ParameterProxy
 
 from surgeon.errors import ExampleError, SpecializationError, TracingError
+from surgeon.lazy import materialized
 
 # ---------------------------------------------------------------------------------------------
 # Structures: our own tiny pytree. Only exact tuple/list/dict are containers; everything else is a
@@ -572,13 +573,16 @@ def _flat_inputs(spec: CallSpec, call: Call) -> list[Any]:
             if k != "const"]
 
 
-def _verify(fn: Callable, module: nn.Module, spec: CallSpec, call: Call,
+def _verify(shared: SharedGraph, module: nn.Module, spec: CallSpec, call: Call,
             children: dict[str, Call] | None = None) -> str | None:
     """Run the traced graph on the recorded call and compare with the recorded output.
-    `children` (recorded calls of the module's children, by attribute name) are replayed."""
+    `children` (recorded calls of the module's children, by attribute name) are replayed. The
+    graph runs on `module` directly, not through its call, so weights that `surgeon convert`
+    keeps on disk until a module is called are read around it (`materialized`)."""
     try:
-        with torch.no_grad(), _replaying(module, children or {}):
-            out = fn(module, *_flat_inputs(spec, call))
+        with torch.no_grad(), _replaying(module, children or {}), \
+                materialized(module, shared.graph):
+            out = shared.forward(module, *_flat_inputs(spec, call))
     except Exception as e:  # the graph does not even run: report why
         return f"the traced graph fails on the recorded call: {type(e).__name__}: {_first_line(e)}"
     bad = _mismatch(out, call.output)
@@ -775,7 +779,7 @@ def _trace_module(name: str, module: nn.Module, call: Call, calls: dict[str, Cal
     last_failure = None
     for shared in cache.get(key, ()):
         if all(_same_value(module.__dict__.get(a), v) for a, v in shared.reads.items()):
-            bad = _verify(shared.forward, module, spec, call, children)
+            bad = _verify(shared, module, spec, call, children)
             if bad is None:
                 result.traces[name] = ModuleTrace(name, module, shared)
                 return
@@ -790,7 +794,7 @@ def _trace_module(name: str, module: nn.Module, call: Call, calls: dict[str, Cal
             result.failures[name] = f"{type(e).__name__}: {_first_line(e)}{_where(e)}"
             return
         result.graphs_traced += 1
-        bad = _verify(shared.forward, module, attempt, call, children)
+        bad = _verify(shared, module, attempt, call, children)
         if bad is None:
             break
         if attempt is spec:

@@ -136,22 +136,10 @@ def in_memory(src: Path, passes: tuple[str, ...]) -> nn.Module:
     return surgeon.apply(model, list(passes))
 
 
-def same_state(a: nn.Module, b: nn.Module, known_bug: str | None = None) -> None:
+def same_state(a: nn.Module, b: nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
-    differ = [key for key in sa if not torch.equal(sa[key], sb[key])]
-    if differ and known_bug:
-        pytest.xfail(f"{known_bug} ({differ[:2]} differ)")
-    assert differ == []
-
-
-# Models whose streamed conversion is known to differ from surgeon.apply in memory, and why.
-KNOWN_BUGS = {
-    "llama": "streamed: the hand-written RMSNorm's graph is verified with its weight on the meta "
-             "device (tracing._verify calls the forward, not the module, so LazyWeights reads "
-             "nothing); the norm is untraced, AION sees plain residuals without x_norm and "
-             "records ratio_ema against the skip",
-}
+    assert [key for key in sa if not torch.equal(sa[key], sb[key])] == []
 
 
 def check_passes(result: Conversion, passes: tuple[str, ...]) -> None:
@@ -236,7 +224,7 @@ def test_convert_verify_load_round_trip(source, tmp_path, name, sharded_src, dst
     got = output(loaded, INPUTS)
     assert got.shape == case.shape
     assert torch.equal(got, output(reference, INPUTS))
-    same_state(loaded, reference, KNOWN_BUGS.get(name))
+    same_state(loaded, reference)
 
 
 def test_cli_convert_prints_the_summary_and_repeats_byte_for_byte(source, tmp_path):
