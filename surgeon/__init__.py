@@ -6,14 +6,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["apply", "attach", "inspect", "load", "save", "trace", "SurgeonError", "__version__"]
+__all__ = ["apply", "attach", "convert", "inspect", "load", "save", "trace", "verify",
+           "SurgeonError", "__version__"]
 
 if TYPE_CHECKING:
     from surgeon.api import inspect, trace
     from surgeon.errors import SurgeonError
     from surgeon.applying import apply
     from surgeon.checkpoint import load, save
+    from surgeon.converting import convert
     from surgeon.nn.stats import attach
+    from surgeon.verifying import verify
 
 
 def __getattr__(name: str) -> Any:
@@ -25,6 +28,14 @@ def __getattr__(name: str) -> Any:
         from surgeon.applying import apply
 
         return apply
+    if name == "convert":
+        from surgeon.converting import convert
+
+        return convert
+    if name == "verify":
+        from surgeon.verifying import verify
+
+        return verify
     if name in ("save", "load"):
         from surgeon import checkpoint
 

@@ -19,9 +19,9 @@ from surgeon import __version__
 from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
-    from surgeon.convert import Conversion
+    from surgeon.converting import Conversion
     from surgeon.report import Inspection
-    from surgeon.verify import Verification
+    from surgeon.verifying import Verification
 
 REASON_WIDTH = 100  # untraced reasons are cut to this many characters in the table
 
@@ -103,7 +103,7 @@ def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | Non
     'package.module:factory' (with --weights). DST is written beside itself and renamed into
     place when complete; `surgeon.load(DST)` reloads it.
     """
-    from surgeon.convert import convert
+    from surgeon.converting import convert
 
     progress = not (quiet or as_json) and sys.stderr.isatty()
     result = convert(src, dst, list(passes), revision=revision, weights=weights,
@@ -130,7 +130,7 @@ def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | Non
 def verify_cmd(path: str, against: str | None, revision: str | None, as_json: bool) -> None:
     """Reload the converted checkpoint PATH strictly, run its example and print the drift of
     each pass; exit 1 if a pass that promises to preserve the output moved it."""
-    from surgeon.verify import verify
+    from surgeon.verifying import verify
 
     result = verify(path, against, revision=revision)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_verification(result))

@@ -31,9 +31,9 @@ from zoo import hf_bert, hf_gpt2, hf_llama, tokens
 
 import surgeon
 from surgeon.cli import main
-from surgeon.convert import Conversion, convert
+from surgeon.converting import Conversion, convert
 from surgeon.errors import SurgeonError
-from surgeon.verify import verify
+from surgeon.verifying import verify
 
 transformers = pytest.importorskip("transformers")
 

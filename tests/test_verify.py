@@ -15,8 +15,8 @@ from test_convert import PASSES, PRESERVING, one_error_line, run
 from zoo import hf_gpt2
 
 from surgeon.checkpoint import CheckpointError
-from surgeon.convert import convert
-from surgeon.verify import MATCH, verify
+from surgeon.converting import convert
+from surgeon.verifying import MATCH, verify
 
 pytest.importorskip("transformers")
 

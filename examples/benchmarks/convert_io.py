@@ -7,7 +7,7 @@ for later runs). Each round then runs, in a shuffled order, every tool as its ow
 - `cp`: `cp -r` of the checkpoint directory;
 - `surgeon convert` (CLI): the whole command, interpreter and imports included;
 - `convert()` (in process): a Python process that imports everything first and then times only
-  the `surgeon.convert.convert(...)` call; its peak RSS is also reported above the RSS it had
+  the `surgeon.converting.convert(...)` call; its peak RSS is also reported above the RSS it had
   after the imports (the high-water mark of the process minus the one before the call);
 - `load_file + save_file`: `safetensors.torch.load_file` then `save_file` of the same weights
   (what a naive converter does), timed the same way.
@@ -46,14 +46,14 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 import torch, transformers, safetensors.torch
-import surgeon.convert
+import surgeon.converting
 from transformers import LlamaForCausalLM  # the model module, imported before the baseline
 job, src, dst = sys.argv[1:4]
 torch.set_num_threads({threads})
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 if job == "convert":
-    surgeon.convert.convert(src, dst, {passes!r})
+    surgeon.converting.convert(src, dst, {passes!r})
 else:
     import os
     os.makedirs(dst)

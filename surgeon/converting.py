@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class Conversion:
     files: list[str]
     seconds: float
     pushed_to: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
