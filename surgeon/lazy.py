@@ -32,6 +32,7 @@ from surgeon.errors import SurgeonError
 from surgeon.weights import Checkpoint, Stored
 
 DEFAULT_UNIT_BYTES = 64 * 2**20  # a module whose weights fit in this is read in one go
+TRIM_BYTES = 256 * 2**20  # trim the C heap after a forward that went through this much
 _ACTIVE: list[LazyWeights] = []
 
 
@@ -75,6 +76,7 @@ class LazyWeights:
         self.params: dict[int, nn.Parameter] = {}
         self.count: dict[int, int] = {}
         self.live = 0  # parameters holding values now
+        self.released = 0  # bytes of weights released since the C heap was last trimmed
         self._maps: dict[Any, mmap.mmap] = {}
         self._bind(model, label)
         self._handles: list[Any] = []
@@ -175,8 +177,9 @@ class LazyWeights:
         stack = module.__dict__.get("_surgeon_lazy_stack")
         if stack:
             self._release(stack.pop())
-            if self.live == 0:  # a whole forward is over: hand its freed memory back
-                _trim_heap()
+            if self.live == 0 and self.released > TRIM_BYTES:  # a forward is over
+                _trim_heap()  # hand the memory it freed back
+                self.released = 0
 
     def _acquire(self, pids: list[int]) -> None:
         for pid in pids:
@@ -196,6 +199,7 @@ class LazyWeights:
                 p = self.params[pid]
                 swap_tensors(p, _placeholder(p, p.dtype))
                 self.live -= 1
+                self.released += self.checkpoint[self.keys[pid]].nbytes
                 self._unmap(self.checkpoint[self.keys[pid]])
 
     def _view(self, stored: Stored) -> torch.Tensor:
