@@ -1,0 +1,123 @@
+"""surgeon.lazy: a model built with its parameters on meta runs with each module's weights read
+from the safetensors file only while it is called, gives the in-memory model's outputs, and
+never holds more than one unit of weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from surgeon.lazy import (
+    LazyWeights,
+    MismatchError,
+    MissingTensorError,
+    materialized,
+    parameters_on_meta,
+)
+from surgeon.weights import Checkpoint
+
+MODELS = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32)),
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=64)),
+    "bert": lambda: transformers.BertModel(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=64)),
+}
+
+
+def saved(name: str, tmp_path: Path) -> tuple[nn.Module, nn.Module, Checkpoint]:
+    """(the model in memory, the same built on meta, its checkpoint)."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    model.save_pretrained(tmp_path)
+    with parameters_on_meta():
+        skeleton = type(model)(model.config).eval()
+    return model, skeleton, Checkpoint.open(tmp_path)
+
+
+def test_parameters_on_meta_keeps_buffers() -> None:
+    with parameters_on_meta():
+        model = MODELS["llama"]()
+    assert all(p.is_meta for p in model.parameters())
+    inv_freq = model.model.rotary_emb.inv_freq
+    assert not inv_freq.is_meta and torch.isfinite(inv_freq).all() and inv_freq[0] == 1.0
+    assert nn.Linear(2, 3).weight.device.type == "cpu"  # the patch is gone afterwards
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_lazy_forward_equals_in_memory(name: str, tmp_path: Path) -> None:
+    model, skeleton, checkpoint = saved(name, tmp_path)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad(), LazyWeights(skeleton, checkpoint, label=str(tmp_path)) as lazy:
+        got = skeleton(input_ids=ids)[0]
+        assert lazy.live == 0  # everything read was dropped again
+    with torch.no_grad():
+        want = model(input_ids=ids)[0]
+    assert torch.equal(got, want)
+    assert all(p.is_meta for p in skeleton.parameters())
+
+
+def test_only_one_unit_is_held_at_a_time(tmp_path: Path) -> None:
+    _, skeleton, checkpoint = saved("llama", tmp_path)
+    block = sum(p.numel() * 4 for p in skeleton.model.layers[0].parameters())
+    lazy = LazyWeights(skeleton, checkpoint, label="llama", unit_bytes=block)
+    peak = []
+
+    def watch(module: nn.Module, args: tuple, output: object) -> None:
+        peak.append(sum(checkpoint[lazy.keys[i]].nbytes for i, n in lazy.count.items() if n))
+
+    handles = [m.register_forward_hook(watch) for m in skeleton.modules()]
+    with torch.no_grad(), lazy:
+        skeleton(input_ids=torch.randint(0, 64, (1, 4)))
+    for h in handles:
+        h.remove()
+    total = checkpoint.nbytes
+    largest = max(s.nbytes for s in checkpoint.values())
+    assert 0 < max(peak) <= max(block, largest) < total / 2
+
+
+def test_materialized_reads_outside_a_call(tmp_path: Path) -> None:
+    model, skeleton, checkpoint = saved("gpt2", tmp_path)
+    with LazyWeights(skeleton, checkpoint, label="gpt2"):
+        norm = skeleton.transformer.ln_f
+        assert norm.weight.is_meta
+        with materialized(norm):
+            assert torch.equal(norm.weight, model.transformer.ln_f.weight)
+        assert norm.weight.is_meta
+    with materialized(model.transformer.ln_f) as same:  # no LazyWeights: nothing to do
+        assert same is model.transformer.ln_f
+
+
+def test_tied_parameters_bind_to_the_stored_key(tmp_path: Path) -> None:
+    _, skeleton, checkpoint = saved("gpt2", tmp_path)
+    lazy = LazyWeights(skeleton, checkpoint, label="gpt2")
+    assert skeleton.lm_head.weight is skeleton.transformer.wte.weight
+    assert lazy.key_of(skeleton.lm_head.weight) == "transformer.wte.weight"
+    assert lazy.key_of(torch.zeros(1)) is None
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    ("drop", MissingTensorError, "has no tensor 'model.norm.weight'"),
+    ("shape", MismatchError, "'model.norm.weight' has shape \\[5\\]"),
+    ("extra", MismatchError, "holds 'stray.weight'"),
+])
+def test_checkpoint_that_does_not_fit_is_refused(edit: str, error: type, message: str,
+                                                 tmp_path: Path) -> None:
+    _, skeleton, checkpoint = saved("llama", tmp_path)
+    entries = dict(checkpoint.entries)
+    stored = entries.pop("model.norm.weight")
+    if edit == "shape":
+        entries["model.norm.weight"] = type(stored)(stored.key, stored.file, stored.dtype, (5,),
+                                                    stored.start, stored.nbytes)
+    if edit == "extra":
+        entries["model.norm.weight"] = stored
+        entries["stray.weight"] = stored
+    with pytest.raises(error, match=message):
+        LazyWeights(skeleton, Checkpoint(entries, checkpoint.files), label="llama")
