@@ -9,24 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_runner import run
 
 from surgeon import __version__
-from surgeon.cli import main
 
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_LLAMA = ROOT / "examples" / "tiny-llama"
-
-
-def run(*args: str):
-    """Invoke the CLI in-process with stdout and stderr kept apart (click 8.1 and 8.2+)."""
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 always keeps them apart
-        runner = CliRunner()
-    return runner.invoke(main, list(args))
 
 
 @pytest.fixture(scope="module")

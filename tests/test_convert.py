@@ -23,14 +23,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from cli_runner import run
 from zoo import hf_bert, hf_gpt2, hf_llama, tokens
 
 import surgeon
-from surgeon.cli import main
 from surgeon.converting import Conversion, convert
 from surgeon.errors import SurgeonError
 from surgeon.verifying import verify
@@ -60,15 +59,6 @@ MODELS = {
     "bert": Model(hf_bert, (2, 8, 32)),
 }
 INPUTS = {"input_ids": tokens(128, batch=2, seq=8)}
-
-
-def run(*args: str):
-    """Invoke the CLI in-process with stdout and stderr kept apart (click 8.1 and 8.2+)."""
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 always keeps them apart
-        runner = CliRunner()
-    return runner.invoke(main, list(args))
 
 
 def pass_args(passes: tuple[str, ...]) -> list[str]:
