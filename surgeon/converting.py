@@ -50,6 +50,7 @@ class Conversion:
     written_bytes: int  # computed in memory
     files: list[str]
     seconds: float
+    phases: dict[str, float]  # seconds: "open" the source, run the "passes", "write" DST
     pushed_to: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +81,7 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
         example = load_example(example)
 
     source = open_source(src, revision=revision, weights=weights, allow_pickle=allow_pickle)
+    opened = time.perf_counter()
     if source.directory is not None and _inside(dest, source.directory):
         raise DestinationError(f"{dest} is inside the source {source.directory}; write the "
                                "converted checkpoint elsewhere")
@@ -96,6 +98,7 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
     with torch.random.fork_rng(devices=[]), torch.no_grad(), lazy:
         torch.manual_seed(SEED)
         apply(model, configs, example)
+    rewritten = time.perf_counter()
 
     tensors = tensors_to_write(model, source.lazy)
     copied = sum(v.nbytes for v in tensors.values() if isinstance(v, Stored))
@@ -115,6 +118,7 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
         write_card(tmp, model, src, new)
         written = [f.name for f in files] + carried + [RECIPE, "README.md"]
         written += [EXAMPLE] if (tmp / EXAMPLE).is_file() else []  # a factory's example
+    end = time.perf_counter()
     return Conversion(
         source=src, destination=str(dest), model=type(model).__name__,
         streamed=source.lazy is not None,
@@ -123,8 +127,8 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
                 for d in model.surgeon_drift],
         new_parameters=new, tensors=len(tensors), copied_bytes=copied,
         written_bytes=total - copied,
-        files=sorted(written),
-        seconds=time.perf_counter() - start)
+        files=sorted(written), seconds=end - start,
+        phases={"open": opened - start, "passes": rewritten - opened, "write": end - rewritten})
 
 
 def _inside(path: Path, directory: Path) -> bool:

@@ -7,13 +7,15 @@ for later runs). Each round then runs, in a shuffled order, every tool as its ow
 - `cp`: `cp -r` of the checkpoint directory;
 - `surgeon convert` (CLI): the whole command, interpreter and imports included;
 - `convert()` (in process): a Python process that imports everything first and then times only
-  the `surgeon.converting.convert(...)` call; its peak RSS is also reported above the RSS it had
-  after the imports (the high-water mark of the process minus the one before the call);
+  the `surgeon.convert(...)` call (and its phases: open, passes, write); its peak RSS is also
+  reported above the RSS it had after the imports (the high-water mark of the process minus the
+  one before the call);
 - `load_file + save_file`: `safetensors.torch.load_file` then `save_file` of the same weights
   (what a naive converter does), timed the same way.
 
 All with passes aion, hyper:streams=4, adyt. The source is read from the page cache in every
-run (a warm-up `cp` reads it first). Goals: `convert()` ≤ 1.1× `cp`; its peak RSS above the
+run (a warm-up `cp` reads it first), and `sync` runs before each tool, so none pays for writing
+back the last one's output. Goals: `convert()` ≤ 1.1× `cp`; its peak RSS above the
 imports ≤ largest tensor + new parameters + 150 MB. Prints a table and writes
 examples/benchmarks/results/convert_io.{json,md} with the machine and date.
 
@@ -52,8 +54,9 @@ job, src, dst = sys.argv[1:4]
 torch.set_num_threads({threads})
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
+phases = {{}}
 if job == "convert":
-    surgeon.converting.convert(src, dst, {passes!r})
+    phases = surgeon.converting.convert(src, dst, {passes!r}).phases
 else:
     import os
     os.makedirs(dst)
@@ -62,7 +65,7 @@ else:
 seconds = time.perf_counter() - start
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"seconds": seconds, "rss_before_mb": before / 1024,
-                  "rss_peak_mb": after / 1024}}))
+                  "rss_peak_mb": after / 1024, "phases": phases}}))
 """
 
 
@@ -155,12 +158,14 @@ def main() -> None:
             dst = str(work / f"out-{r}")
             shutil.rmtree(dst, ignore_errors=True)
             cmd, kind = tools[name](dst)
+            os.sync()  # start each tool with no dirty pages of the last one to write back
             wall, rss, out = run_measured(cmd)
             sample = {"wall_s": wall, "rss_mb": rss}
             if kind == "json":
                 inner = json.loads(out.strip().splitlines()[-1])
                 sample.update(seconds=inner["seconds"], rss_before_mb=inner["rss_before_mb"],
-                              rss_above_imports_mb=inner["rss_peak_mb"] - inner["rss_before_mb"])
+                              rss_above_imports_mb=inner["rss_peak_mb"] - inner["rss_before_mb"],
+                              **{f"{k}_s": v for k, v in inner["phases"].items()})
             samples[name].append(sample)
             shutil.rmtree(dst, ignore_errors=True)
             print(f"round {r + 1}/{rounds} {name}: {wall:.2f} s wall, {rss:.0f} MB peak RSS",
@@ -199,13 +204,16 @@ def report(info: dict[str, Any], samples: dict[str, list[dict[str, float]]],
                f"Python {platform.python_version()}")
     date = datetime.date.today().isoformat()
     conv = next(r for r in rows if r["tool"] == "convert() in process")
+    runs = samples["convert() in process"]
+    phases = ", ".join(f"{k} {_median(runs, f'{k}_s'):.2f} s" for k in ("open", "passes", "write"))
     summary = (f"checkpoint {info['bytes'] / 1e9:.2f} GB ({info['tensors']} tensors, largest "
                f"{info['largest_tensor_bytes'] / 2**20:.0f} MiB); passes {' '.join(PASSES)}; "
                f"median of {len(samples['cp -r'])} rounds; torch threads {args.threads}.\n\n"
                f"Goals: convert() ≤ 1.1× cp: {conv['x_cp']:.2f}× "
                f"({'met' if conv['x_cp'] <= 1.1 else 'missed'}); RSS above imports ≤ "
                f"{rss_goal:.0f} MiB: {conv['rss_above_imports_mb']:.0f} MiB "
-               f"({'met' if conv['rss_above_imports_mb'] <= rss_goal else 'missed'}).")
+               f"({'met' if conv['rss_above_imports_mb'] <= rss_goal else 'missed'}).\n\n"
+               f"convert() phases (median): {phases}.")
     print()
     print(table)
     print()
