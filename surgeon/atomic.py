@@ -18,6 +18,7 @@ from pathlib import Path
 from surgeon.errors import SurgeonError
 
 MARKER = "surgeon.json"  # a directory holding it was written by surgeon and may be replaced
+MARKERS = (MARKER, "growth.json")  # what `surgeon convert` / `save` and `surgeon grow` write
 
 
 class DestinationError(SurgeonError):
@@ -35,8 +36,9 @@ def check_destination(dest: Path, *, overwrite: bool) -> None:
     if not overwrite:
         raise DestinationError(f"{dest} already exists; pass --overwrite (overwrite=True) to "
                                "replace it")
-    if any(dest.iterdir()) and not (dest / MARKER).is_file():
-        raise DestinationError(f"{dest} exists and was not written by surgeon (no {MARKER}); "
+    if any(dest.iterdir()) and not any((dest / m).is_file() for m in MARKERS):
+        raise DestinationError(f"{dest} exists and was not written by surgeon (no {MARKER} or "
+                               f"{MARKERS[1]}); "
                                "refusing to replace it, remove it yourself")
 
 

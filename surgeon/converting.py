@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from surgeon.atomic import MARKER, DestinationError, atomic_directory, check_des
 from surgeon.card import write_card
 from surgeon.checkpoint import EXAMPLE, RECIPE, tensors_to_write, write_recipe
 from surgeon.errors import ExampleError
+from surgeon.output import carry_files, tensor_progress
 from surgeon.recipe import PassConfig, PassError, parse_pass
 from surgeon.source import PICKLE_SUFFIXES, load_example, open_source
 from surgeon.weights import DEFAULT_MAX_SHARD_SIZE, INDEX, Stored, parse_size, write_checkpoint
@@ -106,14 +106,10 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
                 for v in tensors.values())
     new = sum(p.numel() for name, p in model.named_parameters() if name not in before)
     with atomic_directory(dest, overwrite=overwrite) as tmp:
-        bar = _bar(progress, len(tensors))
-        try:
+        with tensor_progress(progress, len(tensors)) as advance:
             files = write_checkpoint(tmp, tensors, max_shard_size=max_shard_size,
-                                     progress=lambda _: bar.update(1) if bar else None)
-        finally:
-            if bar is not None:
-                bar.close()
-        carried = _carry_files(source.directory, tmp)
+                                     progress=advance)
+        carried = carry_files(source.directory, tmp, _not_carried)
         write_recipe(tmp, model, source.base, {"source": {"name": src, "revision": revision}})
         write_card(tmp, model, src, new)
         written = [f.name for f in files] + carried + [RECIPE, "README.md"]
@@ -136,24 +132,8 @@ def _inside(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
-def _carry_files(directory: Path | None, out: Path) -> list[str]:
-    """Copy the source directory's other files (config, tokenizer, generation config)."""
-    if directory is None:
-        return []
-    carried = []
-    for entry in sorted(directory.iterdir()):
-        if entry.is_file() and not entry.name.endswith(_NOT_CARRIED) and entry.name != MARKER:
-            shutil.copyfile(entry, out / entry.name)
-            carried.append(entry.name)
-    return carried
-
-
-def _bar(enabled: bool, total: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="tensor", desc="writing", leave=False)
+def _not_carried(name: str) -> bool:
+    return name.endswith(_NOT_CARRIED) or name == MARKER
 
 
 def _say(line: str) -> None:
