@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["apply", "attach", "convert", "inspect", "load", "save", "trace", "verify",
+__all__ = ["apply", "attach", "convert", "grow", "inspect", "load", "save", "trace", "verify",
            "SurgeonError", "__version__"]
 
 if TYPE_CHECKING:
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from surgeon.applying import apply
     from surgeon.checkpoint import load, save
     from surgeon.converting import convert
+    from surgeon.growth.grow import grow
     from surgeon.nn.stats import attach
     from surgeon.verifying import verify
 
@@ -32,6 +33,10 @@ def __getattr__(name: str) -> Any:
         from surgeon.converting import convert
 
         return convert
+    if name == "grow":
+        from surgeon.growth.grow import grow
+
+        return grow
     if name == "verify":
         from surgeon.verifying import verify
 

@@ -1,5 +1,5 @@
 """The `surgeon` command line: `surgeon inspect SRC`, `surgeon convert SRC DST -p PASS`,
-`surgeon verify DST`.
+`surgeon verify DST`, `surgeon grow SNAPDIR DST`.
 
 Commands load models through `surgeon.source` and report through `surgeon.report`. A user's
 mistake (every `SurgeonError`) is printed as one line `error: <message>` on stderr with exit code 1,
@@ -20,6 +20,7 @@ from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
     from surgeon.converting import Conversion
+    from surgeon.growth.grow import BlockTrend, Growth
     from surgeon.report import Inspection
     from surgeon.verifying import Verification
 
@@ -136,6 +137,105 @@ def verify_cmd(path: str, against: str | None, revision: str | None, as_json: bo
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_verification(result))
     if not result.ok:
         raise UserError(f"{path} failed verification: {result.failures[0]}")
+
+
+@main.command("grow")
+@click.argument("snapdir")
+@click.argument("dst", required=False)
+@click.option("--after", type=int, default=None,
+              help="Insert after this block (default: the last; -1: before the first).")
+@click.option("--count", type=int, default=1, show_default=True, help="Blocks to insert.")
+@click.option("--init", "init", default="extrapolate", show_default=True,
+              type=click.Choice(["extrapolate", "copy", "zero", "random"]),
+              help="How the new blocks start.")
+@click.option("--source", type=int, default=None,
+              help="The block whose trajectory (or weights) seeds the new ones (default: the "
+                   "one they follow).")
+@click.option("--blocks", default=None, metavar="PREFIX",
+              help="The block list, e.g. model.layers (default: the one holding most bytes).")
+@click.option("--checkpoint", default=None, metavar="DIR",
+              help="The checkpoint to grow (default: the newest snapshot).")
+@click.option("--beta0", type=float, default=0.1, show_default=True)
+@click.option("--gamma0", type=float, default=0.15, show_default=True)
+@click.option("--eta0", type=float, default=0.03, show_default=True)
+@click.option("--tau-crit", type=float, default=2.0, show_default=True)
+@click.option("--kappa-crit", type=float, default=0.5, show_default=True)
+@click.option("--k-subspace", type=int, default=10, show_default=True)
+@click.option("--ell-orth", type=int, default=5, show_default=True)
+@click.option("--max-shard-size", default="50GB", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (a surgeon output).")
+@click.option("--check", is_flag=True,
+              help="Write nothing: print τ, κ and stagnation per block.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def grow_cmd(snapdir: str, dst: str | None, after: int | None, count: int, init: str,
+             source: int | None, blocks: str | None, checkpoint: str | None, beta0: float,
+             gamma0: float, eta0: float, tau_crit: float, kappa_crit: float, k_subspace: int,
+             ell_orth: int, max_shard_size: str, overwrite: bool, check: bool, quiet: bool,
+             as_json: bool) -> None:
+    """Insert new blocks into the newest checkpoint of SNAPDIR and write the grown checkpoint DST.
+
+    SNAPDIR is a Trainer output directory of checkpoint-<step>/, a directory of
+    <name>-<step>.safetensors files, or one written by surgeon's SnapshotRecorder. The new
+    blocks start from the source block's weights moved along their trajectory over the
+    snapshots (--init extrapolate), or as a copy, with their residual outputs at zero (exactly
+    the original function), or freshly initialised. With --check, print per block whether its
+    trajectory stagnates (τ ≥ τ_crit and κ ≥ κ_crit), and write nothing.
+    """
+    from surgeon.growth.geometry import GrowthConfig
+    from surgeon.growth.grow import check as check_blocks
+    from surgeon.growth.grow import grow
+
+    try:
+        settings = GrowthConfig(beta0=beta0, gamma0=gamma0, eta0=eta0, tau_crit=tau_crit,
+                                kappa_crit=kappa_crit, k_subspace=k_subspace, ell_orth=ell_orth)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if check:
+        trends = check_blocks(snapdir, blocks=blocks, settings=settings)
+        click.echo(json.dumps([t.__dict__ for t in trends], indent=2) if as_json
+                   else format_trends(trends, settings))
+        return
+    if dst is None:
+        raise UserError("give DST, the directory to write the grown checkpoint to (or --check)")
+    progress = not (quiet or as_json) and sys.stderr.isatty()
+    result = grow(snapdir, dst, after=after, count=count, init=init, source=source,
+                  blocks=blocks, checkpoint=checkpoint, settings=settings,
+                  max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(format_growth(result))
+
+
+def format_growth(g: Growth) -> str:
+    """The summary `surgeon grow` prints."""
+    first = g.after + 1
+    lines = [f"grew {g.checkpoint}: {g.depth[0]} → {g.depth[1]} blocks under {g.blocks!r}, "
+             f"{g.count} new at {first}..{first + g.count - 1} ({g.init} from block {g.source})"]
+    rows = [r for r in g.tensors if "tau" in r]
+    if rows:
+        lines += ["", *_section("Extrapolated tensors", ("tensor", "τ", "κ", "β", "γ", "η",
+                                                          "‖ΔW‖/‖W‖"),
+                                [(r["key"], f"{r['tau']:.3g}", f"{r['kappa']:.3g}",
+                                  f"{r['beta']:.3g}", f"{r['gamma']:.3g}", f"{r['eta']:.3g}",
+                                  f"{r['relative_update']:.3g}") for r in rows])]
+    lines.append(f"config: {', '.join(g.config_changes) or 'none'} changed")
+    lines.append(f"new parameters: {g.new_parameters:,} in {g.new_tensors} tensors; "
+                 f"{_bytes(g.copied_bytes)} copied unchanged, {_bytes(g.written_bytes)} computed")
+    lines.append(f"wrote {g.destination} in {g.seconds:.1f} s: {', '.join(g.files)}")
+    return "\n".join(lines)
+
+
+def format_trends(trends: list[BlockTrend], settings: Any) -> str:
+    """The table `surgeon grow --check` prints."""
+    lines = _section(f"Blocks (stagnating: τ ≥ {settings.tau_crit:g} and κ ≥ "
+                     f"{settings.kappa_crit:g})", ("block", "τ", "κ", "stagnating"),
+                     [(str(t.index), f"{t.tau:.3f}", f"{t.kappa:.3f}",
+                       "yes" if t.stagnating else "no") for t in trends])
+    stuck = [str(t.index) for t in trends if t.stagnating]
+    lines.append(f"stagnating blocks: {', '.join(stuck)}" if stuck else "no block stagnates")
+    return "\n".join(lines)
 
 
 def format_conversion(c: Conversion) -> str:
