@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 import transformers
 from cli_runner import run
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
 from surgeon.growth.geometry import GrowthConfig
@@ -207,16 +209,48 @@ def test_bad_options_leave_nothing(args: list[str], message: str, tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_bad_snapshot_directories_leave_nothing(tmp_path: Path) -> None:
-    run_dir, _ = snapshots("gpt2", tmp_path / "run")
+def _drop_to_two(run_dir: Path) -> None:
     for step in (10, 20):
-        for f in (run_dir / f"checkpoint-{step}").iterdir():
-            f.unlink()
-        (run_dir / f"checkpoint-{step}").rmdir()
+        shutil.rmtree(run_dir / f"checkpoint-{step}")
+
+
+def _nan_in_source_block(run_dir: Path) -> None:
+    file = run_dir / "checkpoint-20" / "model.safetensors"
+    tensors = load_file(str(file))
+    tensors["transformer.h.1.mlp.c_fc.weight"][0, 0] = float("nan")
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _missing_key(run_dir: Path) -> None:
+    file = run_dir / "checkpoint-30" / "model.safetensors"
+    tensors = load_file(str(file))
+    del tensors["transformer.h.0.ln_1.bias"]
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _pickle_only(run_dir: Path) -> None:
+    ckpt = run_dir / "checkpoint-30"
+    torch.save(load_file(str(ckpt / "model.safetensors")), ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (_drop_to_two, "growth needs at least 3"),
+    (_nan_in_source_block, "holds NaN"),
+    (_missing_key, "transformer.h.0.ln_1.bias"),
+    (_pickle_only, "pytorch_model.bin"),
+])
+def test_bad_snapshot_directories_leave_nothing(spoil, message: str, tmp_path: Path) -> None:
+    run_dir, _ = snapshots("gpt2", tmp_path / "run")
+    spoil(run_dir)
     result = run("grow", str(run_dir), str(tmp_path / "grown"))
-    assert result.exit_code == 1
-    assert "growth needs at least 3" in result.stderr and str(run_dir) in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_missing_snapshot_directory(tmp_path: Path) -> None:
     missing = run("grow", str(tmp_path / "nowhere"), str(tmp_path / "grown"))
     assert missing.exit_code == 1 and "nowhere" in missing.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert list(tmp_path.iterdir()) == []
