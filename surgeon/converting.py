@@ -28,7 +28,14 @@ from surgeon.errors import ExampleError
 from surgeon.output import carry_files, tensor_progress
 from surgeon.recipe import PassConfig, PassError, parse_pass
 from surgeon.source import PICKLE_SUFFIXES, load_example, open_source
-from surgeon.weights import DEFAULT_MAX_SHARD_SIZE, INDEX, Stored, parse_size, write_checkpoint
+from surgeon.weights import (
+    DEFAULT_MAX_SHARD_SIZE,
+    INDEX,
+    Stored,
+    parse_size,
+    total_bytes,
+    write_checkpoint,
+)
 
 # Source files that are not carried over into the converted directory.
 _NOT_CARRIED = (".safetensors", INDEX, "README.md", RECIPE, ".gitattributes") + PICKLE_SUFFIXES
@@ -102,8 +109,7 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
 
     tensors = tensors_to_write(model, source.lazy)
     copied = sum(v.nbytes for v in tensors.values() if isinstance(v, Stored))
-    total = sum(v.nbytes if isinstance(v, Stored) else v.numel() * v.element_size()
-                for v in tensors.values())
+    total = total_bytes(tensors.values())
     new = sum(p.numel() for name, p in model.named_parameters() if name not in before)
     with atomic_directory(dest, overwrite=overwrite) as tmp:
         with tensor_progress(progress, len(tensors)) as advance:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,14 @@ from surgeon.growth.insert import (
 )
 from surgeon.growth.snapshots import Snapshots, open_snapshots
 from surgeon.output import carry_files, tensor_progress
-from surgeon.weights import DEFAULT_MAX_SHARD_SIZE, Checkpoint, Stored, parse_size, write_checkpoint
+from surgeon.weights import (
+    DEFAULT_MAX_SHARD_SIZE,
+    Checkpoint,
+    Stored,
+    parse_size,
+    total_bytes,
+    write_checkpoint,
+)
 
 INITS = ("extrapolate", "copy", "zero", "random")
 GROWTH = "growth.json"
@@ -113,9 +121,9 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
     for index in new_indices(after, count):
         for member, value in fresh.items():
             out[found.key(index, member)] = value
-    new_params = count * sum(_numel(v) for v in fresh.values())
+    new_params = count * sum(math.prod(v.shape) for v in fresh.values())
     copied = sum(v.nbytes for v in out.values() if isinstance(v, Stored))
-    total = sum(_nbytes(v) for v in out.values())
+    total = total_bytes(out.values())
 
     with atomic_directory(dest, overwrite=overwrite) as tmp:
         with tensor_progress(progress, len(out)) as advance:
@@ -239,18 +247,6 @@ def _not_carried(name: str) -> bool:
     """Weights, the config (written widened), and the training run's own files."""
     return (name.endswith(_NOT_CARRIED) or name in ("config.json", "README.md", GROWTH)
             or name.startswith(_RUN_FILES))
-
-
-def _numel(value: Stored | torch.Tensor) -> int:
-    shape = value.shape
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _nbytes(value: Stored | torch.Tensor) -> int:
-    return value.nbytes if isinstance(value, Stored) else value.numel() * value.element_size()
 
 
 @dataclass(frozen=True)
