@@ -8,7 +8,7 @@ machine with no download. Re-running this script rewrites the same weights.
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -41,5 +41,8 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    default = Path(__file__).resolve().parent / "tiny-llama"
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else default)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path,
+                        default=Path(__file__).resolve().parent / "tiny-llama",
+                        help="directory to write (default: examples/tiny-llama)")
+    main(parser.parse_args().out)

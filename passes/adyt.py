@@ -16,12 +16,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from surgeon.lazy import materialized
+from surgeon.files.lazy import materialized
+from surgeon.graph.report import Norm
+from surgeon.graph.rewrite import Surgery
 from surgeon.nn.adyt import ADyT as ADyTModule
 from surgeon.nn.adyt import dyt_llama_alpha0
 from surgeon.recipe import PassConfig, register
-from surgeon.report import Norm
-from surgeon.rewrite import Surgery
 
 
 def effective_affine(norm: nn.Module, d: int, eps: float | None) -> tuple[torch.Tensor, ...]:

@@ -14,9 +14,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from surgeon.graph.rewrite import Surgery, node_named
 from surgeon.nn.aion import AionResidual
 from surgeon.recipe import PassConfig, PassError, register
-from surgeon.rewrite import Surgery, node_named
 
 
 @register

@@ -20,12 +20,12 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
+from surgeon.graph.rewrite import Surgery, node_named
+from surgeon.graph.tracing import flatten
 from surgeon.nn.aion import AionResidual
 from surgeon.nn.hyper import expand_streams, reduce_streams
 from surgeon.nn.mhc import hyper_connections
 from surgeon.recipe import PassConfig, PassError, register
-from surgeon.rewrite import Surgery, node_named
-from surgeon.tracing import flatten
 
 
 @dataclass

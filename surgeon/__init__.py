@@ -5,30 +5,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from surgeon.version import __version__
+
 __all__ = ["apply", "attach", "convert", "grow", "inspect", "load", "save", "trace", "verify",
            "SurgeonError", "__version__"]
 
 if TYPE_CHECKING:
-    from surgeon.api import inspect, trace
-    from surgeon.errors import SurgeonError
-    from surgeon.applying import apply
+    from surgeon.applying import apply, inspect, trace
     from surgeon.checkpoint import load, save
     from surgeon.converting import convert
+    from surgeon.errors import SurgeonError
     from surgeon.growth.grow import grow
     from surgeon.nn.stats import attach
     from surgeon.verifying import verify
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("inspect", "trace"):
-        from surgeon import api
+    if name in ("apply", "inspect", "trace"):
+        from surgeon import applying
 
-        return getattr(api, name)
-    if name == "apply":
-        from surgeon.applying import apply
-
-        return apply
+        return getattr(applying, name)
     if name == "convert":
         from surgeon.converting import convert
 

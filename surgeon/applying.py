@@ -1,4 +1,7 @@
-"""`surgeon.apply(model, passes, example)`: run passes over a model, in place, and report drift.
+"""The Python face on a model: `surgeon.inspect`, `surgeon.trace` and `surgeon.apply`.
+
+`inspect` and `trace` only read the model. `apply(model, passes, example)` runs passes over it,
+in place, and reports drift.
 
 Each pass sees the model as the previous one left it (traced again), rewrites the graphs of the
 modules in its scope, and the edited modules go back in their places; the model keeps its class,
@@ -16,11 +19,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon.api import _example_for
 from surgeon.errors import ExampleError
+from surgeon.graph.example_inputs import example_for
+from surgeon.graph.find import inspect_trace
+from surgeon.graph.report import Inspection
+from surgeon.graph.rewrite import Surgery
+from surgeon.graph.tracing import ModelTrace, flatten, trace_model
 from surgeon.recipe import PassConfig, PassError, parse_pass
-from surgeon.rewrite import Surgery
-from surgeon.tracing import flatten
+
+
+def trace(model: nn.Module, example: tuple | dict | None = None) -> ModelTrace:
+    """Record `example` on `model` and capture a verified torch.fx graph for every module that
+    can be traced (see `surgeon.graph.tracing`). `example=None` builds one for transformers
+    models."""
+    return trace_model(model, example_for(model, example))
+
+
+def inspect(model: nn.Module, example: tuple | dict | None = None) -> Inspection:
+    """Find the residual adds, LayerNorm/RMSNorm layers and residual trunks of `model`.
+
+    `example` is a tuple of positional args or a dict of keyword args for one forward call; for
+    transformers models `None` builds a small input from the config. Analysis only: the model is
+    not changed (its train/eval mode is restored).
+    """
+    if not isinstance(model, nn.Module):
+        raise ExampleError(f"surgeon.inspect expects an nn.Module, got {type(model).__name__}")
+    return inspect_trace(trace(model, example))
 
 
 @dataclass(frozen=True)
@@ -40,15 +64,15 @@ class Drift:
         return self.promise is not None and not self.step <= self.promise
 
 
-def _output_vector(output: Any) -> torch.Tensor:
-    tensors = [t.detach().double().flatten() for t in flatten(_plain(output))[0]
+def output_vector(output: Any) -> torch.Tensor:
+    tensors = [t.detach().double().flatten() for t in flatten(plain_output(output))[0]
                if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not tensors:
         raise ExampleError("the model's output on the example holds no floating-point tensor")
     return torch.cat(tensors)
 
 
-def _plain(output: Any) -> Any:
+def plain_output(output: Any) -> Any:
     """ModelOutput and other mappings → dict, so the pytree can read them."""
     if isinstance(output, dict) or hasattr(output, "to_tuple"):
         return {k: output[k] for k in output.keys()}
@@ -108,7 +132,7 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
                    for c in configs]
     if not hasattr(model, "_surgeon_example"):
         model._surgeon_example = example  # what surgeon.save records (None: the default one)
-    example = _example_for(model, example)
+    example = example_for(model, example)
     done = applied_passes(model)
     _check_order(done, configs)
     reference: torch.Tensor | None = None  # the output before any pass ran
@@ -120,7 +144,7 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
             continue
         surgery = Surgery(model, example)
         # Tracing ran the model once: its output is the one before this pass and after the last.
-        current = _output_vector(_recorded_output(surgery))
+        current = output_vector(_recorded_output(surgery))
         if reference is None:
             reference = current
         if pending is not None:
@@ -133,7 +157,7 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
         pending = (config, new, current)
         model._surgeon_manifest = getattr(model, "_surgeon_manifest", []) + new
     if pending is not None:
-        current = _output_vector(surgery.run_example())
+        current = output_vector(surgery.run_example())
         reports.append(drift(reference, current, pending[0].name, len(pending[1]), pending[2],
                              pending[0].preserves()))
     model._surgeon_passes = done

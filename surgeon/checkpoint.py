@@ -1,7 +1,7 @@
 """`surgeon.save` and `surgeon.load`: a converted model as safetensors plus its recipe.
 
 A saved directory holds `model.safetensors` or shards with an index (tied weights stored once;
-`surgeon.weights`), the base model's `config.json` where it has one, the example the
+`surgeon.files.weights`), the base model's `config.json` where it has one, the example the
 passes were applied with (`example.safetensors`, unless it was the default for a transformers
 config), and `surgeon.json`: versions, how to rebuild the base, the ordered pass configs and a
 manifest of the modules the passes created or replaced. Loading rebuilds the base, replays the
@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import surgeon
-from surgeon.atomic import atomic_directory
 from surgeon.errors import SurgeonError
-from surgeon.weights import DEFAULT_MAX_SHARD_SIZE, Checkpoint, Stored, write_checkpoint
+from surgeon.files.atomic import atomic_directory
+from surgeon.files.weights import DEFAULT_MAX_SHARD_SIZE, Checkpoint, Stored, write_checkpoint
+from surgeon.version import __version__
 
 if TYPE_CHECKING:
-    from surgeon.lazy import LazyWeights
+    from surgeon.files.lazy import LazyWeights
 
 RECIPE = "surgeon.json"
 EXAMPLE = "example.safetensors"
@@ -74,7 +74,7 @@ def _example_record(example: Any, out: Path) -> dict[str, Any]:
             "keys": [k for k, _ in items], "values": values}
 
 
-def _read_example(record: dict[str, Any], path: Path) -> Any:
+def read_example(record: dict[str, Any], path: Path) -> Any:
     if record.get("default"):
         return None
     tensors = load_file(str(path / EXAMPLE)) if (path / EXAMPLE).is_file() else {}
@@ -84,7 +84,7 @@ def _read_example(record: dict[str, Any], path: Path) -> Any:
 
 
 def _versions() -> dict[str, str]:
-    versions = {"surgeon": surgeon.__version__, "torch": torch.__version__}
+    versions = {"surgeon": __version__, "torch": torch.__version__}
     try:
         import transformers
 
@@ -183,9 +183,9 @@ def _rebuild_base(reference: dict[str, Any], path: Path) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(path)
         return cls(config)
     if kind == "factory":
-        from surgeon.source import _load_factory
+        from surgeon.files.source import load_factory
 
-        return _load_factory(reference["factory"]).model
+        return load_factory(reference["factory"]).model
     raise CheckpointError(f"{path / RECIPE}: unknown base kind {kind!r}")
 
 
@@ -208,7 +208,7 @@ def load(path: str | os.PathLike) -> nn.Module:
                               f"surgeon reads ({FORMAT}); upgrade surgeon")
     model = _rebuild_base(reference, root)
     model.eval()
-    apply(model, passes, _read_example(recipe.get("example", {"default": True}), root))
+    apply(model, passes, read_example(recipe.get("example", {"default": True}), root))
     built = list(getattr(model, "_surgeon_manifest", []))
     if built != list(manifest.get("modules", [])):
         missing = sorted(set(manifest.get("modules", [])) - set(built))

@@ -1,10 +1,10 @@
 """The `surgeon` command line: `surgeon inspect SRC`, `surgeon convert SRC DST -p PASS`,
 `surgeon verify DST`, `surgeon grow SNAPDIR DST`.
 
-Commands load models through `surgeon.source` and report through `surgeon.report`. A user's
-mistake (every `SurgeonError`) is printed as one line `error: <message>` on stderr with exit code 1,
-never as a traceback; heavy imports (torch, transformers) wait until a command runs.
-"""
+Commands load models through `surgeon.files.source` and report through `surgeon.graph.report`. A
+user's mistake (every `SurgeonError`) is printed as one line `error: <message>` on stderr with
+exit code 1, never as a traceback; heavy imports (torch, transformers) wait until a command
+runs."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from surgeon import __version__
 from surgeon.errors import SurgeonError
+from surgeon.version import __version__
 
 if TYPE_CHECKING:
     from surgeon.converting import Conversion
+    from surgeon.graph.report import Inspection
     from surgeon.growth.grow import BlockTrend, Growth
-    from surgeon.report import Inspection
     from surgeon.verifying import Verification
 
 REASON_WIDTH = 100  # untraced reasons are cut to this many characters in the table
@@ -63,7 +63,7 @@ def inspect_cmd(src: str, as_json: bool, revision: str | None) -> None:
     'package.module:factory' (a function returning an nn.Module).
     """
     import surgeon
-    from surgeon.source import load_model
+    from surgeon.files.source import load_model
 
     loaded = load_model(src, revision=revision)
     inspection = surgeon.inspect(loaded.model)
@@ -111,7 +111,7 @@ def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | Non
                      example=example, max_shard_size=max_shard_size, overwrite=overwrite,
                      allow_pickle=allow_pickle, progress=progress)
     if push:
-        from surgeon.hub import push_to_hub
+        from surgeon.files.hub import push_to_hub
 
         result.pushed_to = push_to_hub(result.destination, push, private=private,
                                        message=f"surgeon convert {src} with "

@@ -1,13 +1,12 @@
 """`surgeon.convert(src, dst, passes)`: a checkpoint in, a converted checkpoint out.
 
 The base model is built with its parameters on the `meta` device and bound to the source's
-safetensors files (`surgeon.source.open_source`); the passes run with each module's weights read
-while it is called (`surgeon.lazy`), so memory holds about one block, never the model. The
-destination gets the layout of `surgeon.save`: tensors that come through unchanged are copied
-byte for byte from the source files, only new ones are written from memory, shards are cut at
-`max_shard_size`, and everything is written beside `dst` and renamed into place at the end.
-The same inputs give byte-identical files.
-"""
+safetensors files (`surgeon.files.source.open_source`); the passes run with each module's
+weights read while it is called (`surgeon.files.lazy`), so memory holds about one block, never
+the model. The destination gets the layout of `surgeon.save`: tensors that come through
+unchanged are copied byte for byte from the source files, only new ones are written from memory,
+shards are cut at `max_shard_size`, and everything is written beside `dst` and renamed into
+place at the end. The same inputs give byte-identical files."""
 
 from __future__ import annotations
 
@@ -21,14 +20,13 @@ from typing import Any
 import torch
 
 from surgeon.applying import apply
-from surgeon.atomic import MARKER, DestinationError, atomic_directory, check_destination
-from surgeon.card import write_card
 from surgeon.checkpoint import EXAMPLE, RECIPE, tensors_to_write, write_recipe
 from surgeon.errors import ExampleError
-from surgeon.output import carry_files, tensor_progress
-from surgeon.recipe import PassConfig, PassError, parse_pass
-from surgeon.source import PICKLE_SUFFIXES, load_example, open_source
-from surgeon.weights import (
+from surgeon.files.atomic import MARKER, DestinationError, atomic_directory, check_destination
+from surgeon.files.card import write_card
+from surgeon.files.output import carry_files, tensor_progress
+from surgeon.files.source import PICKLE_SUFFIXES, load_example, open_source
+from surgeon.files.weights import (
     DEFAULT_MAX_SHARD_SIZE,
     INDEX,
     Stored,
@@ -36,6 +34,7 @@ from surgeon.weights import (
     total_bytes,
     write_checkpoint,
 )
+from surgeon.recipe import PassConfig, PassError, parse_pass
 
 # Source files that are not carried over into the converted directory.
 _NOT_CARRIED = (".safetensors", INDEX, "README.md", RECIPE, ".gitattributes") + PICKLE_SUFFIXES

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
-    from surgeon.rewrite import Surgery
+    from surgeon.graph.rewrite import Surgery
 
 
 class PassError(SurgeonError):

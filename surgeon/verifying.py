@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from surgeon.api import _example_for
-from surgeon.applying import Drift, _output_vector, apply
-from surgeon.checkpoint import RECIPE, CheckpointError, _read_example, load, output_signature
-from surgeon.tracing import run_example
+from surgeon.applying import Drift, apply, output_vector
+from surgeon.checkpoint import RECIPE, CheckpointError, load, output_signature, read_example
+from surgeon.graph.example_inputs import example_for
+from surgeon.graph.tracing import run_example
 
 MATCH = 1e-4  # relative max difference under which two outputs count as the same
 
@@ -51,7 +51,7 @@ def verify(path: str | os.PathLike, against: str | None = None, *,
     root = Path(path)
     model = load(root)
     recipe = json.loads((root / RECIPE).read_text())
-    example = _read_example(recipe.get("example", {"default": True}), root)
+    example = read_example(recipe.get("example", {"default": True}), root)
     output = _output(model, example)
     failures: list[str] = []
     reload_difference = None
@@ -65,9 +65,9 @@ def verify(path: str | os.PathLike, against: str | None = None, *,
         drifts = [Drift(**d) for d in recipe.get("drift", [])]
         source_difference = None
     else:
-        from surgeon.source import _quiet_transformers, load_model
+        from surgeon.files.source import load_model, quiet_transformers
 
-        with _quiet_transformers():  # no progress bars around the one-line result
+        with quiet_transformers():  # no progress bars around the one-line result
             base = load_model(against, revision=revision).model.eval()  # as `load` returns it
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -93,7 +93,7 @@ def verify(path: str | os.PathLike, against: str | None = None, *,
 
 def _output(model: torch.nn.Module, example: Any) -> torch.Tensor:
     with torch.no_grad():
-        return _output_vector(run_example(model, _example_for(model, example)))
+        return output_vector(run_example(model, example_for(model, example)))
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,16 +5,17 @@ and the model's class, and changes nothing when applied again."""
 from __future__ import annotations
 
 import functools
+
 import pytest
 import torch
 from zoo import ZOO, ZooCase
 
-from surgeon.applying import _plain, apply
 import surgeon
+from surgeon.applying import apply, plain_output
+from surgeon.graph.tracing import flatten, run_example
 from surgeon.nn import ADyT, AionResidual
 from surgeon.nn.hyper import StreamMixer
 from surgeon.recipe import PassError, parse_pass
-from surgeon.tracing import flatten, run_example
 
 COMBOS = [("aion",), ("adyt",), ("hyper",), ("hyper:mhc=true",), ("aion", "adyt"),
           ("adyt", "aion"), ("aion", "hyper", "adyt"), ("adyt", "aion", "hyper:streams=2")]
@@ -25,7 +26,7 @@ NO_HYPER: set[str] = set()
 def output_sum(model: torch.nn.Module, example: tuple | dict) -> torch.Tensor:
     """A fixed random projection of every float output (a norm's output has a constant mean
     square, so that would be a loss without gradient)."""
-    out = flatten(_plain(run_example(model, example)))[0]
+    out = flatten(plain_output(run_example(model, example)))[0]
     gen = torch.Generator().manual_seed(0)
     return sum((t.float() * torch.randn(t.shape, generator=gen)).sum() for t in out
                if isinstance(t, torch.Tensor) and t.is_floating_point())

@@ -1,4 +1,4 @@
-"""surgeon.atomic: a directory written all at once, or not at all."""
+"""surgeon.files.atomic: a directory written all at once, or not at all."""
 
 import os
 import signal
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from surgeon.atomic import MARKER, DestinationError, atomic_directory, check_destination
+from surgeon.files.atomic import MARKER, DestinationError, atomic_directory, check_destination
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -233,7 +233,7 @@ def test_sigkill_leaves_no_dest(tmp_path: Path) -> None:
     dest = tmp_path / "out"
     code = (
         "import sys, time\n"
-        "from surgeon.atomic import atomic_directory\n"
+        "from surgeon.files.atomic import atomic_directory\n"
         "with atomic_directory(sys.argv[1]) as tmp:\n"
         "    (tmp / 'model.safetensors').write_bytes(b'x' * 1000)\n"
         "    print('ready', flush=True)\n"

@@ -20,7 +20,7 @@ import ddp_worker
 import pytest
 import torch
 import torch.distributed as dist
-from ddp_worker import B, D, T, Net, loss_fn
+from ddp_worker import B, D, Net, T, loss_fn
 from torch import nn
 
 import surgeon
@@ -582,8 +582,13 @@ class AionMLP(nn.Module):
 
 def test_trainer_callback(tmp_path: Path, step_calls: list[int]) -> None:
     pytest.importorskip("accelerate", reason="the HF Trainer needs accelerate")
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
-    from transformers import TrainingArguments
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     config = LlamaConfig(
         vocab_size=64,

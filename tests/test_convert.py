@@ -23,10 +23,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cli_runner import run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from cli_runner import run
 from zoo import hf_bert, hf_gpt2, hf_llama, tokens
 
 import surgeon

@@ -1,4 +1,4 @@
-"""surgeon.example_inputs.default_example: the input built from a transformers config when
+"""surgeon.graph.example_inputs.default_example: the input built from a transformers config when
 `surgeon.inspect(model)` is given none, and the error for models it cannot build one for."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import ExampleError
-from surgeon.example_inputs import default_example
+from surgeon.graph.example_inputs import default_example
 
 transformers = pytest.importorskip("transformers")
 

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
+from surgeon.files.weights import Checkpoint
 from surgeon.growth.geometry import GrowthConfig
 from surgeon.growth.grow import check, grow
-from surgeon.weights import Checkpoint
 
 LAYERS = 2
 MODELS = {  # name: (builder, block prefix, depth key)

@@ -1,5 +1,5 @@
-"""surgeon.lazy: a model built with its parameters on meta runs with each module's weights read
-from the safetensors file only while it is called, gives the in-memory model's outputs, and
+"""surgeon.files.lazy: a model built with its parameters on meta runs with each module's weights
+read from the safetensors file only while it is called, gives the in-memory model's outputs, and
 never holds more than one unit of weights."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import torch
 import transformers
 from torch import nn
 
-from surgeon.lazy import (
+from surgeon.files.lazy import (
     LazyWeights,
     MismatchError,
     MissingTensorError,
     materialized,
     parameters_on_meta,
 )
-from surgeon.weights import Checkpoint
+from surgeon.files.weights import Checkpoint
 
 MODELS = {
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(

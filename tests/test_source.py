@@ -1,5 +1,5 @@
-"""surgeon.source: every SRC form (local HF directory, factory, hub id from an offline cache) and
-the one-line error each bad source gives. Nothing here touches the network."""
+"""surgeon.files.source: every SRC form (local HF directory, factory, hub id from an offline cache)
+and the one-line error each bad source gives. Nothing here touches the network."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import SourceError
-from surgeon.source import LoadedModel, load_model
+from surgeon.files.source import LoadedModel, load_model
 
 transformers = pytest.importorskip("transformers")
 

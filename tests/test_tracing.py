@@ -7,7 +7,7 @@ from zoo import NanoGPT, hf_bert, hf_gpt2, hf_llama, tokens
 
 import surgeon
 from surgeon.errors import SpecializationError
-from surgeon.tracing import TracedModule, trace_model
+from surgeon.graph.tracing import TracedModule, trace_model
 
 HF = [("gpt2", hf_gpt2, "transformer.h.0"), ("llama", hf_llama, "model.layers.0"),
       ("bert", hf_bert, "encoder.layer.0")]

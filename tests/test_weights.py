@@ -1,4 +1,4 @@
-"""surgeon.weights: safetensors checkpoints read and written tensor by tensor."""
+"""surgeon.files.weights: safetensors checkpoints read and written tensor by tensor."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from surgeon.weights import (
+from surgeon.files.weights import (
     INDEX,
     SINGLE,
     Checkpoint,

@@ -91,7 +91,7 @@ def build_checkpoint(path: Path, hidden: int, layers: int, vocab: int) -> dict[s
         model.save_pretrained(tmp)
         os.replace(tmp, path)
         del model
-    from surgeon.weights import Checkpoint
+    from surgeon.files.weights import Checkpoint
 
     ck = Checkpoint.open(path)
     return {"bytes": ck.nbytes, "tensors": len(ck),

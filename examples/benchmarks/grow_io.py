@@ -58,7 +58,7 @@ import sys, torch
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from safetensors.torch import save_file
-from surgeon.weights import Checkpoint
+from surgeon.files.weights import Checkpoint
 ckpt, out, layers, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 ck = Checkpoint.open(ckpt)
 prefix = f"model.layers.{{layers - 1}}."
@@ -135,7 +135,7 @@ def main() -> None:
 
 def _largest_block_tensor(ckpt: Path, layers: int) -> int:
     sys.path.insert(0, str(ROOT))
-    from surgeon.weights import Checkpoint
+    from surgeon.files.weights import Checkpoint
 
     ck = Checkpoint.open(ckpt)
     prefix = f"model.layers.{layers - 1}."

@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-import surgeon  # noqa: E402
-from surgeon.tracing import trace_model  # noqa: E402
 from zoo import NanoGPT, tokens  # noqa: E402
+
+import surgeon  # noqa: E402
+from surgeon.graph.tracing import trace_model  # noqa: E402
 
 
 def measure(blocks: int, repeats: int = 3) -> dict:

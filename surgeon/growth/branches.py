@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from surgeon.errors import SurgeonError
-from surgeon.tracing import ModelTrace
+from surgeon.graph.tracing import ModelTrace
 
 # Ops through which a zero branch stays zero.
 _ZERO_TO_ZERO_FUNCTIONS = {

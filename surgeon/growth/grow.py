@@ -31,7 +31,16 @@ from typing import Any
 
 import torch
 
-from surgeon.atomic import atomic_directory, check_destination
+from surgeon.files.atomic import atomic_directory, check_destination
+from surgeon.files.output import carry_files, tensor_progress
+from surgeon.files.weights import (
+    DEFAULT_MAX_SHARD_SIZE,
+    Checkpoint,
+    Stored,
+    parse_size,
+    total_bytes,
+    write_checkpoint,
+)
 from surgeon.growth.geometry import GrowthConfig, extrapolate
 from surgeon.growth.insert import (
     Blocks,
@@ -42,15 +51,6 @@ from surgeon.growth.insert import (
     widen_config,
 )
 from surgeon.growth.snapshots import Snapshots, open_snapshots
-from surgeon.output import carry_files, tensor_progress
-from surgeon.weights import (
-    DEFAULT_MAX_SHARD_SIZE,
-    Checkpoint,
-    Stored,
-    parse_size,
-    total_bytes,
-    write_checkpoint,
-)
 
 INITS = ("extrapolate", "copy", "zero", "random")
 GROWTH = "growth.json"
@@ -204,17 +204,17 @@ def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_d
 def _branch_members(blocks: Blocks, source: int, base_dir: Path) -> list[str]:
     """Member prefixes (relative to the block) of the modules writing its residual branches,
     from the model traced with its weights on disk."""
-    from surgeon.api import _example_for
-    from surgeon.find import inspect_trace
+    from surgeon.files.source import open_source
+    from surgeon.graph.example_inputs import default_example
+    from surgeon.graph.find import inspect_trace
+    from surgeon.graph.tracing import trace_model
     from surgeon.growth.branches import branch_outputs
-    from surgeon.source import open_source
-    from surgeon.tracing import trace_model
 
     opened = open_source(str(base_dir))
     block = f"{blocks.prefix}{source}"
     lazy = opened.lazy if opened.lazy is not None else contextlib.nullcontext()
     with torch.no_grad(), lazy:
-        trace = trace_model(opened.model, _example_for(opened.model, None))
+        trace = trace_model(opened.model, default_example(opened.model))
         names = branch_outputs(trace, inspect_trace(trace).residuals, block)
     return [n[len(block) + 1:] for n in names]
 
@@ -223,7 +223,7 @@ def _random_block(blocks: Blocks, source: int, base_dir: Path,
                   members: dict[str, Stored]) -> dict[str, Stored | torch.Tensor]:
     """A block initialised as the model initialises its own (transformers' `_init_weights`, else
     each submodule's `reset_parameters`), seeded, in the checkpoint's dtypes."""
-    from surgeon.source import open_source
+    from surgeon.files.source import open_source
 
     model = open_source(str(base_dir)).model
     block = copy.deepcopy(model.get_submodule(f"{blocks.prefix}{source}")).to_empty(device="cpu")

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from surgeon.errors import SurgeonError
-from surgeon.weights import INDEX, SINGLE, Checkpoint, WeightsError
+from surgeon.files.weights import INDEX, SINGLE, Checkpoint, WeightsError
 
 MANIFEST = "surgeon-snapshots.json"
 FORMAT = "surgeon-snapshots"

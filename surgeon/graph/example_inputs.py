@@ -1,4 +1,5 @@
-"""A small example input for a transformers model, built from its config.
+"""The example input a trace records: the caller's, checked, or one built from a transformers
+config.
 
 Tracing records one real call of the model, so `surgeon.inspect(model)` needs an input when the
 caller gives none. For a Hugging Face model the config says what it takes (token ids below
@@ -25,6 +26,18 @@ SEQ = 8
 SEED = 0
 
 _ASK = "pass example= (a tuple of positional args or a dict of keyword args for forward)"
+
+
+def example_for(model: nn.Module, example: tuple | list | dict | None) -> tuple | dict:
+    """`example` as one forward call's input (a tuple of positional args or a dict of keyword
+    args); `None` builds one from a transformers model's config (`default_example`)."""
+    if example is None:
+        return default_example(model)
+    if not isinstance(example, (tuple, list, dict)):
+        raise ExampleError(
+            f"example must be a tuple of positional args or a dict of keyword args, "
+            f"not {type(example).__name__}")
+    return tuple(example) if isinstance(example, list) else example
 
 
 def default_example(model: nn.Module) -> dict[str, torch.Tensor]:

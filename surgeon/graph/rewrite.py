@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from surgeon.find import _caller_inputs, inspect_trace
-from surgeon.report import Inspection
-import torch
-
-from surgeon.tracing import ModelTrace, TracedModule, _mha_fastpath, run_example, trace_model
+from surgeon.graph.find import caller_inputs, inspect_trace
+from surgeon.graph.report import Inspection
+from surgeon.graph.tracing import ModelTrace, TracedModule, as_recorded, run_example, trace_model
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -68,16 +67,8 @@ class Surgery:
     def run_example(self) -> Any:
         """The model's output on the example, in eval mode without gradients (mode restored),
         computed as tracing records it (torch's fused attention fast path off)."""
-        modes = {m: m.training for m in self.model.modules()}
-        fastpath = _mha_fastpath(False)
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                return run_example(self.model, self.example)
-        finally:
-            _mha_fastpath(fastpath)
-            for m, mode in modes.items():
-                m.training = mode
+        with as_recorded(self.model), torch.no_grad():
+            return run_example(self.model, self.example)
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name) if name else self.model
@@ -114,7 +105,7 @@ class Surgery:
             return False  # a structured output would need its getitems rewired
         graph = self.graph(caller)
         call = next((n for n in graph.nodes if n.op == "call_module" and n.target == rel), None)
-        values = _caller_inputs(child_trace, call) if call is not None else None
+        values = caller_inputs(child_trace, call) if call is not None else None
         placeholders = [n for n in sub.nodes if n.op == "placeholder"]
         if values is None or len(values) != len(placeholders):
             return False

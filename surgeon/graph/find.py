@@ -1,8 +1,9 @@
 """Analysis only: residual adds, LayerNorm/RMSNorm layers and residual trunks in a traced model.
 
-Each module owns its own graph (see `surgeon.tracing`), so results name the module whose code holds
-the add or the norm. Facts that depend only on a graph (ancestry, the adds in it) are computed once
-per shared graph, so a deep model costs what one block costs plus a little per block.
+Each module owns its own graph (see `surgeon.graph.tracing`), so results name the module whose
+code holds the add or the norm. Facts that depend only on a graph (ancestry, the adds in it) are
+computed once per shared graph, so a deep model costs what one block costs plus a little per
+block.
 
 - A residual add is `add(skip, branch)` where `skip` is an ancestor of `branch` and the path between
   them holds a parameterised op (a submodule with parameters, or an op fed a parameter) — this
@@ -30,8 +31,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.report import Inspection, Norm, Residual, Trunk, Untraced
-from surgeon.tracing import ModelTrace, ModuleTrace, flatten
+from surgeon.graph.report import Inspection, Norm, Residual, Trunk, Untraced
+from surgeon.graph.tracing import ModelTrace, ModuleTrace, flatten
 
 _FUNCTION_OPS: dict[Any, str] = {
     operator.add: "add", operator.iadd: "add", torch.add: "add",
@@ -577,7 +578,7 @@ def _caller(an: _Analysis, name: str) -> tuple[ModuleTrace, fx.Node] | None:
     return None
 
 
-def _caller_inputs(child: ModuleTrace, call: fx.Node) -> list[Any] | None:
+def caller_inputs(child: ModuleTrace, call: fx.Node) -> list[Any] | None:
     """The caller's values for each of the child's graph inputs."""
     spec = child.shared.spec
     try:
@@ -618,7 +619,7 @@ def _ask_caller(an: _Analysis, name: str, skip_idx: int, branch_idxs: list[int],
     if child is None or found is None:
         return None
     caller, call = found
-    values = _caller_inputs(child, call)
+    values = caller_inputs(child, call)
     if values is None or skip_idx >= len(values):
         return None
     facts = an.graph_facts(caller)

@@ -44,7 +44,7 @@ from torch import nn
 from torch.fx.proxy import ParameterProxy
 
 from surgeon.errors import ExampleError, SpecializationError, TracingError
-from surgeon.lazy import materialized
+from surgeon.files.lazy import materialized
 
 # ---------------------------------------------------------------------------------------------
 # Structures: our own tiny pytree. Only exact tuple/list/dict are containers; everything else is a
@@ -218,15 +218,12 @@ def record_calls(model: nn.Module, example: tuple | dict) -> dict[str, Call]:
         first = _first_tensor(output)
         call.out_shape = tuple(first.shape) if first is not None else None
 
-    modes = {m: m.training for m in model.modules()}
-    fastpath = _mha_fastpath(False)
     handles = []
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
     try:
-        model.eval()
-        with torch.no_grad():
+        with as_recorded(model), torch.no_grad():
             run_example(model, example)
     except ExampleError:
         raise
@@ -235,23 +232,29 @@ def record_calls(model: nn.Module, example: tuple | dict) -> dict[str, Call]:
             f"the example input fails on {type(model).__name__}: {type(e).__name__}: "
             f"{_first_line(e)}; pass an example the model accepts") from e
     finally:
-        _mha_fastpath(fastpath)
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return calls
 
 
-def _mha_fastpath(enabled: bool) -> bool:
-    """Switch torch's fused TransformerEncoderLayer/MultiheadAttention path; returns the old state.
-    Off while recording and tracing, so the recorded call runs the same ops the trace sees."""
+@contextlib.contextmanager
+def as_recorded(model: nn.Module) -> Iterator[None]:
+    """Inside, `model` runs as tracing records it: eval mode, and torch's fused
+    TransformerEncoderLayer/MultiheadAttention path off, so a recorded call runs the same ops the
+    trace sees. Every module's train/eval mode and the fast-path switch are restored on exit."""
+    modes = {m: m.training for m in model.modules()}
     backend = getattr(torch.backends, "mha", None)
-    if backend is None:
-        return False
-    old = backend.get_fastpath_enabled()
-    backend.set_fastpath_enabled(enabled)
-    return old
+    fastpath = backend.get_fastpath_enabled() if backend is not None else False
+    if backend is not None:
+        backend.set_fastpath_enabled(False)
+    try:
+        model.eval()
+        yield
+    finally:
+        if backend is not None:
+            backend.set_fastpath_enabled(fastpath)
+        for m, mode in modes.items():
+            m.training = mode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -884,10 +887,7 @@ def trace_model(model: nn.Module, example: tuple | dict, *, share_graphs: bool =
     calls = record_calls(model, example)
     result = ModelTrace(model, calls)
     cache: _Cache = {}
-    modes = {m: m.training for m in model.modules()}
-    fastpath = _mha_fastpath(False)
-    try:
-        model.eval()
+    with as_recorded(model):
         for name, module in model.named_modules():
             if is_atomic(module) or name not in calls or name in result.traces:
                 continue
@@ -901,10 +901,6 @@ def trace_model(model: nn.Module, example: tuple | dict, *, share_graphs: bool =
                 continue
             _trace_module(name, module, calls[name], calls, cache if share_graphs else {},
                           result)
-    finally:
-        _mha_fastpath(fastpath)
-        for m, mode in modes.items():
-            m.training = mode
     if not result.traces and result.failures:
         raise TracingError(f"no module of {type(model).__name__} could be traced: "
                            + "; ".join(f"{n or '<root>'}: {r}" for n, r in

@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.utils import swap_tensors
 
 from surgeon.errors import SurgeonError
-from surgeon.weights import Checkpoint, Stored
+from surgeon.files.weights import Checkpoint, Stored
 
 DEFAULT_UNIT_BYTES = 64 * 2**20  # a module whose weights fit in this is read in one go
 TRIM_BYTES = 256 * 2**20  # trim the C heap after a forward that went through this much

@@ -32,7 +32,7 @@ from surgeon.errors import SourceError
 if TYPE_CHECKING:
     from torch import nn
 
-    from surgeon.lazy import LazyWeights
+    from surgeon.files.lazy import LazyWeights
 
 ACCEPTED = (
     "SRC must be a local directory with config.json and model.safetensors, a hub id 'owner/name', "
@@ -72,7 +72,7 @@ def load_model(src: str, *, revision: str | None = None) -> LoadedModel:
         return _load_dir(path, src)
     if _FACTORY.fullmatch(src):
         _no_revision(revision, f"the factory {src}")
-        return _load_factory(src)
+        return load_factory(src)
     if src.startswith((".", "/", "~", "\\")) or src.count("/") > 1:
         raise SourceError(f"no such directory: {src}")
     if _HUB_ID.fullmatch(src) and ".." not in src and "--" not in src:
@@ -155,7 +155,7 @@ def _dir_config(path: Path, label: str, *, allow_pickle: bool = False) -> tuple[
     return config, cls
 
 
-def _load_factory(src: str) -> LoadedModel:
+def load_factory(src: str) -> LoadedModel:
     """Import `package.module`, call `factory()` and check it returned an nn.Module."""
     from torch import nn
 
@@ -276,7 +276,7 @@ class Source:
     """A base model ready to be converted without loading its weights.
 
     Where `lazy` is set, `model`'s parameters are on the `meta` device, bound to the safetensors
-    checkpoint they are read from while used (`surgeon.lazy.LazyWeights`); otherwise the model
+    checkpoint they are read from while used (`surgeon.files.lazy.LazyWeights`); otherwise the model
     is in memory (pickle weights, keys transformers renames on load, or a factory without
     `--weights`). `directory` holds files to carry over (tokenizer, generation config); `base`
     says how `surgeon.load` rebuilds the model.
@@ -316,8 +316,13 @@ def _hf_base(model: nn.Module) -> dict[str, Any]:
 
 
 def _open_dir(path: Path, label: str, allow_pickle: bool) -> Source:
-    from surgeon.lazy import LazyWeights, MismatchError, MissingTensorError, parameters_on_meta
-    from surgeon.weights import INDEX, SINGLE, Checkpoint
+    from surgeon.files.lazy import (
+        LazyWeights,
+        MismatchError,
+        MissingTensorError,
+        parameters_on_meta,
+    )
+    from surgeon.files.weights import INDEX, SINGLE, Checkpoint
 
     config, cls = _dir_config(path, label, allow_pickle=allow_pickle)
     if (path / INDEX).is_file() or (path / SINGLE).is_file():
@@ -334,13 +339,13 @@ def _open_dir(path: Path, label: str, allow_pickle: bool) -> Source:
             pass  # keys transformers renames on load (older layouts): load in memory below
         except MismatchError as e:  # a shape or an extra tensor: no renaming explains it
             raise SourceError(str(e)) from e
-    with _quiet_transformers():  # a mismatch is reported below, in one line
+    with quiet_transformers():  # a mismatch is reported below, in one line
         loaded = _load_dir(path, label, allow_pickle=allow_pickle, strict=True)
     return Source(loaded.model, None, path, _hf_base(loaded.model), loaded.description)
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Inside, transformers logs errors only and shows no progress bars (its multi-line load
     report would bury surgeon's one-line error)."""
     try:
@@ -360,12 +365,12 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _open_factory(src: str, weights: str | None, allow_pickle: bool) -> Source:
-    from surgeon.lazy import LazyWeights, parameters_on_meta
-    from surgeon.weights import Checkpoint
+    from surgeon.files.lazy import LazyWeights, parameters_on_meta
+    from surgeon.files.weights import Checkpoint
 
     base = {"kind": "factory", "factory": src}
     if weights is None:
-        loaded = _load_factory(src)
+        loaded = load_factory(src)
         loaded.model.eval()  # as every other source: the passes measure and record in eval
         return Source(loaded.model, None, None, base, loaded.description)
     file = Path(weights).expanduser()
@@ -374,7 +379,7 @@ def _open_factory(src: str, weights: str | None, allow_pickle: bool) -> Source:
     if not file.name.endswith(PICKLE_SUFFIXES):
         checkpoint = Checkpoint.open(file)
         with parameters_on_meta():
-            loaded = _load_factory(src)
+            loaded = load_factory(src)
         loaded.model.eval()
         lazy = LazyWeights(loaded.model, checkpoint, label=str(file))
         return Source(loaded.model, lazy, None, base, f"{loaded.description} with {weights}")
@@ -384,7 +389,7 @@ def _open_factory(src: str, weights: str | None, allow_pickle: bool) -> Source:
                           "weights_only=True, or save the weights as safetensors")
     import torch
 
-    loaded = _load_factory(src)
+    loaded = load_factory(src)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
         loaded.model.load_state_dict(state)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-import surgeon
+from surgeon.version import __version__
 
 _WHAT = {
     "aion": "residual adds became AION adaptive residuals, x + α·y with α = α0/(1 + β·ratio)",
@@ -25,7 +25,7 @@ def write_card(out: Path, model: nn.Module, source: str, new_parameters: int) ->
     lines = ["---", "library_name: surgeon", "tags:", "- surgeon"]
     lines += [f"- {p['_type']}" for p in model._surgeon_passes]
     lines += ["---", "", f"# {type(model).__name__} converted by surgeon", "",
-              f"Converted from `{source}` by surgeon {surgeon.__version__}:", ""]
+              f"Converted from `{source}` by surgeon {__version__}:", ""]
     drift = {d.pass_name: d for d in getattr(model, "surgeon_drift", [])}
     for spec in model._surgeon_passes:
         name = spec["_type"]
