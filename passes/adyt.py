@@ -44,6 +44,7 @@ class ADyT(PassConfig):
 
     name: ClassVar[str] = "adyt"
     version: ClassVar[int] = 1
+    rewrites: ClassVar[str] = "LayerNorm/RMSNorm modules"
 
     adaptive: bool = True
     alpha0: float = 0.5

@@ -26,6 +26,7 @@ class AION(PassConfig):
 
     name: ClassVar[str] = "aion"
     version: ClassVar[int] = 1
+    rewrites: ClassVar[str] = "residual adds"
     runs_before: ClassVar[tuple[str, ...]] = ("hyper",)
     runs_before_reason: ClassVar[str] = (
         "hyper-connections take over the residual adds; AION applied first scales each branch "

@@ -43,6 +43,7 @@ class HyperConnections(PassConfig):
 
     name: ClassVar[str] = "hyper"
     version: ClassVar[int] = 1
+    rewrites: ClassVar[str] = "residual trunks"
 
     streams: int = 4
     mhc: bool = False

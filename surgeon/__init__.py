@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 from surgeon.version import __version__
 
 __all__ = ["apply", "attach", "convert", "grow", "inspect", "load", "save", "trace", "verify",
-           "SurgeonError", "__version__"]
+           "NoEffectWarning", "SurgeonError", "SurgeonWarning", "__version__"]
 
 if TYPE_CHECKING:
     from surgeon.applying import apply, inspect, trace
     from surgeon.checkpoint import load, save
     from surgeon.converting import convert
-    from surgeon.errors import SurgeonError
+    from surgeon.errors import NoEffectWarning, SurgeonError, SurgeonWarning
     from surgeon.growth.grow import grow
     from surgeon.nn.stats import attach
     from surgeon.verifying import verify
@@ -45,8 +45,8 @@ def __getattr__(name: str) -> Any:
         from surgeon.nn.stats import attach
 
         return attach
-    if name == "SurgeonError":
-        from surgeon.errors import SurgeonError
+    if name in ("NoEffectWarning", "SurgeonError", "SurgeonWarning"):
+        from surgeon import errors
 
-        return SurgeonError
+        return getattr(errors, name)
     raise AttributeError(f"module 'surgeon' has no attribute {name!r}")

@@ -13,13 +13,14 @@ example is compared with the original's: `model.surgeon_drift` lists max |Δ| an
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from surgeon.errors import ExampleError
+from surgeon.errors import ExampleError, NoEffectWarning
 from surgeon.graph.example_inputs import example_for
 from surgeon.graph.find import inspect_trace
 from surgeon.graph.report import Inspection
@@ -99,6 +100,24 @@ def _recorded_output(surgery: Surgery) -> Any:
     return call.output if call is not None and call.out_ids else surgery.run_example()
 
 
+def no_effect(config: PassConfig, surgery: Surgery) -> str:
+    """Why `config` changed nothing on `surgery`'s model, in one line that says what to fix."""
+    model = type(surgery.model).__name__
+    patterns = [f"{key}={'|'.join(getattr(config, key))}" for key in ("include", "exclude")
+                if getattr(config, key)]
+    scope = " ".join(patterns)
+    names = [n for n, _ in surgery.model.named_modules() if n]
+    if scope and not any(config.selects(n) for n in names):
+        return (f"pass {config.name!r} changed nothing: {scope} selects no module of {model} "
+                f"(its modules are named like {', '.join(names[:3]) or 'nothing'}); "
+                "fix the patterns")
+    where = f"the modules of {model} that {scope} selects" if scope else model
+    untraced = [u for u in surgery.inspection.untraced if config.selects(u.module)]
+    hint = (f"; {len(untraced)} module{'s' * (len(untraced) != 1)} in scope could not be traced "
+            "(`surgeon inspect` says why)" if untraced else "")
+    return f"pass {config.name!r} changed nothing: found no {config.rewrites} in {where}{hint}"
+
+
 def applied_passes(model: nn.Module) -> list[dict[str, Any]]:
     """The JSON configs of the passes applied to `model`, in order."""
     return list(getattr(model, "_surgeon_passes", []))
@@ -151,6 +170,8 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
             reports.append(drift(reference, current, pending[0].name, len(pending[1]),
                                  pending[2], pending[0].preserves()))
         new = config.run(surgery)
+        if not new:
+            warnings.warn(no_effect(config, surgery), NoEffectWarning, stacklevel=2)
         surgery.commit()
         config.after_commit(surgery, new)
         done.append(config.to_json())

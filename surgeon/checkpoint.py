@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import NoEffectWarning, SurgeonError
 from surgeon.files.atomic import atomic_directory
 from surgeon.files.weights import DEFAULT_MAX_SHARD_SIZE, Checkpoint, Stored, write_checkpoint
 from surgeon.version import __version__
@@ -208,7 +209,9 @@ def load(path: str | os.PathLike) -> nn.Module:
                               f"surgeon reads ({FORMAT}); upgrade surgeon")
     model = _rebuild_base(reference, root)
     model.eval()
-    apply(model, passes, read_example(recipe.get("example", {"default": True}), root))
+    with warnings.catch_warnings():  # a pass that changed nothing said so when it was applied
+        warnings.simplefilter("ignore", NoEffectWarning)
+        apply(model, passes, read_example(recipe.get("example", {"default": True}), root))
     built = list(getattr(model, "_surgeon_manifest", []))
     if built != list(manifest.get("modules", [])):
         missing = sorted(set(manifest.get("modules", [])) - set(built))

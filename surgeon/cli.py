@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, SurgeonWarning
 from surgeon.version import __version__
 
 if TYPE_CHECKING:
@@ -37,13 +38,26 @@ class UserError(click.ClickException):
 
 
 class SurgeonGroup(click.Group):
-    """A click group that turns every SurgeonError raised by a command into a UserError."""
+    """A click group that turns every SurgeonError raised by a command into a UserError and
+    prints every SurgeonWarning as one stderr line `warning: <message>`."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except SurgeonError as e:
-            raise UserError(" ".join(str(e).split()) or type(e).__name__) from e
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            warnings.showwarning = _one_line_warning(warnings.showwarning)
+            try:
+                return super().invoke(ctx)
+            except SurgeonError as e:
+                raise UserError(" ".join(str(e).split()) or type(e).__name__) from e
+
+
+def _one_line_warning(fallback: Any) -> Any:
+    """A `warnings.showwarning` that prints surgeon's own warnings as one line, others as usual."""
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, SurgeonWarning):
+            click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+        else:
+            fallback(message, category, *args, **kwargs)
+    return show
 
 
 @click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,6 +2,8 @@
 
 The message names the file, module, key or option at fault and says what to do. The CLI prints
 `error: <message>` and exits non-zero; Python callers can catch `SurgeonError` (or a subclass).
+What is allowed but probably not meant (a pass that changes nothing) is a `SurgeonWarning`, which
+the CLI prints as one line `warning: <message>`.
 """
 
 from __future__ import annotations
@@ -30,3 +32,12 @@ class SpecializationError(SurgeonError):
     graph.
     A later call that passes something else would silently take the wrong branch, so it raises this.
     """
+
+
+class SurgeonWarning(UserWarning):
+    """Base class of the warnings surgeon gives; filter or escalate them by this class."""
+
+
+class NoEffectWarning(SurgeonWarning):
+    """A pass changed nothing: its `include=` / `exclude=` select no module of the model, or
+    nothing in its scope is what it rewrites (as Composer's algorithms warn)."""

@@ -39,6 +39,8 @@ class PassConfig:
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
+    # What the pass rewrites, for messages: "found no residual adds in scope".
+    rewrites: ClassVar[str] = "modules it rewrites"
     # Passes this one must run before (it cannot see what they leave behind), and why.
     runs_before: ClassVar[tuple[str, ...]] = ()
     runs_before_reason: ClassVar[str] = ""

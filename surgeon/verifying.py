@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from surgeon.applying import Drift, apply, output_vector
 from surgeon.checkpoint import RECIPE, CheckpointError, load, output_signature, read_example
+from surgeon.errors import NoEffectWarning
 from surgeon.graph.example_inputs import example_for
 from surgeon.graph.tracing import run_example
 
@@ -71,7 +73,9 @@ def verify(path: str | os.PathLike, against: str | None = None, *,
             base = load_model(against, revision=revision).model.eval()  # as `load` returns it
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            apply(base, recipe["passes"], example)
+            with warnings.catch_warnings():  # said at conversion already
+                warnings.simplefilter("ignore", NoEffectWarning)
+                apply(base, recipe["passes"], example)
         drifts = list(base.surgeon_drift)
         converted = _output(base, example)
         source_difference = _relative(output, converted)

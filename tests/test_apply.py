@@ -5,12 +5,14 @@ and the model's class, and changes nothing when applied again."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
 from zoo import ZOO, ZooCase
 
 import surgeon
+from surgeon import NoEffectWarning
 from surgeon.applying import apply, plain_output
 from surgeon.graph.tracing import flatten, run_example
 from surgeon.nn import ADyT, AionResidual
@@ -64,7 +66,11 @@ def test_apply_row(case: ZooCase, combo: tuple[str, ...]) -> None:
         with pytest.raises(PassError, match="hyper"):
             apply(model, list(combo), example)
         return
-    apply(model, list(combo), example)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        apply(model, list(combo), example)
+    idle = [str(w.message).split("'")[1] for w in record if w.category is NoEffectWarning]
+    assert idle == [n for n in names if expected_new(case, n) == 0]  # no effect: it says so
 
     assert type(model) is cls
     assert keys <= set(model.state_dict()), keys - set(model.state_dict())

@@ -134,3 +134,27 @@ def test_the_reader_sees_every_import(tmp_path: Path, source: str, expect: list)
     path = tmp_path / "surgeon" / "graph" / "find.py"
     path.write_text(source)
     assert [(i.target, i.names) for i in imports_of(path, tmp_path)] == expect
+
+
+def test_the_public_import_paths_keep_working() -> None:
+    """What users import: every name in `surgeon.__all__`, the runtime modules, growth and the
+    integrations (transformers is a test dependency, so those import too)."""
+    import importlib
+
+    import surgeon
+
+    for name in surgeon.__all__:
+        assert getattr(surgeon, name) is not None, name
+    assert issubclass(surgeon.NoEffectWarning, surgeon.SurgeonWarning)
+    for module, names in [
+        ("surgeon.nn", ["ADyT", "AionResidual", "HyperConnections", "ManifoldHyperConnections",
+                        "expand_streams", "reduce_streams", "attach"]),
+        ("surgeon.growth", ["GrowthConfig", "extrapolate", "stagnating"]),
+        ("surgeon.growth.snapshots", ["SnapshotRecorder", "open_snapshots"]),
+        ("surgeon.growth.grow", ["grow", "check"]),
+        ("surgeon.integrations.transformers", ["SurgeonCallback"]),
+        ("surgeon.integrations.snapshots", ["SnapshotCallback"]),
+    ]:
+        loaded = importlib.import_module(module)
+        missing = [n for n in names if not hasattr(loaded, n)]
+        assert not missing, f"{module} lacks {missing}"
