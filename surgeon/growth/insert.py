@@ -10,6 +10,7 @@ here works on key names, sizes and the config's JSON, so nothing is loaded.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,31 +103,121 @@ def check_insertion(blocks: Blocks, after: int, count: int) -> None:
                              f"{blocks.count - 1} under {blocks.prefix!r} (-1 inserts first)")
 
 
+# Config entries that hold one value per block (transformers 5 declares no metadata for this;
+# these are the lists its configs validate against `num_hidden_layers`, or document so).
+PER_LAYER_KEYS = ("layer_types", "mlp_layer_types", "num_attention_heads_per_layer",
+                  "num_key_value_heads_per_layer", "no_rope_layers")
+# Config entries that list block indices (the blocks that are dense, MoE, sliding...).
+LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "local_layer_ids")
+# A per-block list whose values are block indices (the layer whose KV cache a layer reads).
+LAYER_SOURCE_KEYS = ("kv_source_layers",)
+# Depth entries that count one side of an encoder-decoder, and nested configs named for a part.
+_SIDE_DEPTH = {"encoder": ("encoder_layers", "num_encoder_layers"),
+               "decoder": ("decoder_layers", "num_decoder_layers")}
+_PART_WORDS = {"encoder": ("encoder",), "decoder": ("decoder",),
+               "text_config": ("language", "text", "llm"),
+               "vision_config": ("vision", "visual", "image"),
+               "audio_config": ("audio", "speech")}
+_ALL_DEPTH = (*DEPTH_KEYS, *_SIDE_DEPTH["encoder"], *_SIDE_DEPTH["decoder"])
+
+
+def _side(prefix: str) -> str | None:
+    words = prefix.lower().replace("_", ".").split(".")
+    found = [side for side in ("encoder", "decoder") if side in words]
+    return found[0] if len(found) == 1 else None
+
+
+def _depth_side(node: dict[str, Any], name: str) -> str | None:
+    """Which side of an encoder-decoder the depth entry `name` of `node` counts, if any: T5's
+    `num_layers` counts the encoder where `num_decoder_layers` sits beside it."""
+    for side, keys in _SIDE_DEPTH.items():
+        if name in keys:
+            return side
+    if name in ("num_layers", "num_hidden_layers") and any(k in node for k in _SIDE_DEPTH[
+            "decoder"]):
+        return "encoder"
+    return None
+
+
 def widen_config(config: dict[str, Any], blocks: Blocks, after: int, count: int,
                  source: int) -> tuple[dict[str, Any], list[str]]:
-    """A copy of the config JSON `config` with `count` more blocks, and the names of the entries
-    changed. The depth entry equal to the block count grows; every list with one entry per block
-    gets `source`'s entry at each new index. Nested configs (`text_config`) are searched too."""
+    """A copy of the config JSON `config` with `count` more blocks in the list `blocks`, and the
+    names of the entries changed.
+
+    Only the depth of the grown list changes: in an encoder-decoder (T5's `num_layers` and
+    `num_decoder_layers`, BART's `encoder_layers` and `decoder_layers`, nested `encoder` /
+    `decoder` configs) the side the prefix names, and in a composite config the part it names
+    (`text_config` for `language_model.…`). Beside that depth, the lists transformers keeps one
+    entry per block (`PER_LAYER_KEYS`, such as `layer_types`) get `source`'s entry at each new
+    index, and lists of block indices (`LAYER_INDEX_KEYS`) are renumbered; no other entry is
+    touched, whatever its length. Raises `InsertionError` for a config whose depth does not
+    match, or one with a `per_layer_config`, which surgeon cannot renumber."""
     check_insertion(blocks, after, count)
-    changed: list[str] = []
+    side = _side(blocks.prefix)
+    words = set(blocks.prefix.lower().replace("_", ".").split("."))
+    candidates: list[tuple[tuple[str, ...], str]] = []  # (path of the dict, depth key)
 
-    def visit(node: dict[str, Any], path: str) -> dict[str, Any]:
-        out = dict(node)
+    def collect(node: dict[str, Any], path: tuple[str, ...]) -> None:
         for name, value in node.items():
-            where = f"{path}{name}"
-            if name in DEPTH_KEYS and value == blocks.count:
-                out[name] = value + count
-                changed.append(where)
-            elif isinstance(value, list) and len(value) == blocks.count and blocks.count > 1:
-                out[name] = value[:after + 1] + [value[source]] * count + value[after + 1:]
-                changed.append(where)
-            elif isinstance(value, dict):
-                out[name] = visit(value, where + ".")
-        return out
+            if isinstance(value, dict):
+                collect(value, (*path, name))
+            elif name in _ALL_DEPTH and value == blocks.count and not isinstance(value, bool):
+                other = _depth_side(node, name)
+                if side is not None and other is not None and other != side:
+                    continue  # the other side's depth
+                if side is not None and any(p in _SIDE_DEPTH and p != side for p in path):
+                    continue  # a nested config of the other side
+                candidates.append((path, name))
 
-    widened = visit(config, "")
-    if not any(c.rsplit(".", 1)[-1] in DEPTH_KEYS for c in changed):
+    collect(config, ())
+    named = [c for c in candidates if all(
+        p not in _PART_WORDS or words & set(_PART_WORDS[p]) for p in c[0])]
+    candidates = named or candidates
+    if not candidates:
         raise InsertionError(f"config.json has no depth entry equal to the {blocks.count} blocks "
                              f"under {blocks.prefix!r} ({', '.join(DEPTH_KEYS)}); the config "
                              "does not match the weights")
-    return widened, changed
+    widened = copy.deepcopy(config)
+    changed: list[str] = []
+    for path in dict.fromkeys(p for p, _ in candidates):
+        node = widened
+        for part in path:
+            node = node[part]
+        where = "".join(f"{p}." for p in path)
+        for name in sorted(n for p, n in candidates if p == path):
+            node[name] += count
+            changed.append(where + name)
+        if node.get("per_layer_config"):
+            raise InsertionError(f"config.json's {where}per_layer_config overrides settings per "
+                                 "block; surgeon grow cannot renumber it: grow a model without it")
+        changed += _widen_lists(node, where, blocks.count, after, count, source)
+    return widened, sorted(changed)
+
+
+def _widen_lists(node: dict[str, Any], where: str, depth: int, after: int, count: int,
+                 source: int) -> list[str]:
+    """Widen, in place, the per-block lists and renumber the block-index lists of `node`."""
+    changed = []
+    shift = lambda i: i + count if i > after else i  # noqa: E731
+    for name, value in list(node.items()):
+        if not isinstance(value, list):
+            continue
+        if name in PER_LAYER_KEYS and len(value) >= depth:
+            node[name] = value[:after + 1] + [value[source]] * count + value[after + 1:]
+        elif name in LAYER_SOURCE_KEYS and len(value) == depth and _ints(value):
+            own = value[source] == source
+            new = [i if own else shift(value[source]) for i in new_indices(after, count)]
+            kept = [shift(v) for v in value]
+            node[name] = kept[:after + 1] + new + kept[after + 1:]
+        elif name in LAYER_INDEX_KEYS and _ints(value):
+            extra = list(new_indices(after, count)) if source in value else []
+            node[name] = sorted([shift(v) for v in value] + extra)
+        else:
+            continue
+        if node[name] != value:
+            changed.append(where + name)
+    return changed
+
+
+def _ints(value: list[Any]) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
