@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ from surgeon.files.atomic import atomic_directory, check_destination
 from surgeon.files.output import carry_files, tensor_progress
 from surgeon.files.weights import (
     DEFAULT_MAX_SHARD_SIZE,
+    INDEX,
+    SINGLE,
     Checkpoint,
     Stored,
     parse_size,
@@ -53,6 +56,7 @@ from surgeon.growth.insert import (
 from surgeon.growth.snapshots import Snapshots, open_snapshots
 
 INITS = ("extrapolate", "copy", "zero", "random")
+_CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
 GROWTH = "growth.json"
 SEED = 0
 # Files of a Trainer checkpoint that belong to the run, not to the model.
@@ -114,6 +118,7 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
     if not 0 <= source < found.count:
         raise InsertionError(f"--source {source} is not a block: the checkpoint has blocks 0.."
                              f"{found.count - 1} under {found.prefix!r}")
+    _check_shapes(snaps, base, base_dir, found, source, init)
     widened, changed = widen_config(config, found, after, count, source) if config else (None, [])
 
     out: dict[str, Stored | torch.Tensor] = {new: base[old] for old, new in moved.items()}
@@ -146,19 +151,91 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
 
 def _sources(snapdir: Path, checkpoint: str | os.PathLike | None, init: str
              ) -> tuple[Snapshots | None, Path]:
-    """(the snapshots, where there must be some, and the checkpoint directory to grow)."""
+    """(the snapshots, where there must be some, and the checkpoint directory to grow).
+
+    A Trainer output directory with `SnapshotCallback`'s `snapshots/` grows the model the run
+    saved last (the output directory itself after `trainer.save_model()`, else the newest
+    `checkpoint-<step>/`); a `SnapshotRecorder` directory holds only weights, so it needs
+    `checkpoint`."""
     is_model = (snapdir / "config.json").is_file() and checkpoint is None
     if init != "extrapolate" and is_model:
         return None, snapdir  # copy / zero / random need no trajectory
     snaps = open_snapshots(snapdir)
     if checkpoint is not None:
         return snaps, Path(checkpoint).expanduser()
+    if snaps.layout == "recorder":
+        return snaps, _recorded_base(snapdir, snaps)
     newest = snaps[len(snaps) - 1]
     if not (newest.path.is_dir() and (newest.path / "config.json").is_file()):
         raise InsertionError(f"the newest snapshot in {snapdir} ({newest.path}) is not a model "
                              "directory with config.json; pass --checkpoint DIR, the checkpoint "
                              "to grow")
     return snaps, newest.path
+
+
+def _is_model(directory: Path) -> bool:
+    return (directory / "config.json").is_file() and (
+        (directory / SINGLE).is_file() or (directory / INDEX).is_file())
+
+
+def _saved_step(directory: Path) -> float:
+    """The step a Trainer checkpoint was saved at (its trainer_state.json), else +inf: a model
+    saved into the output directory by `trainer.save_model()` at the end of the run."""
+    try:
+        step = json.loads((directory / "trainer_state.json").read_text())["global_step"]
+        return float(step) if isinstance(step, int) and not isinstance(step, bool) else math.inf
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _recorded_base(snapdir: Path, snaps: Snapshots) -> Path:
+    """The checkpoint to grow beside recorder snapshots: the model of the Trainer run whose
+    output directory `snapdir` is (SnapshotCallback's layout), or a one-line refusal."""
+    last = snaps.steps[-1]
+    where = f"{snaps.path} holds SnapshotRecorder weights (steps {snaps.steps[0]}..{last}), not "
+    if snaps.path == snapdir:
+        raise InsertionError(where + "a model to grow; pass --checkpoint DIR, the model saved "
+                             "(save_pretrained) at the end of the run they were recorded in")
+    found = [(int(m.group(1)), e) for e in snapdir.iterdir()
+             if (m := _CHECKPOINT_DIR.fullmatch(e.name)) and e.is_dir() and _is_model(e)]
+    if _is_model(snapdir):
+        found.append((_saved_step(snapdir), snapdir))
+    if not found:
+        raise InsertionError(where + f"a model, and {snapdir} holds no saved model (config.json "
+                             "and weights, or checkpoint-<step>/); call trainer.save_model() "
+                             "after training, or pass --checkpoint DIR")
+    step, base = max(found, key=lambda f: (f[0], f[1] == snapdir))
+    if step < last:
+        raise InsertionError(f"the newest model in {snapdir} ({base.name}, step {step:g}) is "
+                             f"older than the last snapshot (step {last}); call "
+                             "trainer.save_model() after training, or pass --checkpoint DIR")
+    return base
+
+
+def _check_shapes(snaps: Snapshots | None, base: Checkpoint, base_dir: Path, found: Blocks,
+                  source: int, init: str) -> None:
+    """Refuse a checkpoint whose tensors differ in shape from the snapshots' (another model
+    than the one recorded), and an extrapolation from a block the snapshots do not hold."""
+    if snaps is None:
+        return
+    for key in base:
+        held = snaps.tied.get(key, key)
+        if held in snaps.shapes and tuple(base[key].shape) != tuple(snaps.shapes[held]):
+            raise InsertionError(
+                f"{key!r} is {list(base[key].shape)} in the checkpoint {base_dir} but "
+                f"{list(snaps.shapes[held])} in the snapshots in {snaps.path}; grow the "
+                "checkpoint the snapshots were recorded from (--checkpoint DIR)")
+    if init != "extrapolate":
+        return
+    lacking = [m for m in found.members[source]
+               if snaps.tied.get(found.key(source, m), found.key(source, m)) not in snaps.shapes]
+    if lacking:
+        recorded = sorted({int(head) for k in snaps.keys if k.startswith(found.prefix)
+                           and (head := k[len(found.prefix):].split(".", 1)[0]).isdigit()})
+        raise InsertionError(
+            f"the snapshots in {snaps.path} hold no {found.key(source, lacking[0])!r} to "
+            f"extrapolate block {source} from (blocks recorded under {found.prefix!r}: "
+            f"{recorded or 'none'}); pass --source with a recorded block, or --init copy")
 
 
 def _read_config(directory: Path) -> dict[str, Any] | None:
@@ -267,7 +344,8 @@ def check(snapdir: str | os.PathLike, *, blocks: str | None = None,
     settings = settings or GrowthConfig()
     snaps = open_snapshots(Path(snapdir).expanduser())
     newest = snaps[len(snaps) - 1].checkpoint
-    found = find_blocks({k: newest[k].nbytes for k in snaps.keys if k in newest}, blocks)
+    found = find_blocks({k: newest[k].nbytes for k in snaps.keys if k in newest}, blocks,
+                        contiguous=False)  # a recorder's include= may keep only some blocks
     trends = []
     for index in found.indices:
         steps = len(snaps) - 1

@@ -41,9 +41,11 @@ class Blocks:
         return f"{self.prefix}{index}.{member}"
 
 
-def find_blocks(sizes: Mapping[str, int], prefix: str | None = None) -> Blocks:
+def find_blocks(sizes: Mapping[str, int], prefix: str | None = None, *,
+                contiguous: bool = True) -> Blocks:
     """The integer-indexed prefix holding most bytes in `sizes` (key → nbytes), or `prefix`
-    (with or without its trailing dot). Its indices must run 0..n-1."""
+    (with or without its trailing dot). Its indices must run 0..n-1 unless not `contiguous`
+    (snapshots recorded with `include=` hold only some blocks)."""
     totals: dict[str, int] = {}
     for key, size in sizes.items():  # every integer component names a list (nested ones too)
         parts = key.split(".")
@@ -69,7 +71,7 @@ def find_blocks(sizes: Mapping[str, int], prefix: str | None = None) -> Blocks:
             if dot and head.isdigit():
                 by_index.setdefault(int(head), []).append(rest)
     indices = tuple(sorted(by_index))
-    if indices != tuple(range(len(indices))):
+    if contiguous and indices != tuple(range(len(indices))):
         raise InsertionError(f"the blocks under {chosen!r} are numbered {list(indices)[:8]}, not "
                              "0..n-1")
     return Blocks(chosen, indices, {i: tuple(sorted(by_index[i])) for i in indices})

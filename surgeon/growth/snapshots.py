@@ -9,7 +9,8 @@ tensors at several steps. `open_snapshots(path)` reads three layouts:
 - a flat directory of `*.safetensors` files whose names end in the step (`step_100.safetensors`,
   `model-000200.safetensors`: the last integer in the name is the step);
 - the directory a `SnapshotRecorder` writes: `surgeon-snapshots.json` listing the steps and
-  their `step-<step>.safetensors` files (it takes precedence when present).
+  their `step-<step>.safetensors` files (it takes precedence when present), also found as the
+  `snapshots/` folder of a Trainer output directory, where `SnapshotCallback` writes it.
 
 Snapshots are ordered by step, and checked before any tensor is read: at least `min_count` of
 them, no step twice, the same keys with the same shapes and dtypes in each. `trajectory(key)`
@@ -36,6 +37,7 @@ from surgeon.errors import SurgeonError
 from surgeon.files.weights import INDEX, SINGLE, Checkpoint, WeightsError
 
 MANIFEST = "surgeon-snapshots.json"
+CALLBACK_DIR = "snapshots"  # SnapshotCallback's directory inside the Trainer's output_dir
 FORMAT = "surgeon-snapshots"
 VERSION = 1
 
@@ -179,7 +181,8 @@ def _check_matches(prefixes: list[str], keys: Sequence[str], where: str) -> None
 def open_snapshots(path: str | os.PathLike, *, keys: KeySelection = None,
                    min_count: int = 3) -> Snapshots:
     """The snapshots in the directory `path` (Trainer output, flat step files or a recorder's
-    directory), ordered by step. `keys`: a key prefix or prefixes (e.g. "model.layers.3.") to
+    directory; a Trainer output whose `snapshots/` a `SnapshotCallback` wrote gives those),
+    ordered by step. `keys`: a key prefix or prefixes (e.g. "model.layers.3.") to
     keep only those tensors; each must match. Checks everything but the values, which
     `trajectory` checks as it reads them."""
     path = Path(path)
@@ -193,6 +196,8 @@ def open_snapshots(path: str | os.PathLike, *, keys: KeySelection = None,
         raise SnapshotError(f"{path} is a file, not a directory of snapshots; pass the "
                             "directory holding checkpoint-<step>/ folders or step files")
     tied: dict[str, str] = {}
+    if not (path / MANIFEST).is_file() and (path / CALLBACK_DIR / MANIFEST).is_file():
+        path = path / CALLBACK_DIR  # a Trainer output_dir with SnapshotCallback's snapshots
     if (path / MANIFEST).is_file():
         layout = "recorder"
         manifest = _read_manifest(path / MANIFEST)
@@ -417,6 +422,7 @@ class SnapshotRecorder:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
         os.close(fd)
         try:
+            os.chmod(tmp, file_mode())  # mkstemp makes it 0600; snapshots are ordinary files
             save_file(tensors, tmp, metadata={"format": "pt", "step": str(step)})
             os.replace(tmp, final)
         except BaseException:
@@ -463,6 +469,7 @@ class SnapshotRecorder:
                 "include": self.include, "tied": tied, "snapshots": entries}
         fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=self.directory)
         try:
+            os.chmod(tmp, file_mode())
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(data, indent=2) + "\n")
             os.replace(tmp, self.directory / MANIFEST)
@@ -478,3 +485,10 @@ def check_every_keep(every: Any, keep: Any) -> None:
     if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 3):
         raise SnapshotError(f"keep={keep!r}: growth needs at least 3 snapshots, so keep >= 3 "
                             "(or None to keep them all)")
+
+
+def file_mode() -> int:
+    """The mode a plain `open(..., "w")` gives a new file: 0666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
