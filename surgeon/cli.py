@@ -168,15 +168,25 @@ def verify_cmd(path: str, against: str | None, revision: str | None, as_json: bo
 @click.option("--blocks", default=None, metavar="PREFIX",
               help="The block list, e.g. model.layers (default: the one holding most bytes).")
 @click.option("--checkpoint", default=None, metavar="DIR",
-              help="The checkpoint to grow (default: the newest snapshot).")
-@click.option("--beta0", type=float, default=0.1, show_default=True)
-@click.option("--gamma0", type=float, default=0.15, show_default=True)
-@click.option("--eta0", type=float, default=0.03, show_default=True)
-@click.option("--tau-crit", type=float, default=2.0, show_default=True)
-@click.option("--kappa-crit", type=float, default=0.5, show_default=True)
-@click.option("--k-subspace", type=int, default=10, show_default=True)
-@click.option("--ell-orth", type=int, default=5, show_default=True)
-@click.option("--max-shard-size", default="50GB", show_default=True)
+              help="The checkpoint to grow (default: the newest snapshot, or the model a Trainer "
+                   "run saved last). Needed for a SnapshotRecorder directory, which holds only "
+                   "weights.")
+@click.option("--beta0", type=float, default=0.1, show_default=True,
+              help="Step along the velocity subspace (divided by the stretch τ).")
+@click.option("--gamma0", type=float, default=0.15, show_default=True,
+              help="Step along the acceleration (divided by 1 + the curvature κ).")
+@click.option("--eta0", type=float, default=0.03, show_default=True,
+              help="Escape step, taken only where τ > τ_crit and κ > κ_crit.")
+@click.option("--tau-crit", type=float, default=2.0, show_default=True,
+              help="Stretch τ above which a trajectory stagnates (path length / distance).")
+@click.option("--kappa-crit", type=float, default=0.5, show_default=True,
+              help="Curvature κ above which a trajectory stagnates (sideways / forward motion).")
+@click.option("--k-subspace", type=int, default=10, show_default=True,
+              help="Rank of the velocity subspace the step is projected on.")
+@click.option("--ell-orth", type=int, default=5, show_default=True,
+              help="Singular vectors past the subspace that the escape direction sums.")
+@click.option("--max-shard-size", default="50GB", show_default=True,
+              help="Largest safetensors shard DST gets, e.g. 5GB or 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (a surgeon output).")
 @click.option("--check", is_flag=True,
               help="Write nothing: print τ, κ and stagnation per block.")
@@ -195,6 +205,16 @@ def grow_cmd(snapdir: str, dst: str | None, after: int | None, count: int, init:
     snapshots (--init extrapolate), or as a copy, with their residual outputs at zero (exactly
     the original function), or freshly initialised. With --check, print per block whether its
     trajectory stagnates (τ ≥ τ_crit and κ ≥ κ_crit), and write nothing.
+
+    A Trainer output directory whose snapshots/ a SnapshotCallback wrote grows the model the
+    run saved last (trainer.save_model(), else the newest checkpoint-<step>/); a
+    SnapshotRecorder directory holds only weights, so give --checkpoint.
+
+    \b
+    Examples:
+      surgeon grow runs/llama --check
+      surgeon grow runs/llama runs/llama-deeper --count 2
+      surgeon grow snapshots grown --checkpoint final-model --init zero
     """
     from surgeon.growth.geometry import GrowthConfig
     from surgeon.growth.grow import check as check_blocks

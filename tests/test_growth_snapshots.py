@@ -4,6 +4,7 @@ read in step order and checked; the recorder and its Trainer callback."""
 import inspect
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -64,7 +65,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_trainer_output_dir(trained: Path) -> None:
+def test_trainer_output_dir(trained: Path, tmp_path: Path) -> None:
+    assert open_snapshots(trained).path == trained / "snapshots"  # SnapshotCallback's win
+    shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("snapshots"))
+    trained = tmp_path / "run"
     snaps = open_snapshots(trained)
     assert snaps.layout == "trainer" and snaps.steps == [2, 4, 6] and len(snaps) == 3
     assert [s.path for s in snaps] == [trained / f"checkpoint-{n}" for n in (2, 4, 6)]

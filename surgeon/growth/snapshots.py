@@ -422,8 +422,8 @@ class SnapshotRecorder:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
         os.close(fd)
         try:
-            os.chmod(tmp, file_mode())  # mkstemp makes it 0600; snapshots are ordinary files
             save_file(tensors, tmp, metadata={"format": "pt", "step": str(step)})
+            os.chmod(tmp, file_mode())  # mkstemp makes it 0600; snapshots are ordinary files
             os.replace(tmp, final)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
