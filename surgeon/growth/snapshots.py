@@ -358,7 +358,8 @@ class SnapshotRecorder:
     after each new file, so the directory always reads whole. Tensors that share memory (tied
     weights) are stored once, under the first key; the manifest's `tied` maps the others to it.
     A directory recorded before is continued; recording a step not after the last one drops
-    the recorded steps from it on (they belong to a run that was rewound).
+    the recorded steps from it on (they belong to a run that was rewound). It holds weights
+    only, so `surgeon grow DIR DST --checkpoint MODEL_DIR` names the model to grow.
     """
 
     def __init__(self, model: torch.nn.Module, directory: str | os.PathLike, *, every: int,

@@ -8,6 +8,8 @@ Every `every` optimizer steps (after the step, at `state.global_step`) the main 
 the selected weights with a `SnapshotRecorder` into `directory` (default:
 `<output_dir>/snapshots`), which `surgeon.growth.snapshots.open_snapshots` reads back. Unlike
 `save_steps`, it writes no optimizer state and, with `include`, only the blocks growth needs.
+`surgeon grow OUTPUT_DIR DST` then reads `OUTPUT_DIR/snapshots` and grows the model the run
+saved last (`trainer.save_model()`, else the newest `checkpoint-<step>/`).
 It reads `model.state_dict()` on the main process only, so models whose parameters are sharded
 across processes (FSDP, DeepSpeed ZeRO-3) are not supported: use `save_steps` checkpoints.
 """
