@@ -3,9 +3,9 @@
 A `SnapshotRecorder(include=<last block>)` directory passes `--check` and grows with
 `--checkpoint` (without it: one line naming the option); a Trainer run with `SnapshotCallback`
 grows from `OUTPUT_DIR` (its `snapshots/`, its last saved model); `--init zero` on T5 keeps the
-logits exactly on either side; only per-layer config lists widen (`eos_token_id` stays); a
-checkpoint of another shape is refused before anything is written; written files follow the
-umask.
+logits exactly on either side and at either end (the block-0-only relative_attention_bias stays
+at position 0); only per-layer config lists widen (`eos_token_id` stays); a checkpoint of
+another shape is refused before anything is written; written files follow the umask.
 """
 
 from __future__ import annotations
@@ -125,6 +125,8 @@ def t5_logits(model: torch.nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("blocks, depth, widened", [
     ([], "decoder", ["num_decoder_layers"]),
+    (["--after", "0"], "decoder", ["num_decoder_layers"]),  # from block 0: o, not the bias
+    (["--after", "-1"], "decoder", ["num_decoder_layers"]),  # the bias moves to the new block 0
     (["--blocks", "encoder.block"], "encoder", ["num_layers"])])
 def test_zero_growth_of_t5_keeps_logits(blocks: list[str], depth: str, widened: list[str],
                                         tmp_path: Path) -> None:
@@ -135,7 +137,10 @@ def test_zero_growth_of_t5_keeps_logits(blocks: list[str], depth: str, widened: 
                  "--json", *blocks)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["config_changes"] == widened
-    grown = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "grown").eval()
+    grown, info = transformers.T5ForConditionalGeneration.from_pretrained(
+        tmp_path / "grown", output_loading_info=True)
+    grown.eval()
+    assert not any(info.values()), info  # no missing or unexpected keys
     sides = {"encoder": len(grown.encoder.block), "decoder": len(grown.decoder.block)}
     assert sides == {s: 3 if s == depth else 2 for s in sides}
     assert torch.equal(t5_logits(grown), t5_logits(model))

@@ -91,6 +91,8 @@ def _last_weighted(module: nn.Module, name: str) -> str | None:
     of an attention or MLP module by the usual convention (q, k, v, o; gate, up, down)."""
     last = None
     for sub, child in module.named_modules():
+        if isinstance(child, nn.Embedding):
+            continue  # a lookup (T5's relative_attention_bias), never the output projection
         weight = getattr(child, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and sub:
             last = f"{name}.{sub}"

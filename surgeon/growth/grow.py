@@ -123,10 +123,19 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
 
     out: dict[str, Stored | torch.Tensor] = {new: base[old] for old, new in moved.items()}
     fresh, rows = _new_blocks(init, found, source, base, base_dir, snaps, settings)
+    first = first_only(found)  # T5's relative_attention_bias: it belongs to position 0
+    for member in first if after == -1 else ():
+        del out[found.key(count, member)]  # the old block 0, now at `count`, loses them
+    added: list[str] = []
     for index in new_indices(after, count):
         for member, value in fresh.items():
-            out[found.key(index, member)] = value
-    new_params = count * sum(math.prod(v.shape) for v in fresh.values())
+            if index == 0 or member not in first:
+                added.append(found.key(index, member))
+                out[added[-1]] = value
+        for member in first if index == 0 and source != 0 else ():
+            added.append(found.key(0, member))
+            out[added[-1]] = base[found.key(0, member)]
+    new_params = sum(math.prod(out[k].shape) for k in added)
     copied = sum(v.nbytes for v in out.values() if isinstance(v, Stored))
     total = total_bytes(out.values())
 
@@ -145,8 +154,20 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
         written.append(GROWTH)
     return Growth(str(snapdir), str(base_dir), str(dest), found.prefix,
                   (found.count, found.count + count), after, source, count, init,
-                  len(fresh) * count, new_params, copied, total - copied, changed,
+                  len(added), new_params, copied, total - copied, changed,
                   sorted(written), time.perf_counter() - start, rows)
+
+
+def first_only(blocks: Blocks) -> set[str]:
+    """Members only block 0 has (T5's relative_attention_bias): the model builds them for the
+    first position, so a block inserted elsewhere goes without, and one inserted first takes
+    them from the old block 0. Only where block 0 is the others plus extras: a first block
+    built otherwise (a dense MLP before MoE blocks) is a different block, not a position."""
+    if blocks.count < 2:
+        return set()
+    head = set(blocks.members[blocks.indices[0]])
+    rest = set().union(*(blocks.members[i] for i in blocks.indices[1:]))
+    return head - rest if rest <= head else set()
 
 
 def _sources(snapdir: Path, checkpoint: str | os.PathLike | None, init: str
