@@ -1,8 +1,12 @@
 """`surgeon.grow(snapdir, dst)`: a deeper checkpoint whose new blocks start from an informed point.
 
-The checkpoint to grow is the newest snapshot of `snapdir` (or `checkpoint=`). Its block list is
-found by bytes (`insert.find_blocks`); `count` blocks go in after block `after`, later blocks are
-renumbered, and the config gets the new depth. The new blocks start as:
+The checkpoint to grow is the newest snapshot of `snapdir` (or `checkpoint=`); for a Trainer
+output whose `snapshots/` a `SnapshotCallback` wrote, the model the run saved last; a
+`SnapshotRecorder` directory holds weights only and needs `checkpoint=`, whose shapes must match
+the snapshots'. Its block list is found by bytes (`insert.find_blocks`); `count` blocks go in
+after block `after`, later blocks are renumbered, and the config gets the new depth
+(`insert.widen_config`: that block list's depth and per-layer lists only). The new blocks start
+as:
 
 - `extrapolate` (default): each tensor of the source block moved along its trajectory over the
   snapshots (the AIether report's Algorithm 1, `geometry.extrapolate`); per-tensor τ, κ, β, γ, η
