@@ -93,10 +93,11 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
          blocks: str | None = None, checkpoint: str | os.PathLike | None = None,
          settings: GrowthConfig | None = None,
          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-         progress: bool = False) -> Growth:
+         progress: bool = False, trust_remote_code: bool = False) -> Growth:
     """Insert `count` blocks after block `after` (default: the last) of the newest checkpoint in
     `snapdir`, initialised by `init` from block `source` (default: the one they follow), and write
-    the grown checkpoint to `dst`. See the module docstring."""
+    the grown checkpoint to `dst`. See the module docstring. The checkpoint's own code
+    (`auto_map`), needed to build it for `zero` / `random`, runs only with `trust_remote_code`."""
     start = time.perf_counter()
     if init not in INITS:
         raise InsertionError(f"--init {init!r} is not one of {', '.join(INITS)}")
@@ -117,7 +118,8 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
     widened, changed = widen_config(config, found, after, count, source) if config else (None, [])
 
     out: dict[str, Stored | torch.Tensor] = {new: base[old] for old, new in moved.items()}
-    fresh, rows = _new_blocks(init, found, source, base, base_dir, snaps, settings)
+    fresh, rows = _new_blocks(init, found, source, base, base_dir, snaps, settings,
+                              trust_remote_code)
     for index in new_indices(after, count):
         for member, value in fresh.items():
             out[found.key(index, member)] = value
@@ -132,7 +134,9 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
         if widened is not None:
             (tmp / "config.json").write_text(json.dumps(widened, indent=2) + "\n")
             written.append("config.json")
-        record = {"snapshots": str(snapdir), "checkpoint": str(base_dir), "blocks": found.prefix,
+        record = {"snapshots": Path(snapdir).expanduser().resolve().name,  # no local paths
+                  "checkpoint": recorded_path(base_dir, Path(snapdir).expanduser()),
+                  "blocks": found.prefix,
                   "after": after, "count": count, "source": source, "init": init,
                   "settings": asdict(settings),
                   "steps": snaps.steps if snaps is not None else [], "tensors": rows}
@@ -142,6 +146,15 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
                   (found.count, found.count + count), after, source, count, init,
                   len(fresh) * count, new_params, copied, total - copied, changed,
                   sorted(written), time.perf_counter() - start, rows)
+
+
+def recorded_path(directory: Path, snapdir: Path) -> str:
+    """How growth.json (published with the checkpoint) names `directory`: relative to the
+    snapshot directory when inside it, else by its own name; never an absolute local path."""
+    directory, snapdir = directory.resolve(), snapdir.resolve()
+    if directory == snapdir or snapdir in directory.parents:
+        return directory.relative_to(snapdir).as_posix()
+    return directory.name
 
 
 def _sources(snapdir: Path, checkpoint: str | os.PathLike | None, init: str
@@ -172,7 +185,7 @@ def _read_config(directory: Path) -> dict[str, Any] | None:
 
 
 def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_dir: Path,
-                snaps: Snapshots | None, settings: GrowthConfig
+                snaps: Snapshots | None, settings: GrowthConfig, trust_remote_code: bool = False
                 ) -> tuple[dict[str, Stored | torch.Tensor], list[dict[str, Any]]]:
     """One new block's tensors by member name, and growth.json's rows for them."""
     members = {m: base[blocks.key(source, m)] for m in blocks.members[source]}
@@ -181,7 +194,7 @@ def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_d
         return dict(members), [{"key": m, "from": s.key, "init": "copy"}
                                for m, s in members.items()]
     if init == "zero":
-        zeroed = _branch_members(blocks, source, base_dir)
+        zeroed = _branch_members(blocks, source, base_dir, trust_remote_code)
         fresh: dict[str, Stored | torch.Tensor] = {}
         for m, s in members.items():
             hit = any(m.startswith(z + ".") for z in zeroed)
@@ -189,7 +202,7 @@ def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_d
             rows.append({"key": m, "from": s.key, "init": "zero" if hit else "copy"})
         return fresh, rows
     if init == "random":
-        fresh = _random_block(blocks, source, base_dir, members)
+        fresh = _random_block(blocks, source, base_dir, members, trust_remote_code)
         return fresh, [{"key": m, "init": "random"} for m in fresh]
     assert snaps is not None
     fresh = {}
@@ -201,7 +214,8 @@ def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_d
     return fresh, rows
 
 
-def _branch_members(blocks: Blocks, source: int, base_dir: Path) -> list[str]:
+def _branch_members(blocks: Blocks, source: int, base_dir: Path,
+                    trust_remote_code: bool = False) -> list[str]:
     """Member prefixes (relative to the block) of the modules writing its residual branches,
     from the model traced with its weights on disk."""
     from surgeon.files.source import open_source
@@ -210,7 +224,7 @@ def _branch_members(blocks: Blocks, source: int, base_dir: Path) -> list[str]:
     from surgeon.graph.tracing import trace_model
     from surgeon.growth.branches import branch_outputs
 
-    opened = open_source(str(base_dir))
+    opened = open_source(str(base_dir), trust_remote_code=trust_remote_code)
     block = f"{blocks.prefix}{source}"
     lazy = opened.lazy if opened.lazy is not None else contextlib.nullcontext()
     with torch.no_grad(), lazy:
@@ -219,13 +233,13 @@ def _branch_members(blocks: Blocks, source: int, base_dir: Path) -> list[str]:
     return [n[len(block) + 1:] for n in names]
 
 
-def _random_block(blocks: Blocks, source: int, base_dir: Path,
-                  members: dict[str, Stored]) -> dict[str, Stored | torch.Tensor]:
+def _random_block(blocks: Blocks, source: int, base_dir: Path, members: dict[str, Stored],
+                  trust_remote_code: bool = False) -> dict[str, Stored | torch.Tensor]:
     """A block initialised as the model initialises its own (transformers' `_init_weights`, else
     each submodule's `reset_parameters`), seeded, in the checkpoint's dtypes."""
     from surgeon.files.source import open_source
 
-    model = open_source(str(base_dir)).model
+    model = open_source(str(base_dir), trust_remote_code=trust_remote_code).model
     block = copy.deepcopy(model.get_submodule(f"{blocks.prefix}{source}")).to_empty(device="cpu")
     init = getattr(model, "_init_weights", None)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
