@@ -243,7 +243,7 @@ def call(src: str, *, cwd: bool = True) -> Any:
         raise SourceError(f"importing {module_name!r} failed: {_one_line(e)}") from e
     except (Exception, SystemExit) as e:  # the user's module raised while importing
         raise SourceError(
-            f"importing {module_name!r} failed: {type(e).__name__}: {_one_line(e)}"
+            f"importing {module_name!r} failed: {_described(e)}"
         ) from e
     finally:
         if added:
@@ -259,7 +259,13 @@ def call(src: str, *, cwd: bool = True) -> Any:
     try:
         return factory()
     except (Exception, SystemExit) as e:
-        raise SourceError(f"calling {src}() failed: {type(e).__name__}: {_one_line(e)}") from e
+        raise SourceError(f"calling {src}() failed: {_described(e)}") from e
+
+
+def _described(err: BaseException) -> str:
+    """`Type: message` of an exception in one line (just `Type` when it has no message)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _load_hub(repo_id: str, revision: str | None, trust_remote_code: bool = False
