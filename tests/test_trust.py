@@ -468,3 +468,16 @@ def test_written_files_name_the_source_without_local_paths(tmp_path):
     assert (record["snapshots"], record["checkpoint"]) == ("tiny-llama", ".")
     with torch.no_grad():  # and the conversion still loads
         surgeon.load(converted)(input_ids=tokens(512))
+
+
+def test_the_model_card_of_a_factory_base_shows_the_opt_in(tmp_path):
+    from surgeon.files.card import write_card
+
+    case = next(c for c in ZOO if c.name == "nanogpt")
+    model = surgeon.apply(case.build().eval(), ["aion"], case.example())
+    model._surgeon_base = {"kind": "factory", "factory": "zoo:NanoGPT"}
+    write_card(tmp_path, model, "zoo:NanoGPT", 0)
+    card = (tmp_path / "README.md").read_text()
+    assert ('model = surgeon.load("path/to/this/directory", trust_remote_code=True)  # runs '
+            "zoo:NanoGPT") in card
+    assert "`surgeon verify path/to/this/directory --trust-remote-code`" in card
