@@ -386,10 +386,21 @@ def _options(value: Any, field: str) -> None:
     if not isinstance(value, dict):
         raise _Bad(field, f"must be an object, not {_kind(value)}")
     for key, item in value.items():
-        if isinstance(item, list):
-            _list_of(_plain_value)(item, f"{field}.{key}")
-        else:
-            _plain_value(item, f"{field}.{key}")
+        _option_value(item, f"{field}.{key}")
+
+
+def _option_value(value: Any, field: str, depth: int = 0) -> None:
+    """A pass option: a plain value, or lists / objects of them a few levels deep (the pass's
+    own `from_options` checks the rest)."""
+    if isinstance(value, (list, dict)):
+        if depth >= 4:
+            raise _Bad(field, "is nested too deeply")
+        items = enumerate(value) if isinstance(value, list) else value.items()
+        for key, item in items:
+            _option_value(item, f"{field}[{key}]" if isinstance(value, list) else
+                          f"{field}.{key}", depth + 1)
+    else:
+        _plain_value(value, field)
 
 
 _DRIFT = {"pass_name": (True, _string), "max_abs": (True, _number), "cosine": (True, _number),

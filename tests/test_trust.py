@@ -250,14 +250,25 @@ def remote_code_source(tmp_path: Path) -> Path:
     return with_auto_map(source, tmp_path / "MARKER", "evil_llama")
 
 
-@pytest.mark.parametrize("command", ["convert", "inspect"])
+# How each command reads a source: (SRC, DST) -> its arguments.
+SOURCE_COMMANDS = {
+    "convert": lambda src, dst: ["convert", src, dst, "-p", "aion"],
+    "inspect": lambda src, dst: ["inspect", src],
+    "grow": lambda src, dst: ["grow", src, dst, "--init", "zero"],
+    "verify-against": lambda src, dst: ["verify", "CHECKPOINT", "--against", src],
+}
+
+
+@pytest.mark.parametrize("command", list(SOURCE_COMMANDS))
 def test_a_source_auto_map_is_refused_even_when_stdin_says_yes(command, remote_code_source,
-                                                               tmp_path, monkeypatch):
+                                                               hf_checkpoint, tmp_path,
+                                                               monkeypatch):
     monkeypatch.undo()  # the CLI gets "y" on stdin: it must not read it
     before = fingerprint(tmp_path)
     dst = tmp_path / "out"
-    args = [str(remote_code_source)] + ([str(dst), "-p", "aion"] if command == "convert" else [])
-    line = one_error_line(run(command, *args, input="y\n"))
+    args = SOURCE_COMMANDS[command](str(remote_code_source), str(dst))
+    args = [str(hf_checkpoint) if a == "CHECKPOINT" else a for a in args]
+    line = one_error_line(run(*args, input="y\n"))
     assert line == (f"error: {remote_code_source / 'config.json'} names code of its own "
                     "(auto_map) that transformers would import to build this model; surgeon "
                     "runs a checkpoint's code only if you trust it: pass --trust-remote-code "
@@ -334,6 +345,10 @@ SCHEMA_CASES = {
                          ": passes[0]._data must be an object, not a list"),
     "pass-version-string": (lambda r: r["passes"][0].update(_version="1"),
                             ": passes[0]._version must be an integer, not a string"),
+    "pass-option-deep": (lambda r: r["passes"][0]["_data"].update(include=[[[[["x"]]]]]),
+                         ": passes[0]._data.include[0][0][0][0] is nested too deeply"),
+    "pass-option-huge": (lambda r: r["passes"][0]["_data"].update(epsilon=10**400),
+                         ": passes[0]._data.epsilon is out of range"),
     "pass-option-unknown": (lambda r: r["passes"][0]["_data"].update(bogus=1),
                             ": passes[0]: pass 'aion': unknown option 'bogus'"),
     "manifest-modules-int": (lambda r: r["manifest"].update(modules=3),
