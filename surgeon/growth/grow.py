@@ -148,15 +148,6 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
                   sorted(written), time.perf_counter() - start, rows)
 
 
-def recorded_path(directory: Path, snapdir: Path) -> str:
-    """How growth.json (published with the checkpoint) names `directory`: relative to the
-    snapshot directory when inside it, else by its own name; never an absolute local path."""
-    directory, snapdir = directory.resolve(), snapdir.resolve()
-    if directory == snapdir or snapdir in directory.parents:
-        return directory.relative_to(snapdir).as_posix()
-    return directory.name
-
-
 def _sources(snapdir: Path, checkpoint: str | os.PathLike | None, init: str
              ) -> tuple[Snapshots | None, Path]:
     """(the snapshots, where there must be some, and the checkpoint directory to grow)."""
@@ -305,3 +296,12 @@ def check(snapdir: str | os.PathLike, *, blocks: str | None = None,
         trends.append(BlockTrend(index, tau, kappa,
                                  tau >= settings.tau_crit and kappa >= settings.kappa_crit))
     return trends
+
+
+def recorded_path(directory: Path, snapdir: Path) -> str:
+    """How growth.json (published with the checkpoint) names `directory`: relative to the
+    snapshot directory when inside it, else by its own name; never an absolute local path."""
+    directory, snapdir = directory.resolve(), snapdir.resolve()
+    if directory == snapdir or snapdir in directory.parents:
+        return directory.relative_to(snapdir).as_posix()
+    return directory.name
