@@ -135,9 +135,10 @@ def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | Non
                      trust_remote_code=trust_remote_code)
     if push:
         from surgeon.files.hub import push_to_hub
+        from surgeon.files.source import public_name  # the commit is public: no local path
 
         result.pushed_to = push_to_hub(result.destination, push, private=private,
-                                       message=f"surgeon convert {src} with "
+                                       message=f"surgeon convert {public_name(src)} with "
                                                f"{', '.join(passes)}")
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

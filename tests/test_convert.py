@@ -743,7 +743,7 @@ def test_push_to_hub(fake_hub, source, tmp_path):
     assert fake_hub.calls == [
         ("create_repo", ("me/tiny",), {"private": True, "exist_ok": True}),
         ("upload_folder", (), {"folder_path": str(dst), "repo_id": "me/tiny",
-                               "commit_message": f"surgeon convert {src} with aion"}),
+                               "commit_message": f"surgeon convert {src.name} with aion"}),
     ]
     assert result.stdout.splitlines()[-1] == f"pushed to {fake_hub.url}"
 
