@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 
 REASON_WIDTH = 100  # untraced reasons are cut to this many characters in the table
 
+# --trust-remote-code, on every command that reads a checkpoint someone else may have written.
+trust_option = click.option(
+    "--trust-remote-code", "trust_remote_code", is_flag=True,
+    help="Let the checkpoint run code of its own: a 'package.module:factory' base named in "
+         "surgeon.json, a config's auto_map. Only for checkpoints you trust.")
+
 
 class UserError(click.ClickException):
     """A SurgeonError on its way out of the CLI: one stderr line, exit code 1."""
@@ -70,7 +76,8 @@ def main() -> None:
 @click.argument("src")
 @click.option("--json", "as_json", is_flag=True, help="Print the inspection as JSON.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a hub model.")
-def inspect_cmd(src: str, as_json: bool, revision: str | None) -> None:
+@trust_option
+def inspect_cmd(src: str, as_json: bool, revision: str | None, trust_remote_code: bool) -> None:
     """Trace SRC and list its residual adds, norms, residual trunks and untraced modules.
 
     SRC is a local directory with config.json and model.safetensors, a hub id 'owner/name', or
@@ -79,7 +86,7 @@ def inspect_cmd(src: str, as_json: bool, revision: str | None) -> None:
     import surgeon
     from surgeon.files.source import load_model
 
-    loaded = load_model(src, revision=revision)
+    loaded = load_model(src, revision=revision, trust_remote_code=trust_remote_code)
     inspection = surgeon.inspect(loaded.model)
     if as_json:
         click.echo(json.dumps(inspection.to_dict(), indent=2))
@@ -108,10 +115,11 @@ def inspect_cmd(src: str, as_json: bool, revision: str | None) -> None:
 @click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@trust_option
 def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | None,
                 weights: str | None, example: str | None, max_shard_size: str, overwrite: bool,
                 allow_pickle: bool, push: str | None, private: bool, quiet: bool,
-                as_json: bool) -> None:
+                as_json: bool, trust_remote_code: bool) -> None:
     """Convert the model SRC with the passes and write the checkpoint directory DST.
 
     SRC is a local directory with config.json and safetensors weights, a hub id 'owner/name', or
@@ -123,12 +131,14 @@ def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | Non
     progress = not (quiet or as_json) and sys.stderr.isatty()
     result = convert(src, dst, list(passes), revision=revision, weights=weights,
                      example=example, max_shard_size=max_shard_size, overwrite=overwrite,
-                     allow_pickle=allow_pickle, progress=progress)
+                     allow_pickle=allow_pickle, progress=progress,
+                     trust_remote_code=trust_remote_code)
     if push:
         from surgeon.files.hub import push_to_hub
+        from surgeon.files.source import public_name  # the commit is public: no local path
 
         result.pushed_to = push_to_hub(result.destination, push, private=private,
-                                       message=f"surgeon convert {src} with "
+                                       message=f"surgeon convert {public_name(src)} with "
                                                f"{', '.join(passes)}")
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -142,12 +152,14 @@ def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | Non
               help="The source model: replay the passes on it and compare.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a hub SRC.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify_cmd(path: str, against: str | None, revision: str | None, as_json: bool) -> None:
+@trust_option
+def verify_cmd(path: str, against: str | None, revision: str | None, as_json: bool,
+               trust_remote_code: bool) -> None:
     """Reload the converted checkpoint PATH strictly, run its example and print the drift of
     each pass; exit 1 if a pass that promises to preserve the output moved it."""
     from surgeon.verifying import verify
 
-    result = verify(path, against, revision=revision)
+    result = verify(path, against, revision=revision, trust_remote_code=trust_remote_code)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_verification(result))
     if not result.ok:
         raise UserError(f"{path} failed verification: {result.failures[0]}")
@@ -192,11 +204,12 @@ def verify_cmd(path: str, against: str | None, revision: str | None, as_json: bo
               help="Write nothing: print τ, κ and stagnation per block.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@trust_option
 def grow_cmd(snapdir: str, dst: str | None, after: int | None, count: int, init: str,
              source: int | None, blocks: str | None, checkpoint: str | None, beta0: float,
              gamma0: float, eta0: float, tau_crit: float, kappa_crit: float, k_subspace: int,
              ell_orth: int, max_shard_size: str, overwrite: bool, check: bool, quiet: bool,
-             as_json: bool) -> None:
+             as_json: bool, trust_remote_code: bool) -> None:
     """Insert new blocks into the newest checkpoint of SNAPDIR and write the grown checkpoint DST.
 
     SNAPDIR is a Trainer output directory of checkpoint-<step>/, a directory of
@@ -235,7 +248,8 @@ def grow_cmd(snapdir: str, dst: str | None, after: int | None, count: int, init:
     progress = not (quiet or as_json) and sys.stderr.isatty()
     result = grow(snapdir, dst, after=after, count=count, init=init, source=source,
                   blocks=blocks, checkpoint=checkpoint, settings=settings,
-                  max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+                  max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                  trust_remote_code=trust_remote_code)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:

@@ -25,7 +25,7 @@ from surgeon.errors import ExampleError
 from surgeon.files.atomic import MARKER, DestinationError, atomic_directory, check_destination
 from surgeon.files.card import write_card
 from surgeon.files.output import carry_files, tensor_progress
-from surgeon.files.source import PICKLE_SUFFIXES, load_example, open_source
+from surgeon.files.source import PICKLE_SUFFIXES, load_example, open_source, public_name
 from surgeon.files.weights import (
     DEFAULT_MAX_SHARD_SIZE,
     INDEX,
@@ -67,13 +67,18 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
             revision: str | None = None, weights: str | None = None,
             example: str | tuple | dict | None = None,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-            allow_pickle: bool = False, progress: bool = False) -> Conversion:
+            allow_pickle: bool = False, progress: bool = False,
+            trust_remote_code: bool = False) -> Conversion:
     """Convert the model `src` (a local HF directory, a hub id, or `package.module:factory` with
     `weights=FILE.safetensors`) with `passes` and write it to the directory `dst`.
 
     `example` is the input the passes trace with (a tuple or dict, or `package.module:function`
     returning one; transformers models need none). An existing `dst` is replaced only with
-    `overwrite`. `progress` shows tqdm bars on stderr. Every user mistake raises a
+    `overwrite`. `progress` shows tqdm bars on stderr. A directory's or hub repo's own code
+    (`auto_map` in its config) runs only with `trust_remote_code`; a factory `src` and an
+    `example` function are the caller's own and run either way. Files written record `src` by
+    its name (a hub id, a factory, a directory's name), never a local absolute path. Every
+    user mistake raises a
     `SurgeonError` before anything is written, and nothing is left behind.
     """
     start = time.perf_counter()
@@ -86,7 +91,8 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
     if isinstance(example, str):
         example = load_example(example)
 
-    source = open_source(src, revision=revision, weights=weights, allow_pickle=allow_pickle)
+    source = open_source(src, revision=revision, weights=weights, allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code)
     opened = time.perf_counter()
     if source.directory is not None and _inside(dest, source.directory):
         raise DestinationError(f"{dest} is inside the source {source.directory}; write the "
@@ -115,8 +121,9 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
             files = write_checkpoint(tmp, tensors, max_shard_size=max_shard_size,
                                      progress=advance)
         carried = carry_files(source.directory, tmp, _not_carried)
-        write_recipe(tmp, model, source.base, {"source": {"name": src, "revision": revision}})
-        write_card(tmp, model, src, new)
+        name = public_name(src)  # published with --push-to-hub: no local absolute path
+        write_recipe(tmp, model, source.base, {"source": {"name": name, "revision": revision}})
+        write_card(tmp, model, name, new)
         written = [f.name for f in files] + carried + [RECIPE, "README.md"]
         written += [EXAMPLE] if (tmp / EXAMPLE).is_file() else []  # a factory's example
     end = time.perf_counter()

@@ -17,6 +17,17 @@ class SourceError(SurgeonError):
     """A model source (directory, hub id, `pkg.mod:factory`, weights file) cannot be used."""
 
 
+class UntrustedCodeError(SourceError):
+    """A checkpoint names code to import or run (a `pkg.mod:factory` base in `surgeon.json`, a
+    config's `auto_map`) and the user did not opt in with `trust_remote_code=True` /
+    `--trust-remote-code`; nothing of it was imported."""
+
+
+# How a user allows a checkpoint's code, for the end of an `UntrustedCodeError`'s message.
+TRUST_HINT = ("surgeon runs a checkpoint's code only if you trust it: pass --trust-remote-code "
+              "(trust_remote_code=True in Python)")
+
+
 class ExampleError(SurgeonError):
     """No example input was given and none can be built for this model, or the example fails."""
 

@@ -5,6 +5,9 @@ A pass is a dataclass of options (its config) registered under a short name; its
 reload replays. The faces find passes here by name: the built-in ones from the `passes` package
 (also from a source tree that was never installed), third-party ones from the `surgeon.passes`
 entry-point group (`name = "pkg.module"`, a module that registers its config on import).
+A built-in name cannot be taken over by a plug-in (the plug-in's pass is skipped with a
+warning), and a plug-in that fails to load is reported once, as a warning naming its entry
+point, and skipped: the other passes keep working. A recipe can only name installed passes.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import dataclasses
 import fnmatch
 import importlib
 import typing
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, SurgeonWarning
 
 if TYPE_CHECKING:
     from surgeon.graph.rewrite import Surgery
@@ -137,12 +141,28 @@ def _convert(raw: Any, hint: Any, where: str) -> Any:
     return raw
 
 
-def register(cls: type[PassConfig]) -> type[PassConfig]:
-    """Class decorator: make a pass config findable by its `name`."""
+class PluginWarning(SurgeonWarning):
+    """A pass plug-in (entry point of the `surgeon.passes` group) failed to load, or tried to
+    take a name that is already registered; it was skipped."""
+
+
+def register(cls: type[PassConfig], *, replace: bool = False) -> type[PassConfig]:
+    """Class decorator: make a pass config findable by its `name`. A name that another class
+    already holds (a built-in's, say) is refused unless `replace=True` is asked for on purpose;
+    registering the same class again (a module reloaded) is fine."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} needs a class attribute `name`")
+    held = _REGISTRY.get(cls.name)
+    if held is not None and not replace and _qualified(held) != _qualified(cls):
+        raise PassError(f"pass name {cls.name!r} is taken by {_qualified(held)}; "
+                        f"{_qualified(cls)} cannot replace it (give it another name, or "
+                        "register(..., replace=True) to replace it on purpose)")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _load_passes() -> None:
@@ -151,11 +171,20 @@ def _load_passes() -> None:
         return
     _loaded = True
     importlib.import_module(_BUILTIN)
+    builtin = dict(_REGISTRY)
     for ep in entry_points(group="surgeon.passes"):
         try:
             ep.load()
-        except Exception as e:  # a broken plug-in must not take the built-in passes down
-            raise PassError(f"pass plug-in {ep.name!r} ({ep.value}) failed to load: {e}") from e
+        except Exception as e:  # a broken plug-in must not take the other passes down
+            message = " ".join(str(e).split()) or type(e).__name__
+            warnings.warn(f"pass plug-in {ep.name!r} ({ep.value}) is skipped: it failed to "
+                          f"load ({type(e).__name__}: {message})", PluginWarning, stacklevel=2)
+        for name, cls in builtin.items():  # built-in names win, whatever the plug-in did
+            if _REGISTRY.get(name) is not cls:
+                warnings.warn(f"pass plug-in {ep.name!r} ({ep.value}) replaced the built-in "
+                              f"pass {name!r}; the built-in is kept", PluginWarning,
+                              stacklevel=2)
+                _REGISTRY[name] = cls
 
 
 def registered() -> dict[str, type[PassConfig]]:

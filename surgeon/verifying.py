@@ -9,7 +9,6 @@ promises to preserve the model's function (`PassConfig.preserves`) and drifts mo
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,14 @@ from typing import Any
 import torch
 
 from surgeon.applying import Drift, apply, output_vector
-from surgeon.checkpoint import RECIPE, CheckpointError, load, output_signature, read_example
+from surgeon.checkpoint import (
+    RECIPE,
+    CheckpointError,
+    load,
+    output_signature,
+    read_example,
+    read_recipe,
+)
 from surgeon.errors import NoEffectWarning
 from surgeon.graph.example_inputs import example_for
 from surgeon.graph.tracing import run_example
@@ -48,16 +54,21 @@ class Verification:
 
 
 def verify(path: str | os.PathLike, against: str | None = None, *,
-           revision: str | None = None) -> Verification:
-    """Check the converted checkpoint at `path` (see the module docstring)."""
+           revision: str | None = None, trust_remote_code: bool = False) -> Verification:
+    """Check the converted checkpoint at `path` (see the module docstring). A checkpoint whose
+    base is a `package.module:factory`, or an `against` directory with code of its own
+    (`auto_map`), runs that code only with `trust_remote_code=True`."""
     root = Path(path)
-    model = load(root)
-    recipe = json.loads((root / RECIPE).read_text())
+    recipe = read_recipe(root)
+    model = load(root, trust_remote_code=trust_remote_code)
     example = read_example(recipe.get("example", {"default": True}), root)
     output = _output(model, example)
     failures: list[str] = []
     reload_difference = None
     check = recipe.get("check")
+    if not check and against is None:  # nothing to compare with: never "ok" unchecked
+        failures.append(f"{root / RECIPE} records no output to compare the reloaded model "
+                        "with; verify it --against its source")
     if check:
         reload_difference = _signature_difference(output, check)
         if not reload_difference <= MATCH:
@@ -70,7 +81,8 @@ def verify(path: str | os.PathLike, against: str | None = None, *,
         from surgeon.files.source import load_model, quiet_transformers
 
         with quiet_transformers():  # no progress bars around the one-line result
-            base = load_model(against, revision=revision).model.eval()  # as `load` returns it
+            base = load_model(against, revision=revision,
+                              trust_remote_code=trust_remote_code).model.eval()  # as `load`
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             with warnings.catch_warnings():  # said at conversion already

@@ -2,7 +2,9 @@
 
 It says what was converted, with which passes and options, what that added, and how to load
 the result, so a checkpoint shared on the hub explains itself. Nothing in it changes between
-two runs of the same conversion (no dates, no paths of temporary files).
+two runs of the same conversion (no dates, no paths of temporary files), and the source is
+named as the caller gives it: a hub id, a factory or a directory's name, never a local path.
+A base built by a factory is loaded with `trust_remote_code=True`, which the card shows.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ _WHAT = {
 
 
 def write_card(out: Path, model: nn.Module, source: str, new_parameters: int) -> None:
-    """Write `out/README.md` for `model`, converted from `source`."""
+    """Write `out/README.md` for `model`, converted from `source` (a name, not a local path)."""
+    base = getattr(model, "_surgeon_base", None) or {}
+    factory = base.get("factory") if base.get("kind") == "factory" else None
     lines = ["---", "library_name: surgeon", "tags:", "- surgeon"]
     lines += [f"- {p['_type']}" for p in model._surgeon_passes]
     lines += ["---", "", f"# {type(model).__name__} converted by surgeon", "",
@@ -44,10 +48,12 @@ def write_card(out: Path, model: nn.Module, source: str, new_parameters: int) ->
         "```python",
         "import surgeon",
         "",
-        'model = surgeon.load("path/to/this/directory")',
+        'model = surgeon.load("path/to/this/directory")' if factory is None else
+        f'model = surgeon.load("path/to/this/directory", trust_remote_code=True)  # runs {factory}',
         "```",
         "",
-        "Check it with `surgeon verify path/to/this/directory`.",
+        "Check it with `surgeon verify path/to/this/directory" +
+        ("`." if factory is None else " --trust-remote-code`."),
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))

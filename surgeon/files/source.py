@@ -5,12 +5,16 @@ The CLI and `surgeon.convert`/`surgeon.load` name models by one string, resolved
 - an existing local directory holding `config.json` and `model.safetensors` (or a sharded
   `model.safetensors.index.json`), built with transformers;
 - `package.module:factory`, a function called with no arguments that returns an `nn.Module`
-  (the current directory is importable, as with `python -m`);
+  (the current directory is importable, as with `python -m`; only for a factory the user
+  names, never for one read from a file);
 - a hub id `owner/name`, fetched with `huggingface_hub.snapshot_download` (config, safetensors and
   tokenizer files only), which honours `HF_HUB_OFFLINE` and the local cache, then loaded as a
   directory.
 
 Only safetensors weights are loaded: pickle checkpoints can run code when read, so they are refused.
+Nor does a checkpoint's own code run: every transformers call gets `trust_remote_code`
+explicitly (False unless the user passed `trust_remote_code=True` / `--trust-remote-code`), so a
+config's `auto_map` neither runs nor stops at transformers' interactive prompt.
 Every failure the user can cause is a one-line `SourceError` naming the path, module or repo at
 fault.
 """
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgeon.errors import SourceError
+from surgeon.errors import TRUST_HINT, SourceError, UntrustedCodeError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -61,23 +65,41 @@ class LoadedModel:
     description: str
 
 
-def load_model(src: str, *, revision: str | None = None) -> LoadedModel:
+def load_model(src: str, *, revision: str | None = None,
+               trust_remote_code: bool = False) -> LoadedModel:
     """Build the model that `src` names; `revision` (branch, tag or commit) is for hub ids only.
+    A directory's or hub repo's own code (`auto_map`) runs only with `trust_remote_code`; a
+    factory `src` is the caller's own choice and is imported either way.
 
     Raises `SourceError` with a one-line message for a source that cannot be used.
     """
     path = Path(src).expanduser()
     if path.exists():
         _no_revision(revision, f"the local path {src}")
-        return _load_dir(path, src)
+        return _load_dir(path, src, trust_remote_code=trust_remote_code)
     if _FACTORY.fullmatch(src):
         _no_revision(revision, f"the factory {src}")
         return load_factory(src)
     if src.startswith((".", "/", "~", "\\")) or src.count("/") > 1:
         raise SourceError(f"no such directory: {src}")
     if _HUB_ID.fullmatch(src) and ".." not in src and "--" not in src:
-        return _load_hub(src, revision)
+        return _load_hub(src, revision, trust_remote_code)
     raise SourceError(f"cannot use {src!r} as a model source: {ACCEPTED}")
+
+
+def is_factory(src: str) -> bool:
+    """Whether `src` has the form `package.module:attribute[.attribute...]`."""
+    return bool(_FACTORY.fullmatch(src))
+
+
+def public_name(src: str) -> str:
+    """What to record of the source `src` in files that may be published (surgeon.json, the
+    model card): a hub id or a factory as given, a local path as its directory's name only,
+    never the absolute path of the user's machine."""
+    path = Path(src).expanduser()
+    if path.exists() or not (_FACTORY.fullmatch(src) or _HUB_ID.fullmatch(src)):
+        return path.resolve().name or src
+    return src
 
 
 def _no_revision(revision: str | None, what: str) -> None:
@@ -91,17 +113,19 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _load_dir(path: Path, label: str, *, allow_pickle: bool = False,
-              strict: bool = False) -> LoadedModel:
+def _load_dir(path: Path, label: str, *, allow_pickle: bool = False, strict: bool = False,
+              trust_remote_code: bool = False) -> LoadedModel:
     """Build a transformers model from a directory of config.json plus safetensors weights
     (or pickle weights, read with `weights_only=True`, when `allow_pickle`). Missing or
     mismatched weights are an error; so are checkpoint tensors the model has no place for when
     `strict` (a conversion must not drop them)."""
-    config, cls = _dir_config(path, label, allow_pickle=allow_pickle)
+    config, cls = _dir_config(path, label, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code)
     try:
         model, info = cls.from_pretrained(path, config=config, output_loading_info=True,
                                           ignore_mismatched_sizes=True,  # reported below
-                                          use_safetensors=None if allow_pickle else True)
+                                          use_safetensors=None if allow_pickle else True,
+                                          trust_remote_code=trust_remote_code)
     except Exception as e:  # a bad checkpoint fails in many ways (shapes, headers, dtypes)
         raise SourceError(f"cannot load {label} with {cls.__name__}: {_one_line(e)}") from e
     checked = ("missing_keys", "mismatched_keys") + (("unexpected_keys",) if strict else ())
@@ -115,8 +139,11 @@ def _load_dir(path: Path, label: str, *, allow_pickle: bool = False,
     return LoadedModel(model, config, path.resolve(), f"{type(model).__name__} from {label}")
 
 
-def _dir_config(path: Path, label: str, *, allow_pickle: bool = False) -> tuple[Any, type]:
-    """Check a model directory and read its config: (config, the transformers class to build)."""
+def _dir_config(path: Path, label: str, *, allow_pickle: bool = False,
+                trust_remote_code: bool = False) -> tuple[Any, type]:
+    """Check a model directory and read its config: (config, the transformers class to build).
+    The class is one transformers exports (by the config's `architectures`), else AutoModel,
+    which builds a repository's own class (`auto_map`) only with `trust_remote_code`."""
     if not path.is_dir():
         raise SourceError(f"{label} is a file, not a model directory; {ACCEPTED}")
     config_file = path / "config.json"
@@ -144,22 +171,39 @@ def _dir_config(path: Path, label: str, *, allow_pickle: bool = False) -> tuple[
             f"loading {label} needs transformers: pip install 'surgeon[hf]'"
         ) from e
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
+        if not trust_remote_code and _names_code(config_file):
+            raise UntrustedCodeError(
+                f"{config_file} names code of its own (auto_map) that transformers would import "
+                f"to build this model; {TRUST_HINT}") from e
         raise SourceError(f"cannot read {config_file}: {_one_line(e)}") from e
 
     archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+    name = archs[0] if archs and isinstance(archs[0], str) else ""
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
     return config, cls
 
 
-def load_factory(src: str) -> LoadedModel:
-    """Import `package.module`, call `factory()` and check it returned an nn.Module."""
+def _names_code(config_file: Path) -> bool:
+    """Whether a config.json has an `auto_map` (classes defined by the repository's own code)."""
+    import json
+
+    try:
+        data = json.loads(config_file.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and bool(data.get("auto_map"))
+
+
+def load_factory(src: str, *, cwd: bool = True) -> LoadedModel:
+    """Import `package.module`, call `factory()` and check it returned an nn.Module. `cwd`:
+    the current directory is importable (for a factory the user typed, not one from a file)."""
     from torch import nn
 
-    model = call(src)
+    model = call(src, cwd=cwd)
     if not isinstance(model, nn.Module):
         raise SourceError(f"{src}() returned a {type(model).__name__}, not a torch.nn.Module")
     config = getattr(model, "config", None)
@@ -183,26 +227,27 @@ def load_example(spec: str) -> tuple | dict:
     return example
 
 
-def call(src: str) -> Any:
-    """Import `package.module` (the current directory is importable) and call `function()`."""
+def call(src: str, *, cwd: bool = True) -> Any:
+    """Import `package.module` (with `cwd`, the current directory is importable) and call
+    `function()`. A `SystemExit` raised on the way is an error too, never a silent exit."""
     module_name, attr_path = src.split(":", 1)
-    cwd = os.getcwd()
-    added = cwd not in sys.path and "" not in sys.path
+    here = os.getcwd()
+    added = cwd and here not in sys.path and "" not in sys.path
     if added:
-        sys.path.insert(0, cwd)
+        sys.path.insert(0, here)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise SourceError(f"cannot import module {module_name!r} for {src}: {e}") from e
         raise SourceError(f"importing {module_name!r} failed: {_one_line(e)}") from e
-    except Exception as e:  # the user's module raised while importing
+    except (Exception, SystemExit) as e:  # the user's module raised while importing
         raise SourceError(
-            f"importing {module_name!r} failed: {type(e).__name__}: {_one_line(e)}"
+            f"importing {module_name!r} failed: {_described(e)}"
         ) from e
     finally:
         if added:
-            sys.path.remove(cwd)
+            sys.path.remove(here)
 
     factory: Any = module
     for part in attr_path.split("."):
@@ -213,21 +258,30 @@ def call(src: str) -> Any:
         raise SourceError(f"{src} is not callable (it is a {type(factory).__name__})")
     try:
         return factory()
-    except Exception as e:
-        raise SourceError(f"calling {src}() failed: {type(e).__name__}: {_one_line(e)}") from e
+    except (Exception, SystemExit) as e:
+        raise SourceError(f"calling {src}() failed: {_described(e)}") from e
 
 
-def _load_hub(repo_id: str, revision: str | None) -> LoadedModel:
+def _described(err: BaseException) -> str:
+    """`Type: message` of an exception in one line (just `Type` when it has no message)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _load_hub(repo_id: str, revision: str | None, trust_remote_code: bool = False
+              ) -> LoadedModel:
     """Resolve a hub id to a local snapshot (cache first, per huggingface_hub) and load it."""
     at = f"{repo_id}@{revision}" if revision else repo_id
-    snapshot = _hub_snapshot(repo_id, revision)
-    loaded = _load_dir(snapshot, f"hub repo {at}")
+    snapshot = _hub_snapshot(repo_id, revision, trust_remote_code=trust_remote_code)
+    loaded = _load_dir(snapshot, f"hub repo {at}", trust_remote_code=trust_remote_code)
     loaded.description = f"{type(loaded.model).__name__} from hub {at} ({snapshot})"
     return loaded
 
 
-def _hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False) -> Path:
-    """The local snapshot directory of a hub repo (cache first, per huggingface_hub)."""
+def _hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False,
+                  trust_remote_code: bool = False) -> Path:
+    """The local snapshot directory of a hub repo (cache first, per huggingface_hub); its
+    Python files only when the user trusts the repo's code."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.utils import (
         GatedRepoError,
@@ -240,7 +294,8 @@ def _hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False
 
     at = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        patterns = HUB_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
+        patterns = (HUB_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
+                    + (["*.py"] if trust_remote_code else []))
         snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except GatedRepoError as e:
         raise SourceError(
@@ -290,15 +345,16 @@ class Source:
 
 
 def open_source(src: str, *, revision: str | None = None, weights: str | None = None,
-                allow_pickle: bool = False) -> Source:
+                allow_pickle: bool = False, trust_remote_code: bool = False) -> Source:
     """Resolve `src` as `load_model` does, but build the model with its parameters on the meta
-    device, bound to its safetensors checkpoint. `weights` is a factory model's weights file."""
+    device, bound to its safetensors checkpoint. `weights` is a factory model's weights file;
+    `trust_remote_code` lets a directory's or hub repo's own code (`auto_map`) run."""
     path = Path(src).expanduser()
     if weights is not None and (path.exists() or not _FACTORY.fullmatch(src)):
         raise SourceError(f"--weights applies to a 'package.module:factory' source, not {src}")
     if path.exists():
         _no_revision(revision, f"the local path {src}")
-        return _open_dir(path, src, allow_pickle)
+        return _open_dir(path, src, allow_pickle, trust_remote_code)
     if _FACTORY.fullmatch(src):
         _no_revision(revision, f"the factory {src}")
         return _open_factory(src, weights, allow_pickle)
@@ -306,8 +362,8 @@ def open_source(src: str, *, revision: str | None = None, weights: str | None = 
         raise SourceError(f"no such directory: {src}")
     if _HUB_ID.fullmatch(src) and ".." not in src and "--" not in src:
         at = f"{src}@{revision}" if revision else src
-        return _open_dir(_hub_snapshot(src, revision, allow_pickle), f"hub repo {at}",
-                         allow_pickle)
+        return _open_dir(_hub_snapshot(src, revision, allow_pickle, trust_remote_code),
+                         f"hub repo {at}", allow_pickle, trust_remote_code)
     raise SourceError(f"cannot use {src!r} as a model source: {ACCEPTED}")
 
 
@@ -315,7 +371,8 @@ def _hf_base(model: nn.Module) -> dict[str, Any]:
     return {"kind": "transformers", "class": type(model).__name__}
 
 
-def _open_dir(path: Path, label: str, allow_pickle: bool) -> Source:
+def _open_dir(path: Path, label: str, allow_pickle: bool,
+              trust_remote_code: bool = False) -> Source:
     from surgeon.files.lazy import (
         LazyWeights,
         MismatchError,
@@ -324,12 +381,13 @@ def _open_dir(path: Path, label: str, allow_pickle: bool) -> Source:
     )
     from surgeon.files.weights import INDEX, SINGLE, Checkpoint
 
-    config, cls = _dir_config(path, label, allow_pickle=allow_pickle)
+    config, cls = _dir_config(path, label, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code)
     if (path / INDEX).is_file() or (path / SINGLE).is_file():
         checkpoint = Checkpoint.open(path)  # checks every header before anything is built
         with parameters_on_meta():
-            model = (cls.from_config(config) if cls.__name__.startswith("Auto")
-                     else cls._from_config(config))
+            model = (cls.from_config(config, trust_remote_code=trust_remote_code)
+                     if cls.__name__.startswith("Auto") else cls._from_config(config))
         model.eval()
         try:
             lazy = LazyWeights(model, checkpoint, label=label)
@@ -340,7 +398,8 @@ def _open_dir(path: Path, label: str, allow_pickle: bool) -> Source:
         except MismatchError as e:  # a shape or an extra tensor: no renaming explains it
             raise SourceError(str(e)) from e
     with quiet_transformers():  # a mismatch is reported below, in one line
-        loaded = _load_dir(path, label, allow_pickle=allow_pickle, strict=True)
+        loaded = _load_dir(path, label, allow_pickle=allow_pickle, strict=True,
+                           trust_remote_code=trust_remote_code)
     return Source(loaded.model, None, path, _hf_base(loaded.model), loaded.description)
 
 

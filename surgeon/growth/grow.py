@@ -101,10 +101,11 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
          blocks: str | None = None, checkpoint: str | os.PathLike | None = None,
          settings: GrowthConfig | None = None,
          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-         progress: bool = False) -> Growth:
+         progress: bool = False, trust_remote_code: bool = False) -> Growth:
     """Insert `count` blocks after block `after` (default: the last) of the newest checkpoint in
     `snapdir`, initialised by `init` from block `source` (default: the one they follow), and write
-    the grown checkpoint to `dst`. See the module docstring."""
+    the grown checkpoint to `dst`. See the module docstring. The checkpoint's own code
+    (`auto_map`), needed to build it for `zero` / `random`, runs only with `trust_remote_code`."""
     start = time.perf_counter()
     if init not in INITS:
         raise InsertionError(f"--init {init!r} is not one of {', '.join(INITS)}")
@@ -126,7 +127,8 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
     widened, changed = widen_config(config, found, after, count, source) if config else (None, [])
 
     out: dict[str, Stored | torch.Tensor] = {new: base[old] for old, new in moved.items()}
-    fresh, rows = _new_blocks(init, found, source, base, base_dir, snaps, settings)
+    fresh, rows = _new_blocks(init, found, source, base, base_dir, snaps, settings,
+                              trust_remote_code)
     first = first_only(found)  # T5's relative_attention_bias: it belongs to position 0
     for member in first if after == -1 else ():
         del out[found.key(count, member)]  # the old block 0, now at `count`, loses them
@@ -150,7 +152,9 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
         if widened is not None:
             (tmp / "config.json").write_text(json.dumps(widened, indent=2) + "\n")
             written.append("config.json")
-        record = {"snapshots": str(snapdir), "checkpoint": str(base_dir), "blocks": found.prefix,
+        record = {"snapshots": Path(snapdir).expanduser().resolve().name,  # no local paths
+                  "checkpoint": recorded_path(base_dir, Path(snapdir).expanduser()),
+                  "blocks": found.prefix,
                   "after": after, "count": count, "source": source, "init": init,
                   "settings": asdict(settings),
                   "steps": snaps.steps if snaps is not None else [], "tensors": rows}
@@ -274,7 +278,7 @@ def _read_config(directory: Path) -> dict[str, Any] | None:
 
 
 def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_dir: Path,
-                snaps: Snapshots | None, settings: GrowthConfig
+                snaps: Snapshots | None, settings: GrowthConfig, trust_remote_code: bool = False
                 ) -> tuple[dict[str, Stored | torch.Tensor], list[dict[str, Any]]]:
     """One new block's tensors by member name, and growth.json's rows for them."""
     members = {m: base[blocks.key(source, m)] for m in blocks.members[source]}
@@ -283,7 +287,7 @@ def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_d
         return dict(members), [{"key": m, "from": s.key, "init": "copy"}
                                for m, s in members.items()]
     if init == "zero":
-        zeroed = _branch_members(blocks, source, base_dir)
+        zeroed = _branch_members(blocks, source, base_dir, trust_remote_code)
         fresh: dict[str, Stored | torch.Tensor] = {}
         for m, s in members.items():
             hit = any(m.startswith(z + ".") for z in zeroed)
@@ -291,7 +295,7 @@ def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_d
             rows.append({"key": m, "from": s.key, "init": "zero" if hit else "copy"})
         return fresh, rows
     if init == "random":
-        fresh = _random_block(blocks, source, base_dir, members)
+        fresh = _random_block(blocks, source, base_dir, members, trust_remote_code)
         return fresh, [{"key": m, "init": "random"} for m in fresh]
     assert snaps is not None
     fresh = {}
@@ -303,7 +307,8 @@ def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_d
     return fresh, rows
 
 
-def _branch_members(blocks: Blocks, source: int, base_dir: Path) -> list[str]:
+def _branch_members(blocks: Blocks, source: int, base_dir: Path,
+                    trust_remote_code: bool = False) -> list[str]:
     """Member prefixes (relative to the block) of the modules writing its residual branches,
     from the model traced with its weights on disk."""
     from surgeon.files.source import open_source
@@ -312,7 +317,7 @@ def _branch_members(blocks: Blocks, source: int, base_dir: Path) -> list[str]:
     from surgeon.graph.tracing import trace_model
     from surgeon.growth.branches import branch_outputs
 
-    opened = open_source(str(base_dir))
+    opened = open_source(str(base_dir), trust_remote_code=trust_remote_code)
     block = f"{blocks.prefix}{source}"
     lazy = opened.lazy if opened.lazy is not None else contextlib.nullcontext()
     with torch.no_grad(), lazy:
@@ -321,13 +326,13 @@ def _branch_members(blocks: Blocks, source: int, base_dir: Path) -> list[str]:
     return [n[len(block) + 1:] for n in names]
 
 
-def _random_block(blocks: Blocks, source: int, base_dir: Path,
-                  members: dict[str, Stored]) -> dict[str, Stored | torch.Tensor]:
+def _random_block(blocks: Blocks, source: int, base_dir: Path, members: dict[str, Stored],
+                  trust_remote_code: bool = False) -> dict[str, Stored | torch.Tensor]:
     """A block initialised as the model initialises its own (transformers' `_init_weights`, else
     each submodule's `reset_parameters`), seeded, in the checkpoint's dtypes."""
     from surgeon.files.source import open_source
 
-    model = open_source(str(base_dir)).model
+    model = open_source(str(base_dir), trust_remote_code=trust_remote_code).model
     block = copy.deepcopy(model.get_submodule(f"{blocks.prefix}{source}")).to_empty(device="cpu")
     init = getattr(model, "_init_weights", None)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -394,3 +399,12 @@ def check(snapdir: str | os.PathLike, *, blocks: str | None = None,
         trends.append(BlockTrend(index, tau, kappa,
                                  tau >= settings.tau_crit and kappa >= settings.kappa_crit))
     return trends
+
+
+def recorded_path(directory: Path, snapdir: Path) -> str:
+    """How growth.json (published with the checkpoint) names `directory`: relative to the
+    snapshot directory when inside it, else by its own name; never an absolute local path."""
+    directory, snapdir = directory.resolve(), snapdir.resolve()
+    if directory == snapdir or snapdir in directory.parents:
+        return directory.relative_to(snapdir).as_posix()
+    return directory.name
