@@ -17,7 +17,7 @@ other defaults.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,6 +44,9 @@ class AionResidual(nn.Module):
     """
 
     _surgeon_atomic = True  # tracing treats it as a leaf: passes never rewrite it again
+    # State-dict entries a checkpoint may lack: records rebuilt from the rest by
+    # `reset_optional_state_` (`load_state_dict` and `surgeon.load` accept their absence).
+    optional_state: ClassVar[tuple[str, ...]] = ("step_count", "alpha_cached")
 
     def __init__(
         self,
@@ -204,22 +207,31 @@ class AionResidual(nn.Module):
             x_in = x if x_norm is None else x_norm
             return (energy(y) / (energy(x_in) + self.epsilon)).mean()
 
+    @torch.no_grad()
+    def reset_optional_state_(self, names: tuple[str, ...] = optional_state) -> AionResidual:
+        """Rebuild the records `names` from the rest of the state: `alpha_cached = alpha()`,
+        `step_count` 0 (what a state dict without them loads as)."""
+        values = {"step_count": lambda: torch.zeros((), dtype=torch.int32),
+                  "alpha_cached": lambda: self.alpha().detach()}
+        for name in names:
+            value = values[name]()
+            if getattr(self, name).is_meta:  # loaded with assign=True into a meta module
+                setattr(self, name, value.to(self.ratio_ema.device))
+            else:
+                getattr(self, name).copy_(value)
+        return self
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # A state dict without aion-torch's records (written by an older surgeon, or by hand)
-        # loads strictly too: they are records, rebuilt from what was loaded.
+        # loads strictly too: they are rebuilt from what was loaded.
         missing_keys: list[str] = args[2]  # (local_metadata, strict, missing, unexpected, errors)
-        absent = [n for n in ("step_count", "alpha_cached") if prefix + n not in state_dict]
+        absent = tuple(n for n in self.optional_state if prefix + n not in state_dict)
         super()._load_from_state_dict(state_dict, prefix, *args)
         for name in absent:
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
-            with torch.no_grad():
-                value = (torch.zeros((), dtype=torch.int32) if name == "step_count"
-                         else self.alpha().detach())
-                if getattr(self, name).is_meta:  # loading with assign=True into a meta module
-                    setattr(self, name, value.to(self.ratio_ema.device))
-                else:
-                    getattr(self, name).copy_(value)
+        if absent:
+            self.reset_optional_state_(absent)
 
     def extra_repr(self) -> str:
         # aion-torch's "alpha0=0.1000, beta=0.0500, ema_gamma=0.99", then surgeon's own fields.
