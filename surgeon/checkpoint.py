@@ -497,8 +497,10 @@ def load(path: str | os.PathLike, *, trust_remote_code: bool = False) -> nn.Modu
         raise CheckpointError(f"{recipe_file}: replaying the passes built other modules than the "
                               f"manifest lists (missing: {missing[:3]}, unexpected: {extra[:3]}); "
                               "the checkpoint or the model code has changed")
-    keys = sorted(model.state_dict())
-    if keys != sorted(manifest.get("parameters", keys)):
+    keys, optional = sorted(model.state_dict()), optional_keys(model)
+    listed = set(manifest.get("parameters", keys))
+    keys = [k for k in keys if k in listed or k not in optional]  # older checkpoints lack some
+    if keys != sorted(listed):
         diff = sorted(set(keys) ^ set(manifest["parameters"]))
         raise CheckpointError(f"{recipe_file}: the rebuilt model's state-dict keys differ from "
                               f"the manifest ({diff[:3]})")
@@ -515,17 +517,36 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     groups: dict[int, list[str]] = {}
     for key, value in state.items():
         groups.setdefault(id(value), []).append(key)
-    missing = [g[0] for g in groups.values() if not any(k in checkpoint for k in g)]
+    absent = [g for g in groups.values() if not any(k in checkpoint for k in g)]
+    optional = optional_keys(model)
+    rebuild: dict[int, tuple[nn.Module, list[str]]] = {}  # records to rebuild, by module
+    for key in (g[0] for g in absent if g[0] in optional):
+        rebuild.setdefault(id(optional[key]), (optional[key], []))[1].append(
+            key.rpartition(".")[2])
+    missing = [g[0] for g in absent if g[0] not in optional]
     unexpected = sorted(set(checkpoint) - set(state))
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the rebuilt model (missing "
                               f"{sorted(missing)[:3]}, unexpected {unexpected[:3]})")
     with torch.no_grad():
         for group in groups.values():
-            key = next(k for k in group if k in checkpoint)
+            key = next((k for k in group if k in checkpoint), None)
+            if key is None:  # an optional record, rebuilt below
+                continue
             value, target = checkpoint.read(key), state[group[0]]
             if value.shape != target.shape:
                 raise CheckpointError(f"{checkpoint[key].file}: {key} has shape "
                                       f"{list(value.shape)}, the rebuilt model wants "
                                       f"{list(target.shape)}")
             target.copy_(value)
+        for module, names in rebuild.values():
+            module.reset_optional_state_(tuple(names))
+
+
+def optional_keys(model: nn.Module) -> dict[str, nn.Module]:
+    """State-dict keys that a checkpoint may lack, each with its module: records the module
+    rebuilds from the rest of its state (its `optional_state`, reset by
+    `reset_optional_state_`), such as AION's `step_count` and `alpha_cached`, which surgeon
+    checkpoints written before AionResidual carried them do not hold."""
+    return {f"{name}.{key}" if name else key: module for name, module in model.named_modules()
+            for key in getattr(module, "optional_state", ())}

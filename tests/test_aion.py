@@ -63,19 +63,110 @@ def test_parity_with_aion_torch(use_x_norm: bool, gamma: float) -> None:
     torch.testing.assert_close(ours(x, y), theirs(x, y), rtol=1e-6, atol=1e-7)
 
 
-def test_same_constructor_validation_and_state_dict_names_as_aion_torch() -> None:
+def test_same_constructor_validation_and_state_dict_as_aion_torch() -> None:
     for bad in ({"alpha0": 0.0}, {"beta": -1.0}, {"ema_gamma": 1.5}, {"epsilon": 0.0}):
         with pytest.raises(ValueError):
             aion_torch.AionResidual(**bad)
         with pytest.raises(ValueError):
             AionResidual(**bad)
-    ours = set(AionResidual().state_dict())
-    assert ours == {"alpha0", "beta", "ratio_ema"}
-    assert ours <= set(aion_torch.AionResidual().state_dict())
-    theirs = aion_torch.AionResidual(alpha0=0.7, beta=0.3)
+    ours, theirs = AionResidual(alpha0=0.3), aion_torch.AionResidual(alpha0=0.7, beta=0.3)
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == [
+        "alpha0", "beta", "ratio_ema", "step_count", "alpha_cached"]
+    assert {k: v.dtype for k, v in ours.state_dict().items()} == {
+        k: v.dtype for k, v in theirs.state_dict().items()}
+    x, y, xn = batch()
+    theirs(x, y, xn), theirs(x, y, xn)  # two training steps move its records
     loaded = AionResidual()
-    loaded.load_state_dict(theirs.state_dict(), strict=False)
-    assert loaded.alpha0.item() == pytest.approx(0.7) and loaded.beta.item() == pytest.approx(0.3)
+    loaded.load_state_dict(theirs.state_dict())  # strictly, both ways
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded.step_count.item() == 2
+    back = aion_torch.AionResidual()
+    back.load_state_dict(ours.state_dict())
+    assert back.alpha0.item() == pytest.approx(0.3) and back.alpha_cached.item() == (
+        pytest.approx(0.3))
+
+
+def test_records_move_like_aion_torch_in_training_and_stay_in_eval() -> None:
+    """`step_count` counts training forwards, `alpha_cached` is the α the forward used."""
+    ours = AionResidual(alpha0=0.2, beta=0.1, ema_gamma=0.9)
+    theirs = aion_torch.AionResidual(alpha0=0.2, beta=0.1, ema_gamma=0.9)
+    assert ours.alpha_cached.item() == pytest.approx(0.2) and ours.step_count.item() == 0
+    for _ in range(3):
+        x, y, xn = batch()
+        ours(x, y, xn), theirs(x, y, xn)
+    assert ours.step_count.item() == theirs.step_count.item() == 3
+    torch.testing.assert_close(ours.alpha_cached, theirs.alpha_cached.detach())
+    ours.eval()
+    ours(x, y), ours(x, y)
+    assert ours.step_count.item() == 3
+    torch.testing.assert_close(ours.alpha_cached, theirs.alpha_cached.detach())
+    rezero = AionResidual.from_preset("rezero")
+    assert rezero.alpha_cached.item() == 0.0
+    rezero(x, y)
+    assert rezero.step_count.item() == 1
+
+
+def test_a_state_dict_without_the_records_loads_strictly() -> None:
+    """Older surgeon checkpoints hold only alpha0, beta and ratio_ema: the records are rebuilt
+    (α from the loaded values, no updates counted), also into a meta module with assign=True."""
+    old = {"alpha0": torch.tensor(0.6), "beta": torch.tensor(0.5), "ratio_ema": torch.tensor(2.0)}
+    want = 0.6 / (1 + 0.5 * 2.0)
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            m = AionResidual()
+        m.step_count.fill_(5) if device == "cpu" else None
+        m.load_state_dict(old, assign=device == "meta")
+        assert not m.alpha_cached.is_meta and not m.step_count.is_meta, device
+        assert m.alpha_cached.item() == pytest.approx(want) and m.step_count.item() == 0, device
+        assert m.step_count.dtype == torch.int32, device
+    with pytest.raises(RuntimeError, match="Missing key.*beta"):  # real parameters still count
+        AionResidual().load_state_dict({k: v for k, v in old.items() if k != "beta"})
+
+
+@pytest.mark.parametrize("x_shape, y_shape, match", [
+    ((4, 8), (4, 9), r"Input shapes must match: x.shape=.*4, 8.*, y.shape=.*4, 9"),
+    ((4, 8), (1, 8), r"Input shapes must match"),  # no broadcasting, as in aion-torch
+    ((0, 8), (4, 8), "Input tensor x cannot be empty"),
+    ((4, 8), (4, 0), "Input tensor y cannot be empty"),
+    ((0, 8), (0, 8), "Input tensor x cannot be empty"),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_bad_inputs_give_aion_torchs_value_error(
+    x_shape: tuple[int, ...], y_shape: tuple[int, ...], match: str, training: bool
+) -> None:
+    for cls in (AionResidual, aion_torch.AionResidual):
+        m = cls().train(training)
+        with pytest.raises(ValueError, match=match):
+            m(torch.randn(x_shape), torch.randn(y_shape))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_return_stats_like_aion_torch(training: bool) -> None:
+    ours = AionResidual(alpha0=0.2, beta=0.1).train(training)
+    theirs = aion_torch.AionResidual(alpha0=0.2, beta=0.1).train(training)
+    x, y, xn = batch()
+    if not training:  # aion-torch's eval needs one training step to hold the same α
+        ours.train()(x, y, xn), theirs.train()(x, y, xn)
+        ours.eval(), theirs.eval()
+    out, stats = ours(x, y, xn, return_stats=True)
+    out_t, stats_t = theirs(x, y, xn, return_stats=True)
+    torch.testing.assert_close(out, out_t)
+    assert list(stats) == ["alpha", "ratio"] and all(type(v) is float for v in stats.values())
+    assert stats == pytest.approx(stats_t, rel=1e-6)
+    rezero = AionResidual.from_preset("preln").train(training)
+    _, stats = rezero(x, y, xn, return_stats=True)
+    assert stats["alpha"] == 1.0
+    assert stats["ratio"] == pytest.approx(closed_form_ratio(y, xn) if training else 1.0,
+                                           rel=1e-6)
+
+
+def test_extra_repr_starts_like_aion_torchs() -> None:
+    theirs = aion_torch.AionResidual(alpha0=0.2, beta=0.1, ema_gamma=0.95).extra_repr()
+    ours = AionResidual(alpha0=0.2, beta=0.1, ema_gamma=0.95).extra_repr()
+    assert ours == theirs + ", epsilon=1e-08, preset=aion"
+    with torch.device("meta"):
+        assert AionResidual().extra_repr().startswith("alpha0=?, beta=?, ema_gamma=0.99")
 
 
 def test_eval_uses_current_parameters_not_a_stale_alpha() -> None:
@@ -159,3 +250,25 @@ def test_preserving_start_is_exact() -> None:
     assert torch.equal(m(x, y), x + y)
     m.train()  # the first training step moves α only by the batch's deviation from the EMA
     torch.testing.assert_close(m(x, y, xn), x + y, rtol=1e-6, atol=1e-6)
+
+
+def test_records_after_attach_move_once_per_real_step() -> None:
+    """After `surgeon.attach` the forward leaves every buffer alone; each optimizer step that
+    moves the EMA sets `alpha_cached` to the α at the new EMA and counts one update."""
+    from surgeon.nn import attach
+
+    m = AionResidual(alpha0=0.4, beta=0.2, ema_gamma=0.5)
+    handle = attach(m)
+    x, y, xn = batch()
+    m(x, y, xn)
+    assert m.step_count.item() == 0 and m.alpha_cached.item() == pytest.approx(0.4)
+    handle.step(found_inf=torch.tensor(1.0))  # a step GradScaler skips: nothing moves
+    assert m.step_count.item() == 0 and m.alpha_cached.item() == pytest.approx(0.4)
+    handle.step()
+    r_s = 0.5 * 1.0 + 0.5 * closed_form_ratio(y, xn)
+    assert m.ratio_ema.item() == pytest.approx(r_s, rel=1e-6)
+    assert m.alpha_cached.item() == pytest.approx(0.4 / (1 + 0.2 * r_s), rel=1e-6)
+    assert m.step_count.item() == 1
+    handle.step()  # no forward since: no update
+    assert m.step_count.item() == 1
+    handle.remove()

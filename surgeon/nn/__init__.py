@@ -2,7 +2,8 @@
 
 `AionResidual` (adaptive residual scale), `HyperConnections` / `ManifoldHyperConnections`
 (n residual streams; mHC), `ADyT` (adaptive dynamic tanh, DyT with adaptation off), and
-`attach(model, optimizer)`, which moves their statistics to the optimizer step.
+`attach(model, optimizer)`, which moves their statistics to the optimizer step (and warns with
+`ParametersNotOptimizedWarning` about trainable parameters the optimizer does not hold).
 """
 
 from surgeon.nn.adyt import ADyT, dyt_llama_alpha0
@@ -15,7 +16,12 @@ from surgeon.nn.hyper import (
     reduce_streams,
 )
 from surgeon.nn.mhc import ManifoldHyperConnections, hyper_connections, sinkhorn
-from surgeon.nn.stats import Attachment, attach
+from surgeon.nn.stats import (
+    Attachment,
+    ParametersNotOptimizedWarning,
+    attach,
+    unoptimized_parameters,
+)
 
 __all__ = [
     "ADyT",
@@ -24,6 +30,7 @@ __all__ = [
     "ExpandStreams",
     "HyperConnections",
     "ManifoldHyperConnections",
+    "ParametersNotOptimizedWarning",
     "ReduceStreams",
     "attach",
     "dyt_llama_alpha0",
@@ -31,4 +38,5 @@ __all__ = [
     "hyper_connections",
     "reduce_streams",
     "sinkhorn",
+    "unoptimized_parameters",
 ]

@@ -3,17 +3,21 @@
 `r` is the branch's energy ratio, the mean over tokens of `E[y] / (E[x_norm] + ε)` with
 `E[t] = mean(t², -1)` taken in fp32, and `r_s` its EMA (`ratio_ema`, starting at 1.0).
 
-A drop-in replacement for `aion_torch.AionResidual` (same constructor, `forward(x, y, x_norm)`,
-buffer `ratio_ema`) without its defects: no `.item()` and no collective in the forward (the EMA
-is updated in place on the device, or once per optimizer step for all layers together after
-`surgeon.attach`), eval computes α from the current parameters and EMA, and backward works in
-eval. Presets `aion`, `deepnorm`, `preln`, `rezero` are the same module with other defaults.
+A drop-in replacement for `aion_torch.AionResidual`: the same constructor, `forward(x, y,
+x_norm, return_stats=False)`, the same `ValueError`s for empty or mismatched inputs, and the same
+state dict (`alpha0`, `beta`, `ratio_ema`, `step_count`, `alpha_cached`), so either module loads
+the other's strictly. Deliberately different: no `.item()` and no collective in the forward (the
+EMA is updated in place on the device, or once per optimizer step for all layers together after
+`surgeon.attach`); eval computes α from the current parameters and EMA (`alpha_cached` is only a
+record, never read); with `ema_gamma = 1` the EMA holds the latest ratio, which that eval needs;
+and backward works in eval. Presets `aion`, `deepnorm`, `preln`, `rezero` are the same module with
+other defaults.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,9 +36,17 @@ class AionResidual(nn.Module):
     `ema_gamma = 1` turns smoothing off (training uses the batch ratio, as aion-torch does;
     `ratio_ema` then holds the latest ratio). The presets other than `aion` freeze `beta` at 0
     and set `adaptive = False`: α is then a plain scale and the forward skips the ratio.
+
+    aion-torch's bookkeeping buffers are kept, as records: `step_count` (int32) counts the
+    updates of the statistics (training forwards; optimizer steps after `surgeon.attach`) and
+    `alpha_cached` holds the α of the latest one. A state dict without them (an older surgeon
+    checkpoint) loads strictly too: `alpha_cached` becomes `alpha()` and `step_count` 0.
     """
 
     _surgeon_atomic = True  # tracing treats it as a leaf: passes never rewrite it again
+    # State-dict entries a checkpoint may lack: records rebuilt from the rest by
+    # `reset_optional_state_` (`load_state_dict` and `surgeon.load` accept their absence).
+    optional_state: ClassVar[tuple[str, ...]] = ("step_count", "alpha_cached")
 
     def __init__(
         self,
@@ -55,6 +67,9 @@ class AionResidual(nn.Module):
         self.alpha0 = nn.Parameter(torch.tensor(float(alpha0)))
         self.beta = nn.Parameter(torch.tensor(float(beta)))
         self.register_buffer("ratio_ema", torch.tensor(1.0))
+        # aion-torch's records, in its order: updates of the statistics, and the latest α.
+        self.register_buffer("step_count", torch.tensor(0, dtype=torch.int32))
+        self.register_buffer("alpha_cached", torch.tensor(float(alpha0)))
         self.ema_gamma = float(ema_gamma)
         self.epsilon = float(epsilon)
         self.preset = "aion"
@@ -95,6 +110,7 @@ class AionResidual(nn.Module):
                 module.alpha0.requires_grad_(False)
             else:  # rezero
                 module.alpha0.data.zero_()
+            module.alpha_cached.copy_(module.alpha0.detach())
         module.preset = preset
         return module
 
@@ -108,31 +124,67 @@ class AionResidual(nn.Module):
         return self.alpha0 / (1.0 + self.beta * self.ratio_ema)
 
     def forward(
-        self, x: torch.Tensor, y: torch.Tensor, x_norm: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        # x, y: (..., d); x_norm: what the branch saw, (..., d), or None.
-        return x + self.scale(y, x, x_norm)
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_norm: torch.Tensor | None = None,
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+        """`x + α·y`; x, y: (..., d) of one shape; x_norm: what the branch saw, (..., d), or None.
+
+        `return_stats=True` also returns `{"alpha": α, "ratio": r}` as Python floats (the batch
+        ratio in training, `ratio_ema` in eval), as aion-torch does: that reads two numbers back
+        to the host, so leave it off in a training loop that should not wait on the device."""
+        # Checks on shapes only (no tensor values): no sync, and compiled code guards on them.
+        if x.numel() == 0:
+            raise ValueError(f"Input tensor x cannot be empty (x.shape={tuple(x.shape)})")
+        if y.numel() == 0:
+            raise ValueError(f"Input tensor y cannot be empty (y.shape={tuple(y.shape)})")
+        if x.shape != y.shape:
+            raise ValueError(f"Input shapes must match: x.shape={tuple(x.shape)}, "
+                             f"y.shape={tuple(y.shape)} (AionResidual adds y to x without "
+                             "broadcasting)")
+        branch, alpha, ratio = self._scaled(y, x, x_norm)
+        out = x + branch
+        if not return_stats:
+            return out
+        if ratio is None:
+            ratio = self.batch_ratio(x, y, x_norm) if self.training else self.ratio_ema
+        return out, {"alpha": float(alpha.detach()), "ratio": float(ratio.detach())}
 
     def scale(
         self, y: torch.Tensor, x: torch.Tensor, x_norm: torch.Tensor | None = None
     ) -> torch.Tensor:
         """`α·y`, the scaled branch (with the ratio and EMA work of a forward). Hyper-connections
         call this and add the result to their streams themselves."""
+        return self._scaled(y, x, x_norm)[0]
+
+    def _scaled(
+        self, y: torch.Tensor, x: torch.Tensor, x_norm: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(`α·y`, α, the batch ratio or None where the forward needs none)."""
         if not (self.training and self.adaptive):
-            return self.alpha() * y
+            alpha = self.alpha()
+            if self.training:  # a fixed-α preset: aion-torch's records all the same
+                with torch.no_grad():
+                    self.alpha_cached.copy_(alpha)
+                    self.step_count.add_(1)
+            return alpha * y, alpha, None
         # per-token ratio E[y] / (E[x_norm] + ε), fp32: (...,)
         per_token = energy(y) / (energy(x if x_norm is None else x_norm) + self.epsilon)
         ratio = per_token.mean()  # () batch ratio, in the graph: α's gradient reaches y
         gamma = self._gamma
         ratio_s = gamma * self.ratio_ema + (1.0 - gamma) * ratio
+        alpha = self.alpha0 / (1.0 + self.beta * ratio_s)  # ()
         with torch.no_grad():
             if self._pending is None:
                 self.ratio_ema.copy_(ratio_s)
-            else:
+                self.alpha_cached.copy_(alpha)
+                self.step_count.add_(1)
+            else:  # attached: the optimizer step moves the EMA and the records
                 self._pending[0] += per_token.sum()  # a view of the shared (L, 2) tensor
                 self._pending[1] += per_token.numel()
-        alpha = self.alpha0 / (1.0 + self.beta * ratio_s)  # ()
-        return alpha * y  # a 0-dim fp32 α keeps y's dtype
+        return alpha * y, alpha, ratio  # a 0-dim fp32 α keeps y's dtype
 
     @torch.no_grad()
     def preserve_(self, ratio: torch.Tensor | float | None = None) -> AionResidual:
@@ -144,6 +196,7 @@ class AionResidual(nn.Module):
         if ratio is not None:
             self.ratio_ema.copy_(torch.as_tensor(ratio, dtype=torch.float32))
         self.alpha0.copy_(1.0 + self.beta * self.ratio_ema)
+        self.alpha_cached.copy_(self.alpha())
         return self
 
     def batch_ratio(
@@ -154,5 +207,36 @@ class AionResidual(nn.Module):
             x_in = x if x_norm is None else x_norm
             return (energy(y) / (energy(x_in) + self.epsilon)).mean()
 
+    @torch.no_grad()
+    def reset_optional_state_(self, names: tuple[str, ...] = optional_state) -> AionResidual:
+        """Rebuild the records `names` from the rest of the state: `alpha_cached = alpha()`,
+        `step_count` 0 (what a state dict without them loads as)."""
+        values = {"step_count": lambda: torch.zeros((), dtype=torch.int32),
+                  "alpha_cached": lambda: self.alpha().detach()}
+        for name in names:
+            value = values[name]()
+            if getattr(self, name).is_meta:  # loaded with assign=True into a meta module
+                setattr(self, name, value.to(self.ratio_ema.device))
+            else:
+                getattr(self, name).copy_(value)
+        return self
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # A state dict without aion-torch's records (written by an older surgeon, or by hand)
+        # loads strictly too: they are rebuilt from what was loaded.
+        missing_keys: list[str] = args[2]  # (local_metadata, strict, missing, unexpected, errors)
+        absent = tuple(n for n in self.optional_state if prefix + n not in state_dict)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        for name in absent:
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+        if absent:
+            self.reset_optional_state_(absent)
+
     def extra_repr(self) -> str:
-        return f"preset={self.preset}, ema_gamma={self.ema_gamma}, epsilon={self.epsilon}"
+        # aion-torch's "alpha0=0.1000, beta=0.0500, ema_gamma=0.99", then surgeon's own fields.
+        def show(t: torch.Tensor) -> str:
+            return "?" if t.is_meta else f"{float(t.detach()):.4f}"
+
+        return (f"alpha0={show(self.alpha0)}, beta={show(self.beta)}, "
+                f"ema_gamma={self.ema_gamma}, epsilon={self.epsilon}, preset={self.preset}")

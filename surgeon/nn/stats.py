@@ -15,10 +15,15 @@ under GradScaler not on steps it skips (their ratios count towards the next real
 optimizers, which GradScaler hands the scale and overflow flag instead, are handled too). A
 batch whose ratio overflowed is dropped. Nothing here reads a value back to the host. The hook
 sees the gradients the optimizer will apply: after `clip_grad_norm_`, if the loop clips.
+
+`attach` also checks that the optimizer holds every trainable parameter of the model: one built
+before `surgeon.apply` never sees the new ones (they stay at their initial values, silently), so
+it warns with a `ParametersNotOptimizedWarning` that counts them and says what to do.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -41,6 +46,32 @@ def _innermost(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError("attach needs a torch.optim.Optimizer (or a wrapper with .optimizer)")
     return optimizer
+
+
+class ParametersNotOptimizedWarning(UserWarning):
+    """Trainable parameters of the model are in none of the optimizer's param groups (an
+    optimizer built before `surgeon.apply`): they would never train."""
+
+
+def unoptimized_parameters(model: nn.Module, optimizer: Any) -> list[tuple[str, nn.Parameter]]:
+    """`(name, parameter)` for each trainable parameter of `model` that `optimizer` (or the
+    torch optimizer inside a wrapper) does not hold, in `named_parameters` order. Hand them to
+    `optimizer.add_param_group({"params": [p for _, p in ...]})` to train them."""
+    held = {id(p) for group in _innermost(optimizer).param_groups for p in group["params"]}
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+
+
+def _warn_unoptimized(model: nn.Module, optimizer: Any) -> None:
+    outside = unoptimized_parameters(model, optimizer)
+    if not outside:
+        return
+    names = ", ".join(n for n, _ in outside[:3]) + (", ..." if len(outside) > 3 else "")
+    elements = sum(p.numel() for _, p in outside)
+    warnings.warn(ParametersNotOptimizedWarning(
+        f"{len(outside)} trainable parameter tensors of the model ({elements:,} elements: "
+        f"{names}) are in no param group of the optimizer, so they will not train; build the "
+        "optimizer after surgeon.apply, or add them with optimizer.add_param_group({'params': "
+        "[p for _, p in surgeon.nn.unoptimized_parameters(model, optimizer)]})"), stacklevel=4)
 
 
 class Attachment:
@@ -72,6 +103,7 @@ class Attachment:
         self._handle = None
         if optimizer is not None:
             self._handle = _innermost(optimizer).register_step_pre_hook(self._hook)
+            _warn_unoptimized(model, optimizer)
 
     def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Fused / scaling-aware optimizers get GradScaler's scale and overflow flag as
@@ -102,7 +134,17 @@ class Attachment:
         keep = (count == 0) | ~torch.isfinite(ratio)  # nothing seen, or an overflowed batch
         if skip is not None:
             keep = keep | skip
-        torch._foreach_copy_(emas, list(torch.where(keep, old, new).unbind(0)))
+        ema = torch.where(keep, old, new)  # (L,)
+        torch._foreach_copy_(emas, list(ema.unbind(0)))
+        # aion-torch's records: the α at the new EMA, and one more update, where the EMA moved
+        # (the same on every rank: parameters and EMAs agree, nothing rank-local goes in).
+        alpha0 = torch.stack([m.alpha0.detach().to(ema.dtype) for m in self.aion])  # (L,)
+        beta = torch.stack([m.beta.detach().to(ema.dtype) for m in self.aion])  # (L,)
+        cached = [m.alpha_cached for m in self.aion]
+        alpha = torch.where(keep, torch.stack(cached).to(ema.dtype), alpha0 / (1.0 + beta * ema))
+        torch._foreach_copy_(cached, list(alpha.unbind(0)))
+        counts = [m.step_count for m in self.aion]
+        torch._foreach_add_(counts, list((~keep).to(counts[0].dtype).unbind(0)))
         if skip is None:
             pending.zero_()
         else:
@@ -150,5 +192,7 @@ def attach(
 
     Call once at set-up, after the model is on its device (DDP-wrapped or not). Without an
     optimizer, call `.step()` on the result between backward and the optimizer step yourself.
+    Warns (`ParametersNotOptimizedWarning`) if trainable parameters of `model` are not in
+    `optimizer`, as when it was built before `surgeon.apply`.
     """
     return Attachment(model, optimizer, process_group=process_group)
