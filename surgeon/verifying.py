@@ -48,8 +48,9 @@ class Verification:
 
 
 def verify(path: str | os.PathLike, against: str | None = None, *,
-           revision: str | None = None) -> Verification:
-    """Check the converted checkpoint at `path` (see the module docstring)."""
+           revision: str | None = None, allow_pickle: bool = False) -> Verification:
+    """Check the converted checkpoint at `path` (see the module docstring); `allow_pickle`
+    lets `against` be read from .bin/.pt weights."""
     root = Path(path)
     model = load(root)
     recipe = json.loads((root / RECIPE).read_text())
@@ -70,7 +71,8 @@ def verify(path: str | os.PathLike, against: str | None = None, *,
         from surgeon.files.source import load_model, quiet_transformers
 
         with quiet_transformers():  # no progress bars around the one-line result
-            base = load_model(against, revision=revision).model.eval()  # as `load` returns it
+            base = load_model(against, revision=revision,  # as `load` returns it
+                              allow_pickle=allow_pickle).model.eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             with warnings.catch_warnings():  # said at conversion already

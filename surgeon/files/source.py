@@ -61,22 +61,24 @@ class LoadedModel:
     description: str
 
 
-def load_model(src: str, *, revision: str | None = None) -> LoadedModel:
-    """Build the model that `src` names; `revision` (branch, tag or commit) is for hub ids only.
+def load_model(src: str, *, revision: str | None = None,
+               allow_pickle: bool = False) -> LoadedModel:
+    """Build the model that `src` names; `revision` (branch, tag or commit) is for hub ids only;
+    `allow_pickle` reads .bin/.pt weights (with `weights_only=True`) where no safetensors are.
 
     Raises `SourceError` with a one-line message for a source that cannot be used.
     """
     path = Path(src).expanduser()
     if path.exists():
         _no_revision(revision, f"the local path {src}")
-        return _load_dir(path, src)
+        return _load_dir(path, src, allow_pickle=allow_pickle)
     if _FACTORY.fullmatch(src):
         _no_revision(revision, f"the factory {src}")
         return load_factory(src)
     if src.startswith((".", "/", "~", "\\")) or src.count("/") > 1:
         raise SourceError(f"no such directory: {src}")
     if _HUB_ID.fullmatch(src) and ".." not in src and "--" not in src:
-        return _load_hub(src, revision)
+        return _load_hub(src, revision, allow_pickle)
     raise SourceError(f"cannot use {src!r} as a model source: {ACCEPTED}")
 
 
@@ -217,11 +219,11 @@ def call(src: str) -> Any:
         raise SourceError(f"calling {src}() failed: {type(e).__name__}: {_one_line(e)}") from e
 
 
-def _load_hub(repo_id: str, revision: str | None) -> LoadedModel:
+def _load_hub(repo_id: str, revision: str | None, allow_pickle: bool = False) -> LoadedModel:
     """Resolve a hub id to a local snapshot (cache first, per huggingface_hub) and load it."""
     at = f"{repo_id}@{revision}" if revision else repo_id
-    snapshot = _hub_snapshot(repo_id, revision)
-    loaded = _load_dir(snapshot, f"hub repo {at}")
+    snapshot = _hub_snapshot(repo_id, revision, allow_pickle)
+    loaded = _load_dir(snapshot, f"hub repo {at}", allow_pickle=allow_pickle)
     loaded.description = f"{type(loaded.model).__name__} from hub {at} ({snapshot})"
     return loaded
 
