@@ -74,7 +74,7 @@ def opted_in(func: object) -> dict[str, bool]:
 
 def cli(*args: str) -> str:
     """Run `surgeon ARGS` in this directory (so that `smoke_no_extras:build` imports); stdout."""
-    done = subprocess.run([sys.executable, "-c", "from surgeon.cli import main; main()", *args],
+    done = subprocess.run([sys.executable, "-m", "surgeon", *args],
                           cwd=HERE, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"surgeon {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
