@@ -3,7 +3,7 @@ dependencies only: no transformers, no numpy) must be enough for.
 
 A plain `nn.Module` (a small pre-norm transformer-like stack) is converted with `surgeon.apply`,
 saved, loaded and compared; the command line converts it from its factory and verifies the result;
-`surgeon.growth.SnapshotRecorder` records snapshots of it in a plain loop and `surgeon grow --check`
+`SnapshotRecorder` records snapshots of it in a plain loop and `surgeon grow --check`
 reads them. CI runs it in a virtualenv made with `pip install torch && pip install .`:
 
     python examples/smoke_no_extras.py
@@ -83,6 +83,7 @@ def cli(*args: str) -> str:
 
 def main() -> None:
     from surgeon.cli import main as group
+    from surgeon.files.weights import write_file
     from surgeon.growth.snapshots import SnapshotRecorder
 
     for extra in ("numpy", "transformers"):
@@ -104,8 +105,10 @@ def main() -> None:
         assert torch.equal(again(*x), model(*x)), "surgeon.load gives another output"
     print(f"apply, save, load: ok ({len(model.surgeon_drift)} passes)")
 
+    write_file(out / "weights.safetensors", build().state_dict())  # streamed from disk
     cli("convert", "smoke_no_extras:build", str(out / "cli"), "-p", "aion", "-p",
-        "hyper:streams=2", "--example", "smoke_no_extras:example", "--quiet", *trust)
+        "hyper:streams=2", "--weights", str(out / "weights.safetensors"), "--example",
+        "smoke_no_extras:example", "--quiet", *trust)
     print(f"convert, verify: {cli('verify', str(out / 'cli'), *trust).splitlines()[-1]}")
 
     net = build()
