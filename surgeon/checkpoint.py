@@ -24,12 +24,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from surgeon.errors import TRUST_HINT, NoEffectWarning, SurgeonError, UntrustedCodeError
 from surgeon.files.atomic import atomic_directory
-from surgeon.files.weights import DEFAULT_MAX_SHARD_SIZE, Checkpoint, Stored, write_checkpoint
+from surgeon.files.weights import (
+    DEFAULT_MAX_SHARD_SIZE,
+    Checkpoint,
+    Stored,
+    write_checkpoint,
+    write_file,
+)
 from surgeon.version import __version__
 
 if TYPE_CHECKING:
@@ -76,7 +82,7 @@ def _example_record(example: Any, out: Path) -> dict[str, Any]:
             raise CheckpointError(f"example entry {key!r} is a {type(value).__name__}: only "
                                   "tensors and plain values can be saved with the recipe")
     if tensors:
-        save_file(tensors, str(out / EXAMPLE))
+        write_file(out / EXAMPLE, tensors)
     return {"kind": "dict" if isinstance(example, dict) else "tuple",
             "keys": [k for k, _ in items], "values": values}
 

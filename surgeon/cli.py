@@ -3,11 +3,13 @@
 
 Commands load models through `surgeon.files.source` and report through `surgeon.graph.report`. A
 user's mistake (every `SurgeonError`) is printed as one line `error: <message>` on stderr with
-exit code 1, never as a traceback; heavy imports (torch, transformers) wait until a command
-runs."""
+exit code 1, never as a traceback; Ctrl-C prints `interrupted` and exits 130 (what is written
+is written atomically, so nothing is left half-written). Heavy imports (torch, transformers) wait
+until a command runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import warnings
@@ -26,6 +28,10 @@ if TYPE_CHECKING:
     from surgeon.verifying import Verification
 
 REASON_WIDTH = 100  # untraced reasons are cut to this many characters in the table
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells use
+
+# torch warns on import when numpy is missing; surgeon does not need numpy, so say nothing.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 # --trust-remote-code, on every command that reads a checkpoint someone else may have written.
 trust_option = click.option(
@@ -43,9 +49,22 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+class Interrupted(click.ClickException):
+    """Ctrl-C: one stderr line `interrupted`, exit code 130."""
+
+    exit_code = INTERRUPTED
+
+    def __init__(self) -> None:
+        super().__init__("interrupted")
+
+    def show(self, file: Any = None) -> None:
+        click.echo("interrupted", err=True)
+
+
 class SurgeonGroup(click.Group):
-    """A click group that turns every SurgeonError raised by a command into a UserError and
-    prints every SurgeonWarning as one stderr line `warning: <message>`."""
+    """A click group that turns every SurgeonError raised by a command into a UserError, Ctrl-C
+    into `interrupted` with exit code 130, and prints every SurgeonWarning as one stderr line
+    `warning: <message>`."""
 
     def invoke(self, ctx: click.Context) -> Any:
         with warnings.catch_warnings():  # restores showwarning afterwards
@@ -54,6 +73,20 @@ class SurgeonGroup(click.Group):
                 return super().invoke(ctx)
             except SurgeonError as e:
                 raise UserError(" ".join(str(e).split()) or type(e).__name__) from e
+            except KeyboardInterrupt:
+                raise Interrupted() from None
+
+
+def examples(*lines: str) -> str:
+    """A help epilog listing example command lines (click keeps a `\\b` paragraph as it is)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def quiet_unless(verbose: bool) -> contextlib.AbstractContextManager[None]:
+    """transformers' progress bars and warnings hidden, unless -v/--verbose."""
+    from surgeon.files.source import quiet_transformers
+
+    return contextlib.nullcontext() if verbose else quiet_transformers()
 
 
 def _one_line_warning(fallback: Any) -> Any:
@@ -66,35 +99,67 @@ def _one_line_warning(fallback: Any) -> Any:
     return show
 
 
-@click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=examples(
+                 "surgeon inspect examples/tiny-llama",
+                 "surgeon convert examples/tiny-llama /tmp/tiny-llama-surgeon -p aion "
+                 "-p hyper:streams=4 -p adyt",
+                 "surgeon verify /tmp/tiny-llama-surgeon --against examples/tiny-llama",
+                 "surgeon list-passes",
+                 "surgeon COMMAND --help"))
 @click.version_option(__version__, "--version", "-V", prog_name="surgeon")
 def main() -> None:
     """Find and rewrite the residual adds and norm layers of PyTorch models."""
 
 
-@main.command("inspect")
+@main.command("inspect", epilog=examples(
+    "surgeon inspect examples/tiny-llama",
+    "surgeon inspect gpt2 --revision main --json > gpt2.json",
+    "surgeon inspect mypkg.models:build --example mypkg.models:example"))
 @click.argument("src")
 @click.option("--json", "as_json", is_flag=True, help="Print the inspection as JSON.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a hub model.")
+@click.option("--example", default=None, metavar="package.module:function",
+              help="A function returning the example input (a 'package.module:factory' SRC "
+                   "needs one; transformers models do not).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Read .bin/.pt weights (with torch.load(weights_only=True)).")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Show transformers' own progress bars and warnings.")
 @trust_option
-def inspect_cmd(src: str, as_json: bool, revision: str | None, trust_remote_code: bool) -> None:
+def inspect_cmd(src: str, as_json: bool, revision: str | None, example: str | None,
+                allow_pickle: bool, verbose: bool, trust_remote_code: bool) -> None:
     """Trace SRC and list its residual adds, norms, residual trunks and untraced modules.
 
     SRC is a local directory with config.json and model.safetensors, a hub id 'owner/name', or
-    'package.module:factory' (a function returning an nn.Module).
+    'package.module:factory' (a function returning an nn.Module, with --example).
     """
     import surgeon
-    from surgeon.files.source import load_model
+    from surgeon.files.source import load_example, load_model
 
-    loaded = load_model(src, revision=revision, trust_remote_code=trust_remote_code)
-    inspection = surgeon.inspect(loaded.model)
+    with quiet_unless(verbose):
+        loaded = load_model(src, revision=revision, allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code)
+        if example is None and loaded.config is None:
+            raise UserError(f"no example input for {type(loaded.model).__name__}: pass --example "
+                            "package.module:function (returning a tuple of positional args or a "
+                            "dict of keyword args for its forward)")
+        inspection = surgeon.inspect(loaded.model,
+                                     load_example(example) if example is not None else None)
     if as_json:
         click.echo(json.dumps(inspection.to_dict(), indent=2))
     else:
         click.echo(format_inspection(inspection, loaded.description))
 
 
-@main.command("convert")
+@main.command("convert", epilog=examples(
+    "surgeon convert examples/tiny-llama /tmp/tiny-llama-surgeon -p aion -p hyper:streams=4 "
+    "-p adyt",
+    "surgeon convert meta-llama/Llama-3.2-1B out/ -p aion -p adyt:calibrate=true "
+    "--max-shard-size 5GB",
+    "surgeon convert mypkg.models:build out/ -p aion --weights model.safetensors "
+    "--example mypkg.models:example",
+    "surgeon list-passes              # the passes and their options"))
 @click.argument("src")
 @click.argument("dst")
 @click.option("-p", "--pass", "passes", multiple=True, required=True,
@@ -146,20 +211,29 @@ def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | Non
         click.echo(format_conversion(result))
 
 
-@main.command("verify")
+@main.command("verify", epilog=examples(
+    "surgeon verify /tmp/tiny-llama-surgeon",
+    "surgeon verify /tmp/tiny-llama-surgeon --against examples/tiny-llama --json"))
 @click.argument("path")
 @click.option("--against", default=None, metavar="SRC",
               help="The source model: replay the passes on it and compare.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a hub SRC.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Read the --against SRC's .bin/.pt weights (with "
+                   "torch.load(weights_only=True)).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Show transformers' own progress bars and warnings.")
 @trust_option
-def verify_cmd(path: str, against: str | None, revision: str | None, as_json: bool,
-               trust_remote_code: bool) -> None:
+def verify_cmd(path: str, against: str | None, revision: str | None, allow_pickle: bool,
+               as_json: bool, verbose: bool, trust_remote_code: bool) -> None:
     """Reload the converted checkpoint PATH strictly, run its example and print the drift of
     each pass; exit 1 if a pass that promises to preserve the output moved it."""
     from surgeon.verifying import verify
 
-    result = verify(path, against, revision=revision, trust_remote_code=trust_remote_code)
+    with quiet_unless(verbose):
+        result = verify(path, against, revision=revision, allow_pickle=allow_pickle,
+                        trust_remote_code=trust_remote_code)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_verification(result))
     if not result.ok:
         raise UserError(f"{path} failed verification: {result.failures[0]}")
@@ -254,6 +328,96 @@ def grow_cmd(snapdir: str, dst: str | None, after: int | None, count: int, init:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
         click.echo(format_growth(result))
+
+
+@main.command("list-passes", epilog=examples(
+    "surgeon list-passes",
+    "surgeon list-passes --json",
+    "surgeon convert SRC DST -p aion:preset=preln -p hyper:streams=2,mhc=true -p adyt"))
+@click.option("--json", "as_json", is_flag=True, help="Print the passes as JSON.")
+def list_passes_cmd(as_json: bool) -> None:
+    """List the passes that -p takes: what each rewrites, its options with their defaults, and
+    what it promises about the model's output at those defaults.
+
+    Options are given as NAME:key=value,... (patterns in include/exclude are |-separated).
+    """
+    from surgeon.recipe import registered
+
+    rows = [describe_pass(cls) for _, cls in sorted(registered().items())]
+    click.echo(json.dumps(rows, indent=2) if as_json else format_passes(rows))
+
+
+def describe_pass(cls: Any) -> dict[str, Any]:
+    """A pass config class as `list-passes` shows it: name, summary, what it rewrites, its
+    promise at the defaults, the passes it must precede, and its options (type and default)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    options = [{"name": f.name, "type": _type_name(hints.get(f.name, Any)),
+                "default": _plain_default(f)} for f in dataclasses.fields(cls)]
+    try:
+        promise = cls().preserves()
+    except Exception:  # a plug-in whose options have no defaults
+        promise = None
+    return {"name": cls.name, "summary": (cls.__doc__ or "").strip().split("\n")[0],
+            "rewrites": cls.rewrites, "promise": promise,
+            "runs_before": list(cls.runs_before), "options": options}
+
+
+def format_passes(rows: list[dict[str, Any]]) -> str:
+    """The listing `surgeon list-passes` prints: one block per pass."""
+    lines: list[str] = []
+    for row in rows:
+        lines.append(f"{row['name']}: {row['summary']}")
+        lines.append(f"  rewrites: {row['rewrites']}")
+        lines.append("  promise (defaults): " + (
+            f"keeps the output within {row['promise']:g} (relative)" if row["promise"] is not None
+            else "none; it changes what the model computes"))
+        if row["runs_before"]:
+            lines.append(f"  must come before: {', '.join(row['runs_before'])}")
+        own = [o for o in row["options"] if o["name"] not in ("include", "exclude")]
+        table = [(o["name"], _show_default(o["default"]), o["type"])
+                 for o in own + [o for o in row["options"] if o not in own]]
+        widths = [max(len(cells[i]) for cells in [("option", "default", "type"), *table])
+                  for i in range(3)]
+        lines += ["    " + "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+                  for cells in [("option", "default", "type"), *table]]
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def _type_name(hint: Any) -> str:
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return " | ".join(map(str, args))
+    if origin is tuple:
+        return "patterns, |-separated"
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
+    return getattr(hint, "__name__", str(hint))
+
+
+def _plain_default(f: Any) -> Any:
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return None
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _show_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "|".join(map(str, value)) or "-"
+    return "none" if value is None else str(value)
 
 
 def format_growth(g: Growth) -> str:

@@ -54,10 +54,12 @@ class Verification:
 
 
 def verify(path: str | os.PathLike, against: str | None = None, *,
-           revision: str | None = None, trust_remote_code: bool = False) -> Verification:
-    """Check the converted checkpoint at `path` (see the module docstring). A checkpoint whose
-    base is a `package.module:factory`, or an `against` directory with code of its own
-    (`auto_map`), runs that code only with `trust_remote_code=True`."""
+           revision: str | None = None, allow_pickle: bool = False,
+           trust_remote_code: bool = False) -> Verification:
+    """Check the converted checkpoint at `path` (see the module docstring); `allow_pickle`
+    lets `against` be read from .bin/.pt weights. A checkpoint whose base is a
+    `package.module:factory`, or an `against` directory with code of its own (`auto_map`), runs
+    that code only with `trust_remote_code=True`."""
     root = Path(path)
     recipe = read_recipe(root)
     model = load(root, trust_remote_code=trust_remote_code)
@@ -81,7 +83,7 @@ def verify(path: str | os.PathLike, against: str | None = None, *,
         from surgeon.files.source import load_model, quiet_transformers
 
         with quiet_transformers():  # no progress bars around the one-line result
-            base = load_model(against, revision=revision,
+            base = load_model(against, revision=revision, allow_pickle=allow_pickle,
                               trust_remote_code=trust_remote_code).model.eval()  # as `load`
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

@@ -86,7 +86,7 @@ def test_factory_model_without_example_asks_for_one():
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no example input for Identity")
-    assert "example=" in lines[0]
+    assert "pass --example package.module:function" in lines[0]
 
 
 def test_version():

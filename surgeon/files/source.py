@@ -66,8 +66,9 @@ class LoadedModel:
 
 
 def load_model(src: str, *, revision: str | None = None,
-               trust_remote_code: bool = False) -> LoadedModel:
-    """Build the model that `src` names; `revision` (branch, tag or commit) is for hub ids only.
+               allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
+    """Build the model that `src` names; `revision` (branch, tag or commit) is for hub ids only;
+    `allow_pickle` reads .bin/.pt weights (with `weights_only=True`) where no safetensors are.
     A directory's or hub repo's own code (`auto_map`) runs only with `trust_remote_code`; a
     factory `src` is the caller's own choice and is imported either way.
 
@@ -76,14 +77,15 @@ def load_model(src: str, *, revision: str | None = None,
     path = Path(src).expanduser()
     if path.exists():
         _no_revision(revision, f"the local path {src}")
-        return _load_dir(path, src, trust_remote_code=trust_remote_code)
+        return _load_dir(path, src, allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code)
     if _FACTORY.fullmatch(src):
         _no_revision(revision, f"the factory {src}")
         return load_factory(src)
     if src.startswith((".", "/", "~", "\\")) or src.count("/") > 1:
         raise SourceError(f"no such directory: {src}")
     if _HUB_ID.fullmatch(src) and ".." not in src and "--" not in src:
-        return _load_hub(src, revision, trust_remote_code)
+        return _load_hub(src, revision, allow_pickle, trust_remote_code)
     raise SourceError(f"cannot use {src!r} as a model source: {ACCEPTED}")
 
 
@@ -268,12 +270,14 @@ def _described(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _load_hub(repo_id: str, revision: str | None, trust_remote_code: bool = False
-              ) -> LoadedModel:
+def _load_hub(repo_id: str, revision: str | None, allow_pickle: bool = False,
+              trust_remote_code: bool = False) -> LoadedModel:
     """Resolve a hub id to a local snapshot (cache first, per huggingface_hub) and load it."""
     at = f"{repo_id}@{revision}" if revision else repo_id
-    snapshot = _hub_snapshot(repo_id, revision, trust_remote_code=trust_remote_code)
-    loaded = _load_dir(snapshot, f"hub repo {at}", trust_remote_code=trust_remote_code)
+    snapshot = _hub_snapshot(repo_id, revision, allow_pickle,
+                             trust_remote_code=trust_remote_code)
+    loaded = _load_dir(snapshot, f"hub repo {at}", allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code)
     loaded.description = f"{type(loaded.model).__name__} from hub {at} ({snapshot})"
     return loaded
 

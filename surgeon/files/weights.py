@@ -12,6 +12,7 @@ tensors give the same bytes every time.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -180,7 +181,7 @@ class Checkpoint(Mapping[str, Stored]):
 def read_tensor(stored: Stored) -> torch.Tensor:
     """Read one stored tensor into new memory."""
     buffer = torch.empty(stored.nbytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
+    view = byte_view(buffer)
     with open(stored.file, "rb", buffering=0) as f:
         done = 0
         while done < stored.nbytes:
@@ -190,6 +191,18 @@ def read_tensor(stored: Stored) -> torch.Tensor:
                                    "changed or is truncated")
             done += got
     return buffer.view(stored.dtype).view(stored.shape)
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous CPU tensor's bytes, without a copy and without
+    numpy (`Tensor.numpy()` fails where numpy is not installed, which torch does not require).
+    The caller keeps `tensor` alive while the view is used."""
+    if not (tensor.device.type == "cpu" and tensor.is_contiguous()):
+        raise ValueError("byte_view needs a contiguous CPU tensor")
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def parse_size(size: int | str) -> int:
@@ -250,6 +263,16 @@ def write_checkpoint(out: Path, tensors: Mapping[str, Stored | torch.Tensor], *,
     return [out / names[0]]
 
 
+def write_file(path: Path, tensors: Mapping[str, Stored | torch.Tensor], *,
+               metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` into the one safetensors file `path`, laid out as `write_checkpoint`
+    lays out a shard (safetensors' own `save_file` needs numpy; this needs torch only)."""
+    keys = sorted(tensors, key=lambda k: (-_itemsize(tensors[k]), k))
+    _write_file(Path(path), [(k, tensors[k]) for k in keys],
+                {"format": "pt", **(metadata or {})}, None)
+    return Path(path)
+
+
 def _itemsize(value: Stored | torch.Tensor) -> int:
     return value.dtype.itemsize
 
@@ -284,7 +307,7 @@ def _write_file(path: Path, items: list[tuple[str, Stored | torch.Tensor]],
                 _copy_bytes(value, f)
             else:
                 data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                _write_all(f, memoryview(data.numpy()))
+                _write_all(f, byte_view(data))
             if progress is not None:
                 progress(_nbytes(value))
 

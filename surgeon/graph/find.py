@@ -19,11 +19,13 @@ block.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.graph.report import Inspection, Norm, Residual, Trunk, Untraced
-from surgeon.graph.tracing import ModelTrace, ModuleTrace, flatten
+from surgeon.graph.tracing import STAND_IN, ModelTrace, ModuleTrace, flatten
 
 _FUNCTION_OPS: dict[Any, str] = {
     operator.add: "add", operator.iadd: "add", torch.add: "add",
@@ -82,9 +84,29 @@ def _operands(node: fx.Node) -> tuple[Any, Any]:
 
 
 def _source(node: fx.Node) -> str:
-    trace = node.meta.get("stack_trace") or ""
-    found = [(p, ln) for p, ln in re.findall(r'File "([^"]+)", line (\d+)', trace)
-             if f"{os.sep}torch{os.sep}" not in p and f"{os.sep}surgeon{os.sep}" not in p]
+    return source_line(node.meta.get("stack_trace") or "")
+
+
+# The code of surgeon and torch, found where the imported packages lie (not by a directory name:
+# a user's model may well live under some ".../surgeon/..." or ".../torch/..." directory).
+LIBRARY_DIRS = (str(Path(__file__).resolve().parents[1]),
+                str(Path(torch.__file__).resolve().parent))
+
+
+@functools.lru_cache(maxsize=4096)
+def library_file(path: str) -> bool:
+    """True for a file of surgeon's or torch's own code, or a forward surgeon generated."""
+    if path.startswith(STAND_IN):
+        return True
+    real = os.path.realpath(path)
+    return any(real == d or real.startswith(d + os.sep) for d in LIBRARY_DIRS)
+
+
+def source_line(stack_trace: str) -> str:
+    """`file.py:line` of the innermost frame of a node's stack trace that is the model's own code
+    (not surgeon's, torch's or a generated stand-in), or "" when there is none."""
+    found = [(p, ln) for p, ln in re.findall(r'File "([^"]+)", line (\d+)', stack_trace)
+             if not library_file(p)]
     if not found:
         return ""
     path, line = found[-1]

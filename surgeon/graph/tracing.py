@@ -55,6 +55,8 @@ _LEAF = "*"
 _CONSTANT_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
                    enum.Enum, type(Ellipsis), slice)
 
+STAND_IN = "<surgeon stand-in"  # the file name of the generated forwards' code
+
 
 def flatten(obj: Any) -> tuple[list[Any], Any]:
     """Split `obj` into leaves and a hashable spec that `unflatten` inverts."""
@@ -469,7 +471,7 @@ def _trace_once(module: nn.Module, name: str, spec: CallSpec, calls: dict[str, C
     packed = ", ".join(input_names) + ("," if len(input_names) == 1 else "")
     src = f"def forward({params}):\n    return __call_original(self, ({packed}))\n"
     scope: dict[str, Any] = {"__call_original": call_original}
-    exec(compile(src, f"<surgeon stand-in for {cls.__qualname__}>", "exec"), scope)
+    exec(compile(src, f"{STAND_IN} for {cls.__qualname__}>", "exec"), scope)
 
     def __getattribute__(self: nn.Module, attr: str) -> Any:  # noqa: N807
         if reads.active and self is module:

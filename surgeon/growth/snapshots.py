@@ -412,7 +412,7 @@ class SnapshotRecorder:
 
     def record(self, step: int) -> Path:
         """Write the snapshot of `step` now, whatever `every` says; returns its file."""
-        from safetensors.torch import save_file
+        from surgeon.files.weights import write_file
 
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise SnapshotError(f"step {step!r} must be a non-negative int")
@@ -423,7 +423,7 @@ class SnapshotRecorder:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"format": "pt", "step": str(step)})
+            write_file(Path(tmp), tensors, metadata={"step": str(step)})
             os.chmod(tmp, file_mode())  # mkstemp makes it 0600; snapshots are ordinary files
             os.replace(tmp, final)
         except BaseException:
