@@ -13,6 +13,7 @@ example is compared with the original's: `model.surgeon_drift` lists max |Δ| an
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -88,8 +89,18 @@ def drift(before: torch.Tensor, after: torch.Tensor, pass_name: str, modules: in
         raise PassError(f"{pass_name}: the output's shape changed ({tuple(before.shape)} → "
                         f"{tuple(after.shape)})")
     previous = before if previous is None else previous
+    if not bool(torch.isfinite(previous).all() and torch.isfinite(before).all()):
+        raise PassError(f"{pass_name}: the model's output on the example already held NaN or "
+                        "Inf before this pass ran; check the base model and the example")
+    if not bool(torch.isfinite(after).all()):
+        bad = int((~torch.isfinite(after)).sum())
+        raise PassError(f"{pass_name}: the output on the example holds NaN or Inf after this "
+                        f"pass ({bad} of {after.numel()} values); check its options")
     cos = torch.nn.functional.cosine_similarity(before, after, dim=0, eps=1e-30)
     step = float((previous - after).abs().max() / previous.abs().max().clamp_min(1e-30))
+    if not (math.isfinite(step) and math.isfinite(float(cos))):
+        raise PassError(f"{pass_name}: the drift on the example is not finite (step {step}, "
+                        f"cosine {float(cos)}); check its options")
     return Drift(pass_name, float((before - after).abs().max()), float(cos), modules, step,
                  promise)
 

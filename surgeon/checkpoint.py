@@ -23,6 +23,8 @@ from torch import nn
 
 from surgeon.errors import NoEffectWarning, SurgeonError
 from surgeon.files.atomic import atomic_directory
+from surgeon.files.budget import check_example_file, check_example_tensors, example_shapes
+from surgeon.files.hf_config import build_model, check_config_file
 from surgeon.files.weights import DEFAULT_MAX_SHARD_SIZE, Checkpoint, Stored, write_checkpoint
 from surgeon.version import __version__
 
@@ -69,6 +71,7 @@ def _example_record(example: Any, out: Path) -> dict[str, Any]:
         else:
             raise CheckpointError(f"example entry {key!r} is a {type(value).__name__}: only "
                                   "tensors and plain values can be saved with the recipe")
+    check_example_tensors(example_shapes(tensors.items()), "the example given to surgeon.apply")
     if tensors:
         save_file(tensors, str(out / EXAMPLE))
     return {"kind": "dict" if isinstance(example, dict) else "tuple",
@@ -78,6 +81,8 @@ def _example_record(example: Any, out: Path) -> dict[str, Any]:
 def read_example(record: dict[str, Any], path: Path) -> Any:
     if record.get("default"):
         return None
+    if (path / EXAMPLE).is_file():
+        check_example_file(path / EXAMPLE)  # bounded before anything is read
     tensors = load_file(str(path / EXAMPLE)) if (path / EXAMPLE).is_file() else {}
     values = record.get("values", {})
     items = [(k, tensors[k] if k in tensors else values.get(k)) for k in record["keys"]]
@@ -172,6 +177,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, base: str | None = None,
 def _rebuild_base(reference: dict[str, Any], path: Path) -> nn.Module:
     kind = reference.get("kind")
     if kind == "transformers":
+        check_config_file(path / "config.json", CheckpointError)  # one line, not a traceback
         try:
             import transformers
         except ImportError as e:
@@ -182,7 +188,7 @@ def _rebuild_base(reference: dict[str, Any], path: Path) -> nn.Module:
             raise CheckpointError(f"{path / RECIPE}: transformers has no class "
                                   f"{reference.get('class')!r}")
         config = transformers.AutoConfig.from_pretrained(path)
-        return cls(config)
+        return build_model(cls, config, path / "config.json", CheckpointError)
     if kind == "factory":
         from surgeon.files.source import load_factory
 

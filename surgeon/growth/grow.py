@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from surgeon.files.atomic import atomic_directory, check_destination
+from surgeon.files.budget import check_grow_count
 from surgeon.files.output import carry_files, tensor_progress
 from surgeon.files.weights import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -98,6 +99,7 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
     `snapdir`, initialised by `init` from block `source` (default: the one they follow), and write
     the grown checkpoint to `dst`. See the module docstring."""
     start = time.perf_counter()
+    check_grow_count(count)  # bounded before anything is read
     if init not in INITS:
         raise InsertionError(f"--init {init!r} is not one of {', '.join(INITS)}")
     parse_size(max_shard_size)
@@ -108,6 +110,7 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
     base = Checkpoint.open(base_dir)
     config = _read_config(base_dir)
     found = find_blocks({k: s.nbytes for k, s in base.items()}, blocks)
+    check_grow_count(count, found.count, found.prefix)  # at most doubles the model
     after = found.count - 1 if after is None else after
     moved = renumber(list(base), found, after, count)
     source = (after if after >= 0 else 0) if source is None else source
