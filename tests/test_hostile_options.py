@@ -197,6 +197,22 @@ def test_spoiled_config_is_one_line(field: str, value: object, fragment: str,
     assert not dst.exists()
 
 
+@pytest.mark.parametrize("text, fragment", [
+    ("[1, 2]", "it holds a JSON list, not an object"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    ('{"model_type": "llama", "vocab_size": 1' + "0" * 5000 + "}", "not valid JSON"),
+    ('{"model_type": "llama", "vocab_size": 1' + "0" * 30 + "}", "field 'vocab_size' is 1000"),
+])
+def test_malformed_config_json_is_one_line(text: str, fragment: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(TINY, src)
+    (src / "config.json").write_text(text)
+    result = run("convert", str(src), str(tmp_path / "dst"), "-p", "aion")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.stderr
+    assert str(src / "config.json") in lines[0] and fragment in lines[0]
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "tiny-aion"

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,9 +91,10 @@ def read_config_json(config_file: str | os.PathLike,
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"cannot read {config_file}: {e}") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, 4300-digit ints, nesting
-        raise error(f"{config_file} is not valid JSON: {one_line(e)}") from None
+        raise error(f"cannot read {config_file}: not valid JSON ({one_line(e)})") from None
     if not isinstance(data, dict):
-        raise error(f"{config_file} holds a JSON {type(data).__name__}, not an object")
+        raise error(f"cannot read {config_file}: it holds a JSON {type(data).__name__}, not an "
+                    "object")
     return data
 
 
@@ -110,8 +112,16 @@ def check_config_file(config_file: str | os.PathLike,
     model_type = data.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         return  # AutoConfig says what it makes of it
-    with config_errors(config_file, error, data):
-        CONFIG_MAPPING[model_type].from_dict(dict(data))
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoConfig says its warnings again when it reads the file
+    try:
+        with warnings.catch_warnings(), config_errors(config_file, error, data):
+            warnings.simplefilter("ignore")
+            CONFIG_MAPPING[model_type].from_dict(dict(data))
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def build_model(cls: type, config: Any, config_file: str | os.PathLike,
