@@ -256,4 +256,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
                 raise CheckpointError(f"{checkpoint[key].file}: {key} has shape "
                                       f"{list(value.shape)}, the rebuilt model wants "
                                       f"{list(target.shape)}")
+            if target.is_floating_point() and not value.is_floating_point():
+                raise CheckpointError(f"{checkpoint[key].file}: {key} is stored as {value.dtype}, "
+                                      "not a floating-point dtype; the checkpoint is damaged")
             target.copy_(value)

@@ -331,3 +331,28 @@ def test_grow_count_check_reads_nothing() -> None:
         budget.check_grow_count(100_000)
     budget.check_grow_count(2, 2, "model.layers.")
     assert issubclass(budget.BudgetError, SurgeonError) and math.isfinite(budget.MAX_GROW_COUNT)
+
+
+def _int_weight(directory: Path, key: str) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / "model.safetensors"))
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_a_weight_stored_as_integers_is_one_line(converted: Path, tmp_path: Path) -> None:
+    key = "model.layers.0.mlp.up_proj.weight"
+    src = tmp_path / "src"
+    shutil.copytree(TINY, src)
+    _int_weight(src, key)
+    result = run("convert", str(src), str(tmp_path / "dst"), "-p", "aion")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.stderr
+    assert f"{key!r} is stored as torch.int32 but is a floating-point parameter" in lines[0]
+    path = tmp_path / "ckpt"
+    shutil.copytree(converted, path)
+    _int_weight(path, key)
+    with pytest.raises(surgeon.checkpoint.CheckpointError,
+                       match=f"{key} is stored as torch.int32, not a floating-point dtype"):
+        surgeon.load(path)

@@ -75,8 +75,8 @@ def _check_fields(data: dict[str, Any], config_file: Path, prefix: str,
                        for v in names):
                 raise _bad(config_file, field, value, "a model's weights need a floating-point "
                            "dtype (float32, float16, bfloat16)", error)
-        elif (key.endswith("_act") or key == "activation_function") and ACT2FN is not None and (
-                not isinstance(value, str) or value not in ACT2FN):
+        elif (key.endswith(("_act", "_act_fn")) or key == "activation_function") and (
+                isinstance(value, str) and ACT2FN is not None and value not in ACT2FN):
             raise _bad(config_file, field, value, "it must name an activation transformers "
                        "knows (silu, gelu, relu, ...)", error)
 
