@@ -109,7 +109,7 @@ class HyperConnections(PassConfig):
             per_site = sum(p.numel() for p in
                            hyper_connections(self.streams, dim, mhc=self.mhc).parameters())
         # each site holds its weights and a few (b·n, ..., d) activations of the example
-        activations = 8 * len(sites) * self.streams * stream.numel()
+        activations = 2 * len(sites) * self.streams * stream.numel()
         need = (per_site * len(sites) + activations) * 4
         require_memory(need, f"hyper:streams={self.streams} on {len(sites)} residual sites of "
                              f"width {dim}", "use fewer streams")
