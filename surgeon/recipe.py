@@ -75,7 +75,10 @@ def option_error(config: PassConfig | type[PassConfig], option: str, value: Any,
 def check_options(config: PassConfig) -> None:
     """Refuse option values of the wrong type, not finite (NaN, inf) or outside the field's
     `bounded` range, and Literal options that are none of their choices."""
-    hints = typing.get_type_hints(type(config))
+    try:
+        hints = typing.get_type_hints(type(config))
+    except Exception:  # noqa: BLE001 - a plug-in's hints that cannot be resolved: ranges only
+        hints = {}
     for f in dataclasses.fields(config):
         value, hint = getattr(config, f.name), hints.get(f.name)
         args = typing.get_args(hint)
