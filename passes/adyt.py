@@ -21,7 +21,7 @@ from surgeon.graph.report import Norm
 from surgeon.graph.rewrite import Surgery
 from surgeon.nn.adyt import ADyT as ADyTModule
 from surgeon.nn.adyt import dyt_llama_alpha0
-from surgeon.recipe import PassConfig, register
+from surgeon.recipe import PassConfig, bounded, register
 
 
 def effective_affine(norm: nn.Module, d: int, eps: float | None) -> tuple[torch.Tensor, ...]:
@@ -47,7 +47,7 @@ class ADyT(PassConfig):
     rewrites: ClassVar[str] = "LayerNorm/RMSNorm modules"
 
     adaptive: bool = True
-    alpha0: float = 0.5
+    alpha0: float = bounded(0.5, 0, 100, open_low=True)
     llama_init: bool = False  # DyT's per-role α0 (attention / ffn / final), shrinking with width
     final_norms: bool = True
     qk_norms: bool = False

@@ -16,7 +16,7 @@ from torch import nn
 
 from surgeon.graph.rewrite import Surgery, node_named
 from surgeon.nn.aion import AionResidual
-from surgeon.recipe import PassConfig, PassError, register
+from surgeon.recipe import PassConfig, PassError, bounded, register
 
 
 @register
@@ -34,10 +34,11 @@ class AION(PassConfig):
 
     preset: Literal["aion", "deepnorm", "preln", "rezero"] = "aion"
     preserve: bool = True
-    ema_gamma: float = 0.99
-    epsilon: float = 1e-8
+    ema_gamma: float = bounded(0.99, 0, 1)  # 1: no smoothing (aion-torch)
+    epsilon: float = bounded(1e-8, 0, 1, open_low=True)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.preserve and self.preset not in ("aion", "preln"):
             raise ValueError(f"preset {self.preset!r} starts from its own α, so it cannot "
                              "preserve the model's function; pass preserve=false")

@@ -14,18 +14,23 @@ which runs at batch b. At init the rewrite is exact (HC) or within ~1e-6 (mHC).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 import torch.fx as fx
 
+from surgeon.files.budget import require_memory
 from surgeon.graph.rewrite import Surgery, node_named
 from surgeon.graph.tracing import flatten
 from surgeon.nn.aion import AionResidual
 from surgeon.nn.hyper import expand_streams, reduce_streams
 from surgeon.nn.mhc import hyper_connections
-from surgeon.recipe import PassConfig, PassError, register
+from surgeon.recipe import PassConfig, PassError, bounded, option_error, register
+
+MANY_STREAMS = 16  # hyper-connection papers use 2-8 streams
+MHC_MAX_STREAMS = int(1 + math.exp(3.0)) + 1  # 22: mHC's home bias needs (n - 1)·σ(-3) < 1
 
 
 @dataclass
@@ -45,11 +50,22 @@ class HyperConnections(PassConfig):
     version: ClassVar[int] = 1
     rewrites: ClassVar[str] = "residual trunks"
 
-    streams: int = 4
+    streams: int = bounded(4, 1, 1024)
     mhc: bool = False
     reduce: Literal["mean", "sum"] = "mean"
+    # More than MANY_STREAMS streams only when asked for: the mixing weights grow with
+    # streams² (mHC: streams³ × width) per site and the activations with streams.
+    allow_many_streams: bool = False
 
     def __post_init__(self) -> None:
+        many = isinstance(self.streams, int) and self.streams > MANY_STREAMS
+        if many and not self.allow_many_streams:
+            raise option_error(self, "streams", self.streams, f"[1, {MANY_STREAMS}]; pass "
+                               "allow_many_streams=true for more (up to 1024)")
+        super().__post_init__()
+        if self.mhc and self.streams > MHC_MAX_STREAMS:
+            raise option_error(self, "streams", self.streams, f"[2, {MHC_MAX_STREAMS}] with "
+                               "mhc=true: its home-stream init needs (streams - 1)·σ(-3) < 1")
         if self.streams < 1 or (self.mhc and self.streams < 2):
             raise ValueError(f"streams must be at least {2 if self.mhc else 1}, "
                              f"got {self.streams}")
@@ -62,6 +78,7 @@ class HyperConnections(PassConfig):
         trunks = self._trunks(surgery)
         if _inline_lifted_sites(surgery, trunks):
             trunks = self._trunks(surgery)
+        self._check_memory(surgery, trunks)
         new: list[str] = []
         refused: list[str] = []
         for trunk in trunks:
@@ -79,6 +96,23 @@ class HyperConnections(PassConfig):
         if refused and not new:
             raise PassError(f"hyper: {refused[0]}; exclude it with exclude=...")
         return new
+
+    def _check_memory(self, surgery: Surgery, trunks: list) -> None:
+        """Refuse, before anything is built, streams whose mixing weights (counted on a module
+        built on the meta device) and widened activations would not fit in memory."""
+        sites = [s for t in trunks for s in _sites(surgery, t.blocks)]
+        if not sites:
+            return
+        stream = _stream(surgery, sites[0].owner)
+        dim = int(stream.shape[1] if stream.dim() > 3 else stream.shape[-1])
+        with torch.device("meta"):
+            per_site = sum(p.numel() for p in
+                           hyper_connections(self.streams, dim, mhc=self.mhc).parameters())
+        # each site holds its weights and a few (b·n, ..., d) activations of the example
+        activations = 2 * len(sites) * self.streams * stream.numel()
+        need = (per_site * len(sites) + activations) * 4
+        require_memory(need, f"hyper:streams={self.streams} on {len(sites)} residual sites of "
+                             f"width {dim}", "use fewer streams")
 
     def _trunks(self, surgery: Surgery) -> list:
         return [t for t in surgery.inspection.trunks if any(self.selects(b) for b in t.blocks)]

@@ -13,6 +13,7 @@ example is compared with the original's: `model.surgeon_drift` lists max |Δ| an
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -88,8 +89,26 @@ def drift(before: torch.Tensor, after: torch.Tensor, pass_name: str, modules: in
         raise PassError(f"{pass_name}: the output's shape changed ({tuple(before.shape)} → "
                         f"{tuple(after.shape)})")
     previous = before if previous is None else previous
+    if bool(torch.isnan(before).any() or torch.isnan(previous).any()):
+        raise PassError(f"{pass_name}: the model's output on the example already held NaN "
+                        "before this pass ran; check the base model and the example")
+    # ±inf the model itself outputs (masked scores) must stay where they are; nothing else may
+    # become NaN or infinite
+    finite = torch.isfinite(before) & torch.isfinite(previous)
+    kept = torch.where(finite, torch.isfinite(after), after == previous)
+    if not bool(kept.all()):
+        bad = int((~kept).sum())
+        raise PassError(f"{pass_name}: the output on the example holds NaN or Inf after this "
+                        f"pass ({bad} of {after.numel()} values); check its options")
+    if not bool(finite.all()):
+        before, previous, after = before[finite], previous[finite], after[finite]
+    if before.numel() == 0:
+        return Drift(pass_name, 0.0, 1.0, modules, 0.0, promise)
     cos = torch.nn.functional.cosine_similarity(before, after, dim=0, eps=1e-30)
     step = float((previous - after).abs().max() / previous.abs().max().clamp_min(1e-30))
+    if not (math.isfinite(step) and math.isfinite(float(cos))):
+        raise PassError(f"{pass_name}: the drift on the example is not finite (step {step}, "
+                        f"cosine {float(cos)}); check its options")
     return Drift(pass_name, float((before - after).abs().max()), float(cos), modules, step,
                  promise)
 

@@ -29,6 +29,8 @@ from torch import nn
 
 from surgeon.errors import TRUST_HINT, NoEffectWarning, SurgeonError, UntrustedCodeError
 from surgeon.files.atomic import atomic_directory
+from surgeon.files.budget import check_example_file, check_example_tensors, example_shapes
+from surgeon.files.hf_config import build_model, check_config_file
 from surgeon.files.weights import (
     DEFAULT_MAX_SHARD_SIZE,
     Checkpoint,
@@ -81,6 +83,7 @@ def _example_record(example: Any, out: Path) -> dict[str, Any]:
         else:
             raise CheckpointError(f"example entry {key!r} is a {type(value).__name__}: only "
                                   "tensors and plain values can be saved with the recipe")
+    check_example_tensors(example_shapes(tensors.items()), "the example given to surgeon.apply")
     if tensors:
         write_file(out / EXAMPLE, tensors)
     return {"kind": "dict" if isinstance(example, dict) else "tuple",
@@ -90,6 +93,8 @@ def _example_record(example: Any, out: Path) -> dict[str, Any]:
 def read_example(record: dict[str, Any], path: Path) -> Any:
     if record.get("default"):
         return None
+    if (path / EXAMPLE).is_file():
+        check_example_file(path / EXAMPLE)  # bounded before anything is read
     try:
         tensors = load_file(str(path / EXAMPLE)) if (path / EXAMPLE).is_file() else {}
     except Exception as e:  # a damaged file fails in safetensors' own ways
@@ -220,6 +225,7 @@ def _rebuild_base(reference: dict[str, Any], path: Path, trust_remote_code: bool
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path} has no config.json, which its base {name} is built from")
+    check_config_file(config_file, CheckpointError)  # one line, not a traceback
     config_cls = cls.config_class
     if not (isinstance(config_cls, type) and issubclass(config_cls, transformers.PretrainedConfig)
             and config_cls is not transformers.PretrainedConfig):
@@ -238,10 +244,7 @@ def _rebuild_base(reference: dict[str, Any], path: Path, trust_remote_code: bool
     if isinstance(stored, str) and stored != model_type and stored in transformers.CONFIG_MAPPING:
         raise CheckpointError(f"{config_file} is a {stored!r} config; base.class {name} in "
                               f"{recipe_file} needs a {model_type!r} one")
-    try:
-        return cls(config)
-    except Exception as e:  # a config transformers accepted but cannot build
-        raise CheckpointError(f"cannot build {name} from {config_file}: {_one_line(e)}") from e
+    return build_model(cls, config, config_file, CheckpointError)  # memory checked first
 
 
 def _one_line(err: BaseException) -> str:
@@ -544,6 +547,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
                 raise CheckpointError(f"{checkpoint[key].file}: {key} has shape "
                                       f"{list(value.shape)}, the rebuilt model wants "
                                       f"{list(target.shape)}")
+            if target.is_floating_point() and not value.is_floating_point():
+                raise CheckpointError(f"{checkpoint[key].file}: {key} is stored as {value.dtype}, "
+                                      "not a floating-point dtype; the checkpoint is damaged")
             target.copy_(value)
         for module, names in rebuild.values():
             module.reset_optional_state_(tuple(names))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import importlib
+import math
+import numbers
 import typing
 import warnings
 from dataclasses import dataclass
@@ -29,6 +31,80 @@ if TYPE_CHECKING:
 
 class PassError(SurgeonError):
     """An unknown pass, a bad pass option, or passes combined in an order that cannot work."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a numeric pass option must lie in (`None`: unbounded on that side); `open_low`
+    / `open_high` exclude the end itself. Every numeric option must also be finite."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return (f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.open_high else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.open_high else '<='} {self.high:g}"
+        return "any finite number"
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None, *,
+            open_low: bool = False, open_high: bool = False) -> Any:
+    """A dataclass field for a numeric pass option whose value must lie in a range, checked when
+    the config is built (before any model is read): `epsilon: float = bounded(1e-8, 0, 1,
+    open_low=True)`."""
+    return dataclasses.field(default=default,
+                             metadata={"bounds": Bounds(low, high, open_low, open_high)})
+
+
+def option_error(config: PassConfig | type[PassConfig], option: str, value: Any,
+                 allowed: str) -> PassError:
+    """The one-line error for a pass option out of range: names the pass, the option, the
+    value and what is allowed."""
+    return PassError(f"pass {config.name!r}: option {option!r} = {value!r} is out of range "
+                     f"(allowed: {allowed})")
+
+
+def check_options(config: PassConfig) -> None:
+    """Refuse option values of the wrong type, not finite (NaN, inf) or outside the field's
+    `bounded` range, and Literal options that are none of their choices."""
+    try:
+        hints = typing.get_type_hints(type(config))
+    except Exception:  # noqa: BLE001 - a plug-in's hints that cannot be resolved: ranges only
+        hints = {}
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints.get(f.name)
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            continue
+        kinds = {a for a in (hint, *args) if a in (int, float)}
+        if kinds:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+                    kinds == {int} and not isinstance(value, numbers.Integral)):
+                kind = "an int" if kinds == {int} else "a number"
+                raise PassError(f"pass {config.name!r}: option {f.name!r} must be {kind}, got "
+                                f"{value!r}")
+            bounds = f.metadata.get("bounds", Bounds())
+            if not math.isfinite(value) or value not in bounds:
+                finite = "" if isinstance(value, numbers.Integral) else "finite, "
+                raise option_error(config, f.name, value, f"{finite}{bounds}"
+                                   if str(bounds) != "any finite number" else str(bounds))
+        elif typing.get_origin(hint) is typing.Literal and value not in args:
+            raise option_error(config, f.name, value, ", ".join(map(str, args)))
+        elif hint is bool and not isinstance(value, bool):
+            raise PassError(f"pass {config.name!r}: option {f.name!r} must be true or false, "
+                            f"got {value!r}")
 
 
 _REGISTRY: dict[str, type[PassConfig]] = {}
@@ -51,6 +127,11 @@ class PassConfig:
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Check every option (types, finite, in range; `check_options`). A subclass with its
+        own `__post_init__` calls this one first."""
+        check_options(self)
 
     def run(self, surgery: Surgery) -> list[str]:
         """Edit `surgery`'s graphs and modules; return the qualified names of the modules the
@@ -124,9 +205,12 @@ def _convert(raw: Any, hint: Any, where: str) -> Any:
             return raw.lower() in ("1", "true", "yes", "on")
         raise PassError(f"{where}: expected true or false, got {raw!r}")
     if hint in (int, float):
+        if isinstance(raw, bool):
+            raise PassError(f"{where}: expected a{'n' if hint is int else ''} {hint.__name__}, "
+                            f"got {raw!r}")
         try:
             value = hint(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise PassError(f"{where}: expected a{'n' if hint is int else ''} "
                             f"{hint.__name__}, got {raw!r}") from None
         if hint is int and isinstance(raw, float) and raw != value:
@@ -203,6 +287,7 @@ def pass_class(name: str) -> type[PassConfig]:
 def parse_pass(spec: str | PassConfig | dict[str, Any]) -> PassConfig:
     """A config from a config, its JSON form, a name (`"aion"`) or `"name:key=value,..."`."""
     if isinstance(spec, PassConfig):
+        check_options(spec)  # a plug-in's own __post_init__ may not call PassConfig's
         return spec
     if isinstance(spec, dict):
         return config_from_json(spec)

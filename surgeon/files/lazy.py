@@ -99,6 +99,10 @@ class LazyWeights:
                 raise MismatchError(f"{s.file}: {key!r} has shape {list(s.shape)} but the model "
                                     f"built from the config wants {list(p.shape)}; the config "
                                     "does not match the weights")
+            if p.is_floating_point() and not s.dtype.is_floating_point:
+                raise MismatchError(f"{s.file}: {key!r} is stored as {s.dtype} but is a "
+                                    f"floating-point parameter of {type(model).__name__}; the "
+                                    "checkpoint is damaged")
             if p.device.type != "meta":
                 raise MismatchError(f"parameter {key!r} is not on the meta device; build the "
                                     "model inside parameters_on_meta()")

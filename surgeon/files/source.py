@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import TRUST_HINT, SourceError, UntrustedCodeError
+from surgeon.files.hf_config import check_config_file, config_errors
 
 if TYPE_CHECKING:
     from torch import nn
@@ -121,8 +122,11 @@ def _load_dir(path: Path, label: str, *, allow_pickle: bool = False, strict: boo
     (or pickle weights, read with `weights_only=True`, when `allow_pickle`). Missing or
     mismatched weights are an error; so are checkpoint tensors the model has no place for when
     `strict` (a conversion must not drop them)."""
+    from surgeon.files.budget import check_build, config_dtype
+
     config, cls = _dir_config(path, label, allow_pickle=allow_pickle,
                               trust_remote_code=trust_remote_code)
+    check_build(cls, config, path / "config.json", dtype=config_dtype(config))
     try:
         model, info = cls.from_pretrained(path, config=config, output_loading_info=True,
                                           ignore_mismatched_sizes=True,  # reported below
@@ -165,7 +169,7 @@ def _dir_config(path: Path, label: str, *, allow_pickle: bool = False,
         if not pickles:
             raise SourceError(f"{label} has no model.safetensors or "
                               "model.safetensors.index.json")
-
+    check_config_file(config_file)  # one line naming the field, before transformers reads it
     try:
         import transformers
     except ImportError as e:
@@ -377,6 +381,7 @@ def _hf_base(model: nn.Module) -> dict[str, Any]:
 
 def _open_dir(path: Path, label: str, allow_pickle: bool,
               trust_remote_code: bool = False) -> Source:
+    from surgeon.files.budget import check_build
     from surgeon.files.lazy import (
         LazyWeights,
         MismatchError,
@@ -389,7 +394,8 @@ def _open_dir(path: Path, label: str, allow_pickle: bool,
                               trust_remote_code=trust_remote_code)
     if (path / INDEX).is_file() or (path / SINGLE).is_file():
         checkpoint = Checkpoint.open(path)  # checks every header before anything is built
-        with parameters_on_meta():
+        check_build(cls, config, path / "config.json", stored=checkpoint)
+        with parameters_on_meta(), config_errors(path / "config.json"):
             model = (cls.from_config(config, trust_remote_code=trust_remote_code)
                      if cls.__name__.startswith("Auto") else cls._from_config(config))
         model.eval()

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from surgeon.files.atomic import atomic_directory, check_destination
+from surgeon.files.budget import check_grow_count
 from surgeon.files.output import carry_files, tensor_progress
 from surgeon.files.weights import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -107,6 +108,7 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
     the grown checkpoint to `dst`. See the module docstring. The checkpoint's own code
     (`auto_map`), needed to build it for `zero` / `random`, runs only with `trust_remote_code`."""
     start = time.perf_counter()
+    check_grow_count(count)  # bounded before anything is read
     if init not in INITS:
         raise InsertionError(f"--init {init!r} is not one of {', '.join(INITS)}")
     parse_size(max_shard_size)
@@ -117,6 +119,7 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
     base = Checkpoint.open(base_dir)
     config = _read_config(base_dir)
     found = find_blocks({k: s.nbytes for k, s in base.items()}, blocks)
+    check_grow_count(count, found.count, found.prefix)  # at most doubles the model
     after = found.count - 1 if after is None else after
     moved = renumber(list(base), found, after, count)
     source = (after if after >= 0 else 0) if source is None else source
