@@ -11,9 +11,12 @@ passes, checks the manifest and loads the weights strictly. Nothing is pickled.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,7 +123,8 @@ def tensors_to_write(model: nn.Module, lazy: LazyWeights | None = None
 
 def write_recipe(out: Path, model: nn.Module, reference: dict[str, Any],
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `surgeon.json` (and `example.safetensors` when the example is not the default)."""
+    """Write `surgeon.json` (and `example.safetensors` when the example is not the default),
+    with the digest of every tensor already written into `out` and of the example's."""
     recipe = {
         "format": FORMAT,
         "versions": _versions(),
@@ -132,19 +136,75 @@ def write_recipe(out: Path, model: nn.Module, reference: dict[str, Any],
                      "parameters": sorted(model.state_dict())},
         "drift": [dataclasses.asdict(d) for d in getattr(model, "surgeon_drift", [])],
         "check": output_signature(getattr(model, "_surgeon_output", None)),
+        "dtype": model_dtype(model),
     }
+    recipe["digests"] = record_digests(out)
     (out / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
     return recipe
 
 
 def output_signature(vector: torch.Tensor | None, samples: int = 16) -> dict[str, Any] | None:
     """A few numbers that pin the converted model's output on the example: its size, norm and
-    evenly spaced values, so `surgeon verify` can tell that a reload computes the same."""
+    evenly spaced values, so `surgeon verify` can tell that a reload computes the same within a
+    tolerance, and the sha256 of the whole output (float64), which tells it computes the same
+    bits."""
     if vector is None:
         return None
     picks = torch.linspace(0, vector.numel() - 1, min(samples, vector.numel())).long()
     return {"numel": vector.numel(), "norm": float(vector.norm()),
-            "sample": [float(v) for v in vector[picks]]}
+            "sample": [float(v) for v in vector[picks]], "sha256": output_digest(vector)}
+
+
+def output_digest(vector: torch.Tensor) -> str:
+    """sha256 of an output vector's float64 bytes."""
+    data = vector.detach().to(torch.float64).cpu().contiguous().view(torch.uint8)
+    return hashlib.sha256(memoryview(data.numpy())).hexdigest()
+
+
+DIGEST_CHUNK = 16 << 20  # bytes hashed per read
+
+
+def tensor_digests(checkpoint: Checkpoint) -> dict[str, dict[str, Any]]:
+    """Per tensor of `checkpoint`: its dtype, shape and the sha256 of its raw bytes, read back
+    from the file (just written, the bytes are still in the page cache). Tensors are hashed on
+    a few threads (hashlib releases the GIL), so this costs about one read of the checkpoint
+    spread over the cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from surgeon.files.weights import NAMES
+
+    entries = sorted(checkpoint.values(), key=lambda s: -s.nbytes)  # the largest first
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        hashes = dict(zip((s.key for s in entries), pool.map(stored_sha256, entries)))
+    return {key: {"dtype": NAMES[checkpoint[key].dtype], "shape": list(checkpoint[key].shape),
+                  "sha256": hashes[key]} for key in sorted(hashes)}
+
+
+def stored_sha256(stored: Stored) -> str:
+    """sha256 of one stored tensor's bytes, read in chunks of `DIGEST_CHUNK`."""
+    digest, done = hashlib.sha256(), 0
+    buffer = bytearray(min(DIGEST_CHUNK, stored.nbytes))
+    with open(stored.file, "rb", buffering=0) as f:
+        f.seek(stored.start)
+        while done < stored.nbytes:
+            view = memoryview(buffer)[:min(DIGEST_CHUNK, stored.nbytes - done)]
+            got = f.readinto(view)
+            if not got:
+                raise CheckpointError(f"{stored.file} ended while reading {stored.key!r}; the "
+                                      "file changed or is truncated")
+            digest.update(view[:got])
+            done += got
+    return digest.hexdigest()
+
+
+def record_digests(out: Path) -> dict[str, Any]:
+    """What `surgeon.json` records so `surgeon verify` can prove every byte surgeon wrote: the
+    digests of the weights and of the example's tensors."""
+    record: dict[str, Any] = {"algorithm": "sha256",
+                              "weights": tensor_digests(Checkpoint.open(out))}
+    if (out / EXAMPLE).is_file():
+        record["example"] = tensor_digests(Checkpoint.open(out / EXAMPLE))
+    return record
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, base: str | None = None,
@@ -190,9 +250,16 @@ def _rebuild_base(reference: dict[str, Any], path: Path) -> nn.Module:
     raise CheckpointError(f"{path / RECIPE}: unknown base kind {kind!r}")
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model written by `surgeon.save`: base, passes, manifest check, strict weights."""
+def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Rebuild a model written by `surgeon.save`: base, passes, manifest check, strict weights.
+
+    Every tensor keeps the dtype it is stored in (a bf16 checkpoint loads as bf16, as the
+    conversion ran), and the base is built in the dtype its config names, as transformers
+    builds it; `dtype` (a torch dtype or its name, e.g. "float32") casts the floating-point
+    tensors afterwards."""
     from surgeon.applying import apply
+
+    wanted = resolve_dtype(dtype)
 
     root = Path(path)
     recipe_file = root / RECIPE
@@ -207,7 +274,9 @@ def load(path: str | os.PathLike) -> nn.Module:
     if recipe.get("format", 0) > FORMAT:
         raise CheckpointError(f"{recipe_file} has format {recipe['format']}, newer than this "
                               f"surgeon reads ({FORMAT}); upgrade surgeon")
-    model = _rebuild_base(reference, root)
+    built_in = recipe.get("dtype") if reference.get("kind") == "transformers" else None
+    with _default_dtype(built_in):  # as transformers builds it from the config (and convert did)
+        model = _rebuild_base(reference, root)
     model.eval()
     with warnings.catch_warnings():  # a pass that changed nothing said so when it was applied
         warnings.simplefilter("ignore", NoEffectWarning)
@@ -224,14 +293,57 @@ def load(path: str | os.PathLike) -> nn.Module:
         diff = sorted(set(keys) ^ set(manifest["parameters"]))
         raise CheckpointError(f"{recipe_file}: the rebuilt model's state-dict keys differ from "
                               f"the manifest ({diff[:3]})")
-    load_weights(model, root)
+    load_weights(model, root, keep_dtype=True)
+    if wanted is not None:
+        model.to(wanted)
     model._surgeon_base = reference
     return model
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """`dtype` as a floating-point torch dtype ("bfloat16", "torch.float16", torch.float32);
+    None and "auto" (keep the checkpoint's dtypes) give None."""
+    if dtype is None or dtype == "auto":
+        return None
+    found = dtype if isinstance(dtype, torch.dtype) else getattr(
+        torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise CheckpointError(f"dtype {dtype!r} is not a floating-point torch dtype; use one of "
+                              "float32, bfloat16, float16, float64 or auto")
+    return found
+
+
+@contextmanager
+def _default_dtype(name: Any) -> Iterator[None]:
+    """Inside, torch's default dtype is the recorded `name` (a floating-point dtype's name);
+    anything else leaves it as it is."""
+    found = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(found)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def model_dtype(model: nn.Module) -> str | None:
+    """The dtype most of `model`'s floating-point parameter elements have ("bfloat16"), or None.
+    Recorded in surgeon.json: `load` builds the base in it and `verify` sets its tolerance."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else None
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, keep_dtype: bool = False) -> None:
     """Copy a safetensors checkpoint (file, directory, single or sharded) into `model`, strictly:
-    every state-dict entry (a tied group through any one of its keys) and nothing else."""
+    every state-dict entry (a tied group through any one of its keys) and nothing else. With
+    `keep_dtype`, a floating-point tensor keeps the dtype it is stored in (else it is cast to
+    the model's)."""
     checkpoint = Checkpoint.open(path)
     state = model.state_dict(keep_vars=True)
     groups: dict[int, list[str]] = {}
@@ -250,4 +362,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
                 raise CheckpointError(f"{checkpoint[key].file}: {key} has shape "
                                       f"{list(value.shape)}, the rebuilt model wants "
                                       f"{list(target.shape)}")
-            target.copy_(value)
+            if keep_dtype and value.dtype != target.dtype and value.is_floating_point() and (
+                    target.is_floating_point()):
+                target.data = value  # the same Parameter (ties kept), in the stored dtype
+            else:
+                target.copy_(value)

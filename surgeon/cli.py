@@ -141,13 +141,18 @@ def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | Non
 @click.option("--against", default=None, metavar="SRC",
               help="The source model: replay the passes on it and compare.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a hub SRC.")
+@click.option("--dtype", default="auto", show_default=True, metavar="DTYPE",
+              help="Load and run in this dtype (float32, bfloat16, float16); auto: the dtypes "
+                   "it was converted in.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify_cmd(path: str, against: str | None, revision: str | None, as_json: bool) -> None:
-    """Reload the converted checkpoint PATH strictly, run its example and print the drift of
-    each pass; exit 1 if a pass that promises to preserve the output moved it."""
+def verify_cmd(path: str, against: str | None, revision: str | None, dtype: str,
+               as_json: bool) -> None:
+    """Reload the converted checkpoint PATH strictly, check the sha256 of every tensor, run its
+    example and print the drift of each pass; exit 1 if a tensor changed, the output moved or
+    a pass that promises to preserve the output moved it."""
     from surgeon.verifying import verify
 
-    result = verify(path, against, revision=revision)
+    result = verify(path, against, revision=revision, dtype=dtype)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_verification(result))
     if not result.ok:
         raise UserError(f"{path} failed verification: {result.failures[0]}")
@@ -271,6 +276,8 @@ def format_conversion(c: Conversion) -> str:
 def format_verification(v: Verification) -> str:
     """The table `surgeon verify` prints."""
     lines = [f"checkpoint: {v.path} ({v.model}), reloaded strictly"]
+    if v.digests is not None:
+        lines.append(f"tensors: {v.digests} checked against their sha256")
     if v.reload_difference is not None:
         lines.append(f"output on the example vs conversion: relative difference "
                      f"{v.reload_difference:.3g}")
