@@ -26,6 +26,7 @@ from torch import nn
 
 from surgeon.errors import NoEffectWarning, SurgeonError
 from surgeon.files.atomic import atomic_directory
+from surgeon.files.remote_code import read_base_config, write_remote_code
 from surgeon.files.weights import DEFAULT_MAX_SHARD_SIZE, Checkpoint, Stored, write_checkpoint
 from surgeon.version import __version__
 
@@ -48,7 +49,7 @@ def _base_reference(model: nn.Module, base: str | None) -> dict[str, Any]:
         return dict(model._surgeon_base)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_file") and hasattr(model, "save_pretrained"):
-        return {"kind": "transformers", "class": type(model).__name__}
+        return {"kind": "transformers", "class": base_class(model).__name__}
     raise CheckpointError(f"cannot tell how to rebuild {type(model).__name__}: pass "
                           "base='package.module:factory' (a function returning the unconverted "
                           "model)")
@@ -98,14 +99,16 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def tensors_to_write(model: nn.Module, lazy: LazyWeights | None = None
+def tensors_to_write(model: nn.Module, lazy: LazyWeights | None = None, *,
+                     state: dict[str, torch.Tensor] | None = None
                      ) -> dict[str, Stored | torch.Tensor]:
-    """The converted model's state dict with tied tensors once: a parameter still on disk
-    (bound by `lazy`) as its stored bytes, everything else as the tensor in memory. A tied group
-    keeps the key the source checkpoint used, else its first key in state-dict order."""
+    """The converted model's state dict (or `state`, one gathered from FSDP shards) with tied
+    tensors once: a parameter still on disk (bound by `lazy`) as its stored bytes, everything
+    else as the tensor in memory. A tied group keeps the key the source checkpoint used, else
+    its first key in state-dict order."""
     chosen: dict[Any, str] = {}
     out: dict[str, Stored | torch.Tensor] = {}
-    for key, value in model.state_dict(keep_vars=True).items():
+    for key, value in (model.state_dict(keep_vars=True) if state is None else state).items():
         stored_key = lazy.key_of(value) if lazy is not None else None
         identity = id(value) if stored_key or value.is_meta else (
             value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
@@ -122,7 +125,8 @@ def tensors_to_write(model: nn.Module, lazy: LazyWeights | None = None
 
 
 def write_recipe(out: Path, model: nn.Module, reference: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, *,
+                 state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Write `surgeon.json` (and `example.safetensors` when the example is not the default),
     with the digest of every tensor already written into `out` and of the example's."""
     recipe = {
@@ -133,7 +137,7 @@ def write_recipe(out: Path, model: nn.Module, reference: dict[str, Any],
         "example": _example_record(getattr(model, "_surgeon_example", None), out),
         "passes": getattr(model, "_surgeon_passes", []),
         "manifest": {"modules": list(getattr(model, "_surgeon_manifest", [])),
-                     "parameters": sorted(model.state_dict())},
+                     "parameters": sorted(model.state_dict() if state is None else state)},
         "drift": [dataclasses.asdict(d) for d in getattr(model, "surgeon_drift", [])],
         "check": output_signature(getattr(model, "_surgeon_output", None)),
         "dtype": model_dtype(model),
@@ -217,16 +221,90 @@ def save(model: nn.Module, path: str | os.PathLike, *, base: str | None = None,
     `overwrite` and it was written by surgeon.
     """
     dest = Path(path)
+    wrapper = type(model).__name__
+    model, sharded = unwrap(model)
     if getattr(model, "_surgeon_passes", None) is None:
-        raise CheckpointError(f"{type(model).__name__} was not converted with surgeon.apply; "
-                              "save it with its own save method")
+        inside = f" (inside {wrapper})" if wrapper != type(model).__name__ else ""
+        raise CheckpointError(f"{type(model).__name__}{inside} was not converted with "
+                              "surgeon.apply; save it with its own save method")
     reference = _base_reference(model, base)
-    with atomic_directory(dest, overwrite=overwrite) as tmp:
-        write_checkpoint(tmp, tensors_to_write(model), max_shard_size=max_shard_size)
-        if reference["kind"] == "transformers":
-            model.config.to_json_file(str(tmp / "config.json"))
-        write_recipe(tmp, model, reference)
+    # Under FSDP every rank holds a shard: all of them gather (a collective every rank must
+    # call), rank 0 writes. Under DDP and the like each rank holds it all: rank 0 writes.
+    state = full_state_dict(sharded) if sharded is not None else None
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed or dist.get_rank() == 0:
+        with atomic_directory(dest, overwrite=overwrite) as tmp:
+            write_checkpoint(tmp, tensors_to_write(model, state=state),
+                             max_shard_size=max_shard_size)
+            if reference["kind"] == "transformers":
+                model.config.to_json_file(str(tmp / "config.json"))
+                write_remote_code(tmp, reference.get("class", ""))  # transformers loads DST
+            write_recipe(tmp, model, reference, state=state)
+    if distributed:
+        dist.barrier()  # no rank reads `dest` before it is complete
     return dest
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """The module inside the wrappers training puts around a model: `torch.compile`'s
+    OptimizedModule, DistributedDataParallel and DataParallel (as `accelerate` and DeepSpeed
+    also wrap), FSDP1's FullyShardedDataParallel. Returns (the module, the FSDP module whose
+    shards must be gathered, None if none). An FSDP2 (`fully_shard`) model is the module itself,
+    of a subclass of its own class (see `base_class`), and also gathered."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    sharded = None
+    for _ in range(16):
+        name = type(model).__name__
+        fsdp1 = _fsdp_classes()[0]
+        if name == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (DistributedDataParallel, DataParallel)) or (
+                name == "DeepSpeedEngine" and isinstance(getattr(model, "module", None),
+                                                         nn.Module)):
+            model = model.module
+        elif fsdp1 is not None and isinstance(model, fsdp1):
+            sharded = sharded or model
+            model = model.module
+        else:
+            break
+    fsdp2 = _fsdp_classes()[1]
+    if sharded is None and fsdp2 is not None and isinstance(model, fsdp2):
+        sharded = model
+    return model, sharded
+
+
+def _fsdp_classes() -> tuple[type | None, type | None]:
+    """(FSDP1's FullyShardedDataParallel, FSDP2's FSDPModule), None where torch lacks one."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        FullyShardedDataParallel = None  # noqa: N806
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = None  # noqa: N806
+    return FullyShardedDataParallel, FSDPModule
+
+
+def base_class(model: nn.Module) -> type:
+    """`model`'s class, or for an FSDP2 model (whose class `fully_shard` swapped for a subclass
+    named FSDP<name>) the class it had before."""
+    fsdp2 = _fsdp_classes()[1]
+    if fsdp2 is not None and isinstance(model, fsdp2):
+        return next(c for c in type(model).__mro__[1:] if not issubclass(c, fsdp2))
+    return type(model)
+
+
+def full_state_dict(sharded: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of an FSDP model, gathered onto rank 0's CPU (every rank must call
+    this; ranks other than 0 get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True,
+                                                                  cpu_offload=True))
 
 
 def _rebuild_base(reference: dict[str, Any], path: Path) -> nn.Module:
@@ -241,7 +319,7 @@ def _rebuild_base(reference: dict[str, Any], path: Path) -> nn.Module:
         if cls is None:
             raise CheckpointError(f"{path / RECIPE}: transformers has no class "
                                   f"{reference.get('class')!r}")
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = read_base_config(path)  # surgeon's marks undone; nothing imported from `path`
         return cls(config)
     if kind == "factory":
         from surgeon.files.source import load_factory
@@ -298,6 +376,42 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> 
         model.to(wanted)
     model._surgeon_base = reference
     return model
+
+
+# from_pretrained's options that say where the files are, or that transformers passes on itself
+_HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "revision", "token", "local_files_only",
+                "subfolder", "config", "trust_remote_code", "adapter_kwargs", "code_revision")
+
+
+def from_pretrained(path: str | os.PathLike, *model_args: Any, **kwargs: Any) -> nn.Module:
+    """What `AutoModelFor*.from_pretrained(DST, trust_remote_code=True)` calls (through the
+    `surgeon_model.py` surgeon writes into DST): `surgeon.load(DST)`, with transformers' `dtype`
+    (or `torch_dtype`) and a single-device `device_map`; a hub id is fetched first. Options
+    surgeon cannot honour are refused by name rather than ignored."""
+    dtype = kwargs.pop("dtype", None)
+    dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
+    device = kwargs.pop("device_map", None)
+    hub = {k: kwargs.pop(k) for k in _HUB_OPTIONS if k in kwargs}
+    unsupported = sorted(k for k, v in kwargs.items() if not k.startswith("_") and v is not None)
+    if model_args or unsupported or hub.get("adapter_kwargs") or hub.get("subfolder"):
+        what = unsupported + (["positional arguments"] if model_args else []) + (
+            ["adapter_kwargs"] if hub.get("adapter_kwargs") else []) + (
+            ["subfolder"] if hub.get("subfolder") else [])
+        raise CheckpointError(f"{path} was converted by surgeon, which loads it without "
+                              f"{', '.join(what)}; load it with surgeon.load and adjust the model "
+                              "afterwards")
+    if isinstance(device, dict) or (device is not None and str(device) == "auto"):
+        raise CheckpointError(f"{path} was converted by surgeon, which loads it on one device: "
+                              "pass device_map='cpu' or 'cuda', not a map")
+    root = Path(path)
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(str(path), revision=hub.get("revision"),
+                                      cache_dir=hub.get("cache_dir"), token=hub.get("token"),
+                                      local_files_only=bool(hub.get("local_files_only"))))
+    model = load(root, dtype=None if dtype == "auto" else dtype)
+    return model.to(device) if device is not None else model
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
