@@ -138,3 +138,16 @@ def test_a_factory_checkpoint_gets_no_remote_code(tmp_path):
     surgeon.save(model, tmp_path / "m", base="torch.nn:Identity")
     assert sorted(os.listdir(tmp_path / "m")) == ["example.safetensors", "model.safetensors",
                                                   "surgeon.json"]
+
+
+def test_surgeon_commands_on_dst_never_ask_to_run_its_code(dst, monkeypatch):
+    """DST's auto_map is for transformers' users: surgeon's own readers ignore it (no prompt)."""
+    from cli_runner import run
+
+    def asked(*_):
+        raise AssertionError("transformers asked on stdin whether to run DST's code")
+
+    monkeypatch.setattr("builtins.input", asked)
+    result = run("inspect", str(dst), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == "LlamaForCausalLM"

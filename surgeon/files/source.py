@@ -143,10 +143,12 @@ def _dir_config(path: Path, label: str, *, allow_pickle: bool = False) -> tuple[
         raise SourceError(
             f"loading {label} needs transformers: pip install 'surgeon[hf]'"
         ) from e
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SourceError(f"cannot read {config_file}: {_one_line(e)}") from e
+    from surgeon.files.remote_code import RemoteCodeError, read_base_config
+
+    try:  # transformers' own config class for its model_type: no auto_map code, no prompt
+        config = read_base_config(path)
+    except RemoteCodeError as e:
+        raise SourceError(str(e)) from e
 
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
