@@ -60,14 +60,13 @@ class RemoteCodeError(SurgeonError):
 def auto_classes(model_type: str, class_name: str) -> list[str]:
     """The transformers Auto classes that build `class_name` for `model_type` (e.g.
     AutoModelForCausalLM for LlamaForCausalLM), found in transformers' own mappings."""
-    import transformers
+    from transformers.models.auto import modeling_auto
 
     found = []
-    for name in sorted(dir(transformers)):
-        if not name.startswith("AutoModel"):
+    for name, auto in sorted(vars(modeling_auto).items()):
+        if not (name.startswith("AutoModel") and isinstance(auto, type)):
             continue
-        names = getattr(getattr(getattr(transformers, name, None), "_model_mapping", None),
-                        "_model_mapping", None)
+        names = getattr(getattr(auto, "_model_mapping", None), "_model_mapping", None)
         built = names.get(model_type) if isinstance(names, dict) else None
         if built == class_name or (isinstance(built, (list, tuple)) and class_name in built):
             found.append(name)
