@@ -35,7 +35,10 @@ if TYPE_CHECKING:
 
 RECIPE = "surgeon.json"
 EXAMPLE = "example.safetensors"
-FORMAT = 1
+# 2: config.json is marked for transformers (model_type surgeon_<type>, undone by
+# `read_base_config`, which a format-1 reader lacks: it would stop at transformers'
+# trust_remote_code error), and `digests` and `dtype` are recorded. Format 1 is still read.
+FORMAT = 2
 
 
 class CheckpointError(SurgeonError):
