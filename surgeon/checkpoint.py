@@ -410,7 +410,10 @@ def from_pretrained(path: str | os.PathLike, *model_args: Any, **kwargs: Any) ->
     if not root.is_dir():
         from huggingface_hub import snapshot_download
 
+        from surgeon.files.source import HUB_PATTERNS
+
         root = Path(snapshot_download(str(path), revision=hub.get("revision"),
+                                      allow_patterns=HUB_PATTERNS,
                                       cache_dir=hub.get("cache_dir"), token=hub.get("token"),
                                       local_files_only=bool(hub.get("local_files_only"))))
     model = load(root, dtype=None if dtype == "auto" else dtype)

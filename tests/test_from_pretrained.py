@@ -27,9 +27,11 @@ IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
 @pytest.fixture(autouse=True)
 def offline_modules(tmp_path, monkeypatch):
     """Nothing downloads; transformers copies remote code into a cache of the test's own."""
+    import huggingface_hub.constants
     import transformers.dynamic_module_utils as dynamic
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     monkeypatch.setattr(sys, "path", list(sys.path))
 
@@ -151,3 +153,18 @@ def test_surgeon_commands_on_dst_never_ask_to_run_its_code(dst, monkeypatch):
     result = run("inspect", str(dst), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["model"] == "LlamaForCausalLM"
+
+
+def test_a_hub_id_in_the_cache_loads_converted(dst, tmp_path):
+    """A converted checkpoint pushed to the hub: transformers fetches config and module, surgeon
+    the snapshot (here from a cache laid out as huggingface_hub writes it, offline)."""
+    import shutil
+
+    commit = "0" * 40
+    repo = tmp_path / "cache" / "models--someone--tiny-surgeon"
+    shutil.copytree(dst, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        "someone/tiny-surgeon", trust_remote_code=True, cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(logits(model), logits(surgeon.load(dst)))
