@@ -276,8 +276,8 @@ def format_conversion(c: Conversion) -> str:
 def format_verification(v: Verification) -> str:
     """The table `surgeon verify` prints."""
     lines = [f"checkpoint: {v.path} ({v.model}), reloaded strictly"]
-    if v.digests is not None:
-        lines.append(f"tensors: {v.digests} checked against their sha256")
+    lines.append(f"tensors: {v.digests} checked against their sha256" if v.digests is not None
+                 else "tensors: no digests recorded (an older checkpoint), bytes not checked")
     if v.reload_difference is not None:
         lines.append(f"output on the example vs conversion: relative difference "
                      f"{v.reload_difference:.3g}")

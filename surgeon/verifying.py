@@ -79,6 +79,9 @@ def verify(path: str | os.PathLike, against: str | None = None, *,
     tolerance = max(TOLERANCES.get(recorded_dtype or "float32", 2e-2),
                     TOLERANCES.get(str(wanted).removeprefix("torch.") if wanted else "", MATCH))
     failures, digests = check_digests(root, recipe.get("digests"))
+    if digests is None and isinstance(recipe.get("format"), int) and recipe["format"] >= 2:
+        failures.append(f"{RECIPE} records no digests, which every checkpoint of its format "
+                        "has: it was edited; convert the model again")
     example = read_example(recipe.get("example", {"default": True}), root)
     output = _output(model, example)
     reload_difference = identical = None

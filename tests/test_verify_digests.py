@@ -181,3 +181,16 @@ def test_a_checkpoint_without_digests_still_verifies(copy):
     result = verify(copy)
     assert result.ok and result.digests is None and result.identical is None
     assert result.reload_difference == 0.0 and result.dtype is None
+
+
+def test_a_format_2_checkpoint_without_digests_fails(copy):
+    data = recipe(copy)
+    del data["digests"]
+    (copy / "surgeon.json").write_text(json.dumps(data))
+    result = run("verify", str(copy))
+    assert result.exit_code == 1
+    assert "tensors: no digests recorded (an older checkpoint), bytes not checked" in (
+        result.stdout.splitlines())
+    assert result.stderr == (f"error: {copy} failed verification: surgeon.json records no "
+                             "digests, which every checkpoint of its format has: it was edited; "
+                             "convert the model again\n")
