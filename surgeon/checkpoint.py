@@ -237,17 +237,32 @@ def save(model: nn.Module, path: str | os.PathLike, *, base: str | None = None,
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not distributed or dist.get_rank() == 0:
-        with atomic_directory(dest, overwrite=overwrite) as tmp:
-            write_checkpoint(tmp, tensors_to_write(model, state=state),
-                             max_shard_size=max_shard_size)
-            if reference["kind"] == "transformers":
-                model.config.to_json_file(str(tmp / "config.json"))
-                write_remote_code(tmp, reference.get("class", ""))  # transformers loads DST
-            write_recipe(tmp, model, reference, state=state)
-    if distributed:
-        dist.barrier()  # no rank reads `dest` before it is complete
+    if not distributed:
+        _write(dest, model, reference, state, max_shard_size, overwrite)
+        return dest
+    failure: list[str | None] = [None]
+    try:
+        if dist.get_rank() == 0:
+            _write(dest, model, reference, state, max_shard_size, overwrite)
+    except Exception as e:  # every rank hears of it, none waits for a checkpoint that failed
+        failure = [str(e) or type(e).__name__]
+        raise
+    finally:
+        dist.broadcast_object_list(failure, src=0)  # also: no rank reads `dest` before rank 0
+    if failure[0] is not None:
+        raise CheckpointError(f"rank 0 could not write {dest}: {failure[0]}")
     return dest
+
+
+def _write(dest: Path, model: nn.Module, reference: dict[str, Any],
+           state: dict[str, torch.Tensor] | None, max_shard_size: int | str,
+           overwrite: bool) -> None:
+    with atomic_directory(dest, overwrite=overwrite) as tmp:
+        write_checkpoint(tmp, tensors_to_write(model, state=state), max_shard_size=max_shard_size)
+        if reference["kind"] == "transformers":
+            model.config.to_json_file(str(tmp / "config.json"))
+            write_remote_code(tmp, reference.get("class", ""))  # transformers loads DST converted
+        write_recipe(tmp, model, reference, state=state)
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:

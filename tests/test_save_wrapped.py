@@ -16,6 +16,7 @@ from torch import nn
 
 import surgeon
 from surgeon.checkpoint import CheckpointError
+from surgeon.errors import SurgeonError
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,3 +114,47 @@ def test_an_unconverted_model_in_a_wrapper_is_named(tmp_path, gloo_group):
                                               "not converted with surgeon.apply"):
         surgeon.save(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def _two_rank_save(rank: int, store: str, out: str) -> None:
+    """One rank of `test_two_ranks_write_once_and_share_a_failure`: DDP over gloo, then
+    surgeon.save on every rank, twice (the second time DST exists and overwrite is off)."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        config = transformers.AutoConfig.from_pretrained(TINY)
+        model = transformers.LlamaForCausalLM(config).eval()
+        surgeon.apply(model, ["adyt"])
+        results = []
+        for _ in range(2):
+            try:
+                surgeon.save(ddp(model) if not results else model, out, overwrite=False)
+                results.append("saved")
+            except SurgeonError as e:
+                results.append(f"error: {e}")
+        Path(f"{out}.rank{rank}").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_write_once_and_share_a_failure(tmp_path):
+    """Under DDP each rank calls save: rank 0 writes, the other waits for it and, where rank 0
+    fails (DST exists without overwrite), fails with its message instead of hanging."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "dst"
+    context = mp.spawn(_two_rank_save, args=(str(tmp_path / "store"), str(out)), nprocs=2,
+                       join=False)
+    for _ in range(12):
+        if context.join(timeout=10):
+            break
+    else:
+        for p in context.processes:
+            p.kill()
+        pytest.fail("the ranks did not finish")
+    first, second = zip(*(json.loads((tmp_path / f"dst.rank{r}").read_text()) for r in (0, 1)))
+    assert first == ("saved", "saved")
+    assert sorted(surgeon.load(out).state_dict()) == json.loads(
+        (out / "surgeon.json").read_text())["manifest"]["parameters"]
+    assert second[0].startswith(f"error: {out} already exists")
+    assert second[1].startswith(f"error: rank 0 could not write {out}: {out} already exists")
