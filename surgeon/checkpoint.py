@@ -17,9 +17,12 @@ is used, so a damaged or crafted file is one line naming the file and the field.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,10 +34,12 @@ from surgeon.errors import TRUST_HINT, NoEffectWarning, SurgeonError, UntrustedC
 from surgeon.files.atomic import atomic_directory
 from surgeon.files.budget import check_example_file, check_example_tensors, example_shapes
 from surgeon.files.hf_config import build_model, check_config_file
+from surgeon.files.remote_code import RemoteCodeError, base_config_dict, write_remote_code
 from surgeon.files.weights import (
     DEFAULT_MAX_SHARD_SIZE,
     Checkpoint,
     Stored,
+    byte_view,
     write_checkpoint,
     write_file,
 )
@@ -45,7 +50,10 @@ if TYPE_CHECKING:
 
 RECIPE = "surgeon.json"
 EXAMPLE = "example.safetensors"
-FORMAT = 1
+# 2: config.json is marked for transformers (model_type surgeon_<type>, undone by
+# `read_base_config`, which a format-1 reader lacks: it would stop at transformers'
+# trust_remote_code error), and `digests` and `dtype` are recorded. Format 1 is still read.
+FORMAT = 2
 
 
 class CheckpointError(SurgeonError):
@@ -59,7 +67,7 @@ def _base_reference(model: nn.Module, base: str | None) -> dict[str, Any]:
         return dict(model._surgeon_base)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_file") and hasattr(model, "save_pretrained"):
-        return {"kind": "transformers", "class": type(model).__name__}
+        return {"kind": "transformers", "class": base_class(model).__name__}
     raise CheckpointError(f"cannot tell how to rebuild {type(model).__name__}: pass "
                           "base='package.module:factory' (a function returning the unconverted "
                           "model)")
@@ -115,14 +123,16 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def tensors_to_write(model: nn.Module, lazy: LazyWeights | None = None
+def tensors_to_write(model: nn.Module, lazy: LazyWeights | None = None, *,
+                     state: dict[str, torch.Tensor] | None = None
                      ) -> dict[str, Stored | torch.Tensor]:
-    """The converted model's state dict with tied tensors once: a parameter still on disk
-    (bound by `lazy`) as its stored bytes, everything else as the tensor in memory. A tied group
-    keeps the key the source checkpoint used, else its first key in state-dict order."""
+    """The converted model's state dict (or `state`, one gathered from FSDP shards) with tied
+    tensors once: a parameter still on disk (bound by `lazy`) as its stored bytes, everything
+    else as the tensor in memory. A tied group keeps the key the source checkpoint used, else
+    its first key in state-dict order."""
     chosen: dict[Any, str] = {}
     out: dict[str, Stored | torch.Tensor] = {}
-    for key, value in model.state_dict(keep_vars=True).items():
+    for key, value in (model.state_dict(keep_vars=True) if state is None else state).items():
         stored_key = lazy.key_of(value) if lazy is not None else None
         identity = id(value) if stored_key or value.is_meta else (
             value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
@@ -139,8 +149,10 @@ def tensors_to_write(model: nn.Module, lazy: LazyWeights | None = None
 
 
 def write_recipe(out: Path, model: nn.Module, reference: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `surgeon.json` (and `example.safetensors` when the example is not the default)."""
+                 extra: dict[str, Any] | None = None, *,
+                 state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Write `surgeon.json` (and `example.safetensors` when the example is not the default),
+    with the digest of every tensor already written into `out` and of the example's."""
     recipe = {
         "format": FORMAT,
         "versions": _versions(),
@@ -149,22 +161,78 @@ def write_recipe(out: Path, model: nn.Module, reference: dict[str, Any],
         "example": _example_record(getattr(model, "_surgeon_example", None), out),
         "passes": getattr(model, "_surgeon_passes", []),
         "manifest": {"modules": list(getattr(model, "_surgeon_manifest", [])),
-                     "parameters": sorted(model.state_dict())},
+                     "parameters": sorted(model.state_dict() if state is None else state)},
         "drift": [dataclasses.asdict(d) for d in getattr(model, "surgeon_drift", [])],
         "check": output_signature(getattr(model, "_surgeon_output", None)),
+        "dtype": model_dtype(model),
     }
+    recipe["digests"] = record_digests(out)
     (out / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
     return recipe
 
 
 def output_signature(vector: torch.Tensor | None, samples: int = 16) -> dict[str, Any] | None:
     """A few numbers that pin the converted model's output on the example: its size, norm and
-    evenly spaced values, so `surgeon verify` can tell that a reload computes the same."""
+    evenly spaced values, so `surgeon verify` can tell that a reload computes the same within a
+    tolerance, and the sha256 of the whole output (float64), which tells it computes the same
+    bits."""
     if vector is None:
         return None
     picks = torch.linspace(0, vector.numel() - 1, min(samples, vector.numel())).long()
     return {"numel": vector.numel(), "norm": float(vector.norm()),
-            "sample": [float(v) for v in vector[picks]]}
+            "sample": [float(v) for v in vector[picks]], "sha256": output_digest(vector)}
+
+
+def output_digest(vector: torch.Tensor) -> str:
+    """sha256 of an output vector's float64 bytes."""
+    data = vector.detach().to(torch.float64).cpu().contiguous()
+    return hashlib.sha256(byte_view(data)).hexdigest()  # no numpy: torch does not require it
+
+
+DIGEST_CHUNK = 16 << 20  # bytes hashed per read
+
+
+def tensor_digests(checkpoint: Checkpoint) -> dict[str, dict[str, Any]]:
+    """Per tensor of `checkpoint`: its dtype, shape and the sha256 of its raw bytes, read back
+    from the file (just written, the bytes are still in the page cache). Tensors are hashed on
+    a few threads (hashlib releases the GIL), so this costs about one read of the checkpoint
+    spread over the cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from surgeon.files.weights import NAMES
+
+    entries = sorted(checkpoint.values(), key=lambda s: -s.nbytes)  # the largest first
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        hashes = dict(zip((s.key for s in entries), pool.map(stored_sha256, entries)))
+    return {key: {"dtype": NAMES[checkpoint[key].dtype], "shape": list(checkpoint[key].shape),
+                  "sha256": hashes[key]} for key in sorted(hashes)}
+
+
+def stored_sha256(stored: Stored) -> str:
+    """sha256 of one stored tensor's bytes, read in chunks of `DIGEST_CHUNK`."""
+    digest, done = hashlib.sha256(), 0
+    buffer = bytearray(min(DIGEST_CHUNK, stored.nbytes))
+    with open(stored.file, "rb", buffering=0) as f:
+        f.seek(stored.start)
+        while done < stored.nbytes:
+            view = memoryview(buffer)[:min(DIGEST_CHUNK, stored.nbytes - done)]
+            got = f.readinto(view)
+            if not got:
+                raise CheckpointError(f"{stored.file} ended while reading {stored.key!r}; the "
+                                      "file changed or is truncated")
+            digest.update(view[:got])
+            done += got
+    return digest.hexdigest()
+
+
+def record_digests(out: Path) -> dict[str, Any]:
+    """What `surgeon.json` records so `surgeon verify` can prove every byte surgeon wrote: the
+    digests of the weights and of the example's tensors."""
+    record: dict[str, Any] = {"algorithm": "sha256",
+                              "weights": tensor_digests(Checkpoint.open(out))}
+    if (out / EXAMPLE).is_file():
+        record["example"] = tensor_digests(Checkpoint.open(out / EXAMPLE))
+    return record
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, base: str | None = None,
@@ -177,16 +245,105 @@ def save(model: nn.Module, path: str | os.PathLike, *, base: str | None = None,
     `overwrite` and it was written by surgeon.
     """
     dest = Path(path)
+    wrapper = type(model).__name__
+    model, sharded = unwrap(model)
     if getattr(model, "_surgeon_passes", None) is None:
-        raise CheckpointError(f"{type(model).__name__} was not converted with surgeon.apply; "
-                              "save it with its own save method")
+        inside = f" (inside {wrapper})" if wrapper != type(model).__name__ else ""
+        raise CheckpointError(f"{type(model).__name__}{inside} was not converted with "
+                              "surgeon.apply; save it with its own save method")
     reference = _base_reference(model, base)
+    # Under FSDP every rank holds a shard: all of them gather (a collective every rank must
+    # call), rank 0 writes. Under DDP and the like each rank holds it all: rank 0 writes.
+    state = full_state_dict(sharded) if sharded is not None else None
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed:
+        _write(dest, model, reference, state, max_shard_size, overwrite)
+        return dest
+    failure: list[str | None] = [None]
+    try:
+        if dist.get_rank() == 0:
+            _write(dest, model, reference, state, max_shard_size, overwrite)
+    except Exception as e:  # every rank hears of it, none waits for a checkpoint that failed
+        failure = [str(e) or type(e).__name__]
+        raise
+    finally:
+        dist.broadcast_object_list(failure, src=0)  # also: no rank reads `dest` before rank 0
+    if failure[0] is not None:
+        raise CheckpointError(f"rank 0 could not write {dest}: {failure[0]}")
+    return dest
+
+
+def _write(dest: Path, model: nn.Module, reference: dict[str, Any],
+           state: dict[str, torch.Tensor] | None, max_shard_size: int | str,
+           overwrite: bool) -> None:
     with atomic_directory(dest, overwrite=overwrite) as tmp:
-        write_checkpoint(tmp, tensors_to_write(model), max_shard_size=max_shard_size)
+        write_checkpoint(tmp, tensors_to_write(model, state=state), max_shard_size=max_shard_size)
         if reference["kind"] == "transformers":
             model.config.to_json_file(str(tmp / "config.json"))
-        write_recipe(tmp, model, reference)
-    return dest
+            write_remote_code(tmp, reference.get("class", ""))  # transformers loads DST converted
+        write_recipe(tmp, model, reference, state=state)
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """The module inside the wrappers training puts around a model: `torch.compile`'s
+    OptimizedModule, DistributedDataParallel and DataParallel (as `accelerate` and DeepSpeed
+    also wrap), FSDP1's FullyShardedDataParallel. Returns (the module, the FSDP module whose
+    shards must be gathered, None if none). An FSDP2 (`fully_shard`) model is the module itself,
+    of a subclass of its own class (see `base_class`), and also gathered."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    sharded = None
+    for _ in range(16):
+        name = type(model).__name__
+        fsdp1 = _fsdp_classes()[0]
+        if name == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (DistributedDataParallel, DataParallel)) or (
+                name == "DeepSpeedEngine" and isinstance(getattr(model, "module", None),
+                                                         nn.Module)):
+            model = model.module
+        elif fsdp1 is not None and isinstance(model, fsdp1):
+            sharded = sharded or model
+            model = model.module
+        else:
+            break
+    fsdp2 = _fsdp_classes()[1]
+    if sharded is None and fsdp2 is not None and isinstance(model, fsdp2):
+        sharded = model
+    return model, sharded
+
+
+def _fsdp_classes() -> tuple[type | None, type | None]:
+    """(FSDP1's FullyShardedDataParallel, FSDP2's FSDPModule), None where torch lacks one."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        FullyShardedDataParallel = None  # noqa: N806
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = None  # noqa: N806
+    return FullyShardedDataParallel, FSDPModule
+
+
+def base_class(model: nn.Module) -> type:
+    """`model`'s class, or for an FSDP2 model (whose class `fully_shard` swapped for a subclass
+    named FSDP<name>) the class it had before."""
+    fsdp2 = _fsdp_classes()[1]
+    if fsdp2 is not None and isinstance(model, fsdp2):
+        return next(c for c in type(model).__mro__[1:] if not issubclass(c, fsdp2))
+    return type(model)
+
+
+def full_state_dict(sharded: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of an FSDP model, gathered onto rank 0's CPU (every rank must call
+    this; ranks other than 0 get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True,
+                                                                  cpu_offload=True))
 
 
 def _rebuild_base(reference: dict[str, Any], path: Path, trust_remote_code: bool = False
@@ -233,14 +390,17 @@ def _rebuild_base(reference: dict[str, Any], path: Path, trust_remote_code: bool
                               "own to read config.json with")
     from surgeon.files.source import quiet_transformers
 
-    try:
+    try:  # surgeon's marks (model_type surgeon_*, auto_map) undone; nothing imported
+        data = base_config_dict(_read_json(config_file), config_file)
         with quiet_transformers():
-            config = config_cls.from_pretrained(path)
+            config = config_cls.from_dict({k: v for k, v in data.items() if k != "auto_map"})
+    except RemoteCodeError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # transformers' validation raises many types
         raise CheckpointError(f"cannot read {config_file} as a {config_cls.__name__}: "
                               f"{_one_line(e)}") from e
     model_type = getattr(config_cls, "model_type", "")
-    stored = _read_json(config_file).get("model_type") if model_type else None
+    stored = data.get("model_type") if model_type else None
     if isinstance(stored, str) and stored != model_type and stored in transformers.CONFIG_MAPPING:
         raise CheckpointError(f"{config_file} is a {stored!r} config; base.class {name} in "
                               f"{recipe_file} needs a {model_type!r} one")
@@ -412,6 +572,14 @@ def _option_value(value: Any, field: str, depth: int = 0) -> None:
         _plain_value(value, field)
 
 
+def _digest_map(value: Any, field: str) -> None:
+    if not isinstance(value, dict):
+        raise _Bad(field, f"must be an object, not {_kind(value)}")
+    for key, item in value.items():
+        _fields(item, f"{field}.{key}", {"dtype": (True, _string), "sha256": (True, _string),
+                                        "shape": (True, _list_of(_integer))})
+
+
 _DRIFT = {"pass_name": (True, _string), "max_abs": (True, _number), "cosine": (True, _number),
           "modules": (True, _integer), "step": (False, _number),
           "promise": (False, _optional(_number))}
@@ -426,7 +594,12 @@ RECIPE_SCHEMA: dict[str, tuple[bool, Any]] = {
                                 "parameters": (False, _list_of(_string))})),
     "drift": (False, _list_of(_object(_DRIFT))),
     "check": (False, _optional(_object({"numel": (True, _integer), "norm": (True, _number),
-                                        "sample": (True, _list_of(_number))}))),
+                                        "sample": (True, _list_of(_number)),
+                                        "sha256": (False, _string)}))),
+    "dtype": (False, _optional(_string)),
+    "digests": (False, _object({"algorithm": (True, _one_of("sha256")),
+                                "weights": (True, _digest_map),
+                                "example": (False, _digest_map)})),
 }
 
 
@@ -481,20 +654,27 @@ def _replayed_passes(passes: list[dict[str, Any]], recipe_file: Path) -> list[An
     return configs
 
 
-def load(path: str | os.PathLike, *, trust_remote_code: bool = False) -> nn.Module:
+def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+         trust_remote_code: bool = False) -> nn.Module:
     """Rebuild a model written by `surgeon.save`: base, passes, manifest check, strict weights.
 
-    A base built by a `package.module:factory` (a model that is not a transformers class) is
-    imported and called only with `trust_remote_code=True`: a checkpoint from elsewhere could
-    name any function. Only installed passes are replayed."""
+    Every tensor keeps the dtype it is stored in (a bf16 checkpoint loads as bf16, as the
+    conversion ran), and the base is built in the dtype its config names, as transformers
+    builds it; `dtype` (a torch dtype or its name, e.g. "float32") casts the floating-point
+    tensors afterwards. A base built by a `package.module:factory` (a model that is not a
+    transformers class) is imported and called only with `trust_remote_code=True`: a checkpoint
+    from elsewhere could name any function. Only installed passes are replayed."""
     from surgeon.applying import apply
 
+    wanted = resolve_dtype(dtype)
     root = Path(path)
     recipe_file = root / RECIPE
     recipe = read_recipe(root)
     reference, manifest = recipe["base"], recipe["manifest"]
     passes = _replayed_passes(recipe["passes"], recipe_file)
-    model = _rebuild_base(reference, root, trust_remote_code)
+    built_in = recipe.get("dtype") if reference.get("kind") == "transformers" else None
+    with _default_dtype(built_in):  # as transformers builds it from the config (and convert did)
+        model = _rebuild_base(reference, root, trust_remote_code)
     model.eval()
     with warnings.catch_warnings():  # a pass that changed nothing said so when it was applied
         warnings.simplefilter("ignore", NoEffectWarning)
@@ -513,14 +693,96 @@ def load(path: str | os.PathLike, *, trust_remote_code: bool = False) -> nn.Modu
         diff = sorted(set(keys) ^ set(manifest["parameters"]))
         raise CheckpointError(f"{recipe_file}: the rebuilt model's state-dict keys differ from "
                               f"the manifest ({diff[:3]})")
-    load_weights(model, root)
+    load_weights(model, root, keep_dtype=True)
+    if wanted is not None:
+        model.to(wanted)
     model._surgeon_base = reference
     return model
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+# from_pretrained's options that say where the files are, or that transformers passes on itself
+_HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "revision", "token", "local_files_only",
+                "subfolder", "config", "trust_remote_code", "adapter_kwargs", "code_revision")
+
+
+def from_pretrained(path: str | os.PathLike, *model_args: Any, **kwargs: Any) -> nn.Module:
+    """What `AutoModelFor*.from_pretrained(DST, trust_remote_code=True)` calls (through the
+    `surgeon_model.py` surgeon writes into DST): `surgeon.load(DST)`, with transformers' `dtype`
+    (or `torch_dtype`) and a single-device `device_map`; a hub id is fetched first. Options
+    surgeon cannot honour are refused by name rather than ignored."""
+    dtype = kwargs.pop("dtype", None)
+    dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
+    device = kwargs.pop("device_map", None)
+    hub = {k: kwargs.pop(k) for k in _HUB_OPTIONS if k in kwargs}
+    unsupported = sorted(k for k, v in kwargs.items() if not k.startswith("_") and v is not None)
+    if model_args or unsupported or hub.get("adapter_kwargs") or hub.get("subfolder"):
+        what = unsupported + (["positional arguments"] if model_args else []) + (
+            ["adapter_kwargs"] if hub.get("adapter_kwargs") else []) + (
+            ["subfolder"] if hub.get("subfolder") else [])
+        raise CheckpointError(f"{path} was converted by surgeon, which loads it without "
+                              f"{', '.join(what)}; load it with surgeon.load and adjust the model "
+                              "afterwards")
+    if isinstance(device, dict) or (device is not None and str(device) == "auto"):
+        raise CheckpointError(f"{path} was converted by surgeon, which loads it on one device: "
+                              "pass device_map='cpu' or 'cuda', not a map")
+    root = Path(path)
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        from surgeon.files.source import HUB_PATTERNS
+
+        root = Path(snapshot_download(str(path), revision=hub.get("revision"),
+                                      allow_patterns=HUB_PATTERNS,
+                                      cache_dir=hub.get("cache_dir"), token=hub.get("token"),
+                                      local_files_only=bool(hub.get("local_files_only"))))
+    model = load(root, dtype=None if dtype == "auto" else dtype)
+    return model.to(device) if device is not None else model
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """`dtype` as a floating-point torch dtype ("bfloat16", "torch.float16", torch.float32);
+    None and "auto" (keep the checkpoint's dtypes) give None."""
+    if dtype is None or dtype == "auto":
+        return None
+    found = dtype if isinstance(dtype, torch.dtype) else getattr(
+        torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise CheckpointError(f"dtype {dtype!r} is not a floating-point torch dtype; use one of "
+                              "float32, bfloat16, float16, float64 or auto")
+    return found
+
+
+@contextmanager
+def _default_dtype(name: Any) -> Iterator[None]:
+    """Inside, torch's default dtype is the recorded `name` (a floating-point dtype's name);
+    anything else leaves it as it is."""
+    found = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(found)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def model_dtype(model: nn.Module) -> str | None:
+    """The dtype most of `model`'s floating-point parameter elements have ("bfloat16"), or None.
+    Recorded in surgeon.json: `load` builds the base in it and `verify` sets its tolerance."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else None
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, keep_dtype: bool = False) -> None:
     """Copy a safetensors checkpoint (file, directory, single or sharded) into `model`, strictly:
-    every state-dict entry (a tied group through any one of its keys) and nothing else."""
+    every state-dict entry (a tied group through any one of its keys) and nothing else. With
+    `keep_dtype`, a floating-point tensor keeps the dtype it is stored in (else it is cast to
+    the model's)."""
     checkpoint = Checkpoint.open(path)
     state = model.state_dict(keep_vars=True)
     groups: dict[int, list[str]] = {}
@@ -550,7 +812,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
             if target.is_floating_point() and not value.is_floating_point():
                 raise CheckpointError(f"{checkpoint[key].file}: {key} is stored as {value.dtype}, "
                                       "not a floating-point dtype; the checkpoint is damaged")
-            target.copy_(value)
+            if keep_dtype and value.dtype != target.dtype and value.is_floating_point() and (
+                    target.is_floating_point()):
+                target.data = value  # the same Parameter (ties kept), in the stored dtype
+            else:
+                target.copy_(value)
         for module, names in rebuild.values():
             module.reset_optional_state_(tuple(names))
 

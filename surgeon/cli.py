@@ -221,19 +221,23 @@ def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | Non
 @click.option("--allow-pickle", is_flag=True,
               help="Read the --against SRC's .bin/.pt weights (with "
                    "torch.load(weights_only=True)).")
+@click.option("--dtype", default="auto", show_default=True, metavar="DTYPE",
+              help="Load and run in this dtype (float32, bfloat16, float16); auto: the dtypes "
+                   "it was converted in.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Show transformers' own progress bars and warnings.")
 @trust_option
 def verify_cmd(path: str, against: str | None, revision: str | None, allow_pickle: bool,
-               as_json: bool, verbose: bool, trust_remote_code: bool) -> None:
-    """Reload the converted checkpoint PATH strictly, run its example and print the drift of
-    each pass; exit 1 if a pass that promises to preserve the output moved it."""
+               dtype: str, as_json: bool, verbose: bool, trust_remote_code: bool) -> None:
+    """Reload the converted checkpoint PATH strictly, check the sha256 of every tensor, run its
+    example and print the drift of each pass; exit 1 if a tensor changed, the output moved or
+    a pass that promises to preserve the output moved it."""
     from surgeon.verifying import verify
 
     with quiet_unless(verbose):
         result = verify(path, against, revision=revision, allow_pickle=allow_pickle,
-                        trust_remote_code=trust_remote_code)
+                        dtype=dtype, trust_remote_code=trust_remote_code)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_verification(result))
     if not result.ok:
         raise UserError(f"{path} failed verification: {result.failures[0]}")
@@ -469,6 +473,8 @@ def format_conversion(c: Conversion) -> str:
 def format_verification(v: Verification) -> str:
     """The table `surgeon verify` prints."""
     lines = [f"checkpoint: {v.path} ({v.model}), reloaded strictly"]
+    lines.append(f"tensors: {v.digests} checked against their sha256" if v.digests is not None
+                 else "tensors: no digests recorded (an older checkpoint), bytes not checked")
     if v.reload_difference is not None:
         lines.append(f"output on the example vs conversion: relative difference "
                      f"{v.reload_difference:.3g}")

@@ -25,6 +25,7 @@ from surgeon.errors import ExampleError
 from surgeon.files.atomic import MARKER, DestinationError, atomic_directory, check_destination
 from surgeon.files.card import write_card
 from surgeon.files.output import carry_files, tensor_progress
+from surgeon.files.remote_code import write_remote_code
 from surgeon.files.source import PICKLE_SUFFIXES, load_example, open_source, public_name
 from surgeon.files.weights import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -121,6 +122,8 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
             files = write_checkpoint(tmp, tensors, max_shard_size=max_shard_size,
                                      progress=advance)
         carried = carry_files(source.directory, tmp, _not_carried)
+        if source.base.get("kind") == "transformers":  # transformers loads DST converted
+            carried += write_remote_code(tmp, source.base.get("class", ""))
         name = public_name(src)  # published with --push-to-hub: no local absolute path
         write_recipe(tmp, model, source.base, {"source": {"name": name, "revision": revision}})
         write_card(tmp, model, name, new)

@@ -531,7 +531,7 @@ def test_existing_destination(source, tmp_path):
     assert result.stdout == ""
     assert os.listdir(tmp_path) == ["dst"]
     assert sorted(os.listdir(dst)) == ["README.md", "config.json", "generation_config.json",
-                                       "model.safetensors", "surgeon.json"]
+                                       "model.safetensors", "surgeon.json", "surgeon_model.py"]
     recipe = json.loads((dst / "surgeon.json").read_text())
     assert [p["_type"] for p in recipe["passes"]] == ["aion"]
     assert [d.pass_name for d in surgeon.load(dst).surgeon_drift] == ["aion"]
@@ -552,7 +552,7 @@ def test_pickle_source_with_allow_pickle(source, tmp_path):
     assert result.streamed is False and result.copied_bytes == 0
     assert result.files == sorted(os.listdir(dst)) == [
         "README.md", "config.json", "generation_config.json", "model.safetensors",
-        "surgeon.json"]
+        "surgeon.json", "surgeon_model.py"]
     stored, original = tensors_in(dst), tensors_in(src)
     for key, value in original.items():
         assert same_bytes(stored[key], value), key

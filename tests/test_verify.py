@@ -22,6 +22,8 @@ pytest.importorskip("transformers")
 
 MODEL = "GPT2LMHeadModel"
 CHANGED = "transformer.wte.weight"  # tied to lm_head: stored once, moves every logit
+DIGEST_FAILURE = (f"tensor {CHANGED} in model.safetensors differs from what surgeon wrote (its "
+                  "sha256, dtype or shape changed)")
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +86,10 @@ def test_verify_cli_table(src, dst, against):
     assert result.stderr == ""
     lines = result.stdout.splitlines()
     assert lines[0] == f"checkpoint: {dst} ({MODEL}), reloaded strictly"
-    assert lines[1] == "output on the example vs conversion: relative difference 0"
+    assert lines[1].endswith(" checked against their sha256") and lines[1].startswith("tensors: ")
+    assert lines[2] == "output on the example vs conversion: relative difference 0"
     if against:
-        assert lines[2] == f"output vs {src} converted afresh: relative difference 0"
+        assert lines[3] == f"output vs {src} converted afresh: relative difference 0"
     title = f"Drift against {src} (3)" if against else "Drift recorded at conversion (3)"
     rows = lines[lines.index(title) + 2:lines.index(title) + 5]
     assert rows[0].split() == ["aion", "4", "0", "1e-05", "0", "1.000000", "ok"]
@@ -127,26 +130,30 @@ def test_changed_weight_fails_against_the_source(src, copy):
     data = json.loads(result.stdout)
     assert data["ok"] is False
     assert data["source_difference"] > MATCH and data["reload_difference"] > MATCH
-    assert len(data["failures"]) == 2
-    assert data["failures"][1].startswith(f"the checkpoint's output differs from {src} "
+    assert len(data["failures"]) == 3  # the tensor's digest, then both outputs
+    assert data["failures"][0] == DIGEST_FAILURE
+    assert data["failures"][1].startswith("the reloaded model's output differs from the one "
+                                          "recorded at conversion (relative ")
+    assert data["failures"][2].startswith(f"the checkpoint's output differs from {src} "
                                           "converted with its passes (relative ")
     assert [r["ok"] for r in data["passes"]] == [True, True, True]  # the passes kept promises
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in result.stderr
-    assert line.startswith(f"error: {copy} failed verification: the reloaded model's output "
-                           "differs from the one recorded at conversion (relative ")
+    assert line == f"error: {copy} failed verification: {DIGEST_FAILURE}"
 
 
 def test_changed_weight_fails_the_recorded_signature(copy):
     rewrite_weights(copy, nudge)
     result = run("verify", str(copy))
     assert result.exit_code == 1
-    assert result.stdout.splitlines()[-1] == "result: FAILED (1 problem)"
+    assert result.stdout.splitlines()[-1] == "result: FAILED (2 problems)"
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in result.stderr
-    assert line.startswith(f"error: {copy} failed verification: the reloaded model's output "
-                           "differs from the one recorded at conversion (relative ")
-    relative = float(line.rsplit("relative ", 1)[1].rstrip(")"))
+    assert line == f"error: {copy} failed verification: {DIGEST_FAILURE}"
+    second = verify(copy).failures[1]
+    assert second.startswith("the reloaded model's output differs from the one recorded at "
+                             "conversion (relative ")
+    relative = float(second.rsplit("relative ", 1)[1].rstrip(")"))
     assert relative > MATCH
 
 

@@ -176,13 +176,20 @@ def _dir_config(path: Path, label: str, *, allow_pickle: bool = False,
         raise SourceError(
             f"loading {label} needs transformers: pip install 'surgeon[hf]'"
         ) from e
+    from surgeon.files.remote_code import MARK, RemoteCodeError, read_base_config
+
     try:
-        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if trust_remote_code and MARK not in _json_object(config_file):
+            config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=True)
+        else:  # transformers' own config class for its model_type: no auto_map code, no prompt
+            config = read_base_config(path)
+    except RemoteCodeError as e:
         if not trust_remote_code and _names_code(config_file):
             raise UntrustedCodeError(
                 f"{config_file} names code of its own (auto_map) that transformers would import "
                 f"to build this model; {TRUST_HINT}") from e
+        raise SourceError(str(e)) from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SourceError(f"cannot read {config_file}: {_one_line(e)}") from e
 
     archs = getattr(config, "architectures", None) or []
@@ -193,15 +200,20 @@ def _dir_config(path: Path, label: str, *, allow_pickle: bool = False,
     return config, cls
 
 
-def _names_code(config_file: Path) -> bool:
-    """Whether a config.json has an `auto_map` (classes defined by the repository's own code)."""
+def _json_object(config_file: Path) -> dict[str, Any]:
+    """A config.json's object; {} where it cannot be read (reading it properly reports that)."""
     import json
 
     try:
         data = json.loads(config_file.read_text())
     except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and bool(data.get("auto_map"))
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _names_code(config_file: Path) -> bool:
+    """Whether a config.json has an `auto_map` (classes defined by the repository's own code)."""
+    return bool(_json_object(config_file).get("auto_map"))
 
 
 def load_factory(src: str, *, cwd: bool = True) -> LoadedModel:
