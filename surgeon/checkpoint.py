@@ -33,7 +33,7 @@ from torch import nn
 from surgeon.errors import TRUST_HINT, NoEffectWarning, SurgeonError, UntrustedCodeError
 from surgeon.files.atomic import atomic_directory
 from surgeon.files.budget import check_example_file, check_example_tensors, example_shapes
-from surgeon.files.hf_config import build_model, check_config_file
+from surgeon.files.hf_config import build_model, check_config_file, config_errors
 from surgeon.files.remote_code import RemoteCodeError, base_config_dict, write_remote_code
 from surgeon.files.weights import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -392,13 +392,11 @@ def _rebuild_base(reference: dict[str, Any], path: Path, trust_remote_code: bool
 
     try:  # surgeon's marks (model_type surgeon_*, auto_map) undone; nothing imported
         data = base_config_dict(_read_json(config_file), config_file)
-        with quiet_transformers():
-            config = config_cls.from_dict({k: v for k, v in data.items() if k != "auto_map"})
     except RemoteCodeError as e:
         raise CheckpointError(str(e)) from None
-    except Exception as e:  # transformers' validation raises many types
-        raise CheckpointError(f"cannot read {config_file} as a {config_cls.__name__}: "
-                              f"{_one_line(e)}") from e
+    # transformers' validation errors: one line naming the file and the field
+    with quiet_transformers(), config_errors(config_file, CheckpointError, data):
+        config = config_cls.from_dict({k: v for k, v in data.items() if k != "auto_map"})
     model_type = getattr(config_cls, "model_type", "")
     stored = data.get("model_type") if model_type else None
     if isinstance(stored, str) and stored != model_type and stored in transformers.CONFIG_MAPPING:

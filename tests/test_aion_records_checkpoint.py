@@ -37,6 +37,8 @@ def as_older_surgeon_wrote_it(out: Path, drop: tuple[str, ...] = RECORDS) -> Non
     recipe = json.loads((out / "surgeon.json").read_text())
     params = recipe["manifest"]["parameters"]
     recipe["manifest"]["parameters"] = [k for k in params if not k.endswith(drop)]
+    recipe["format"] = 1  # as surgeon wrote it then: no digests, no transformers marks
+    recipe.pop("digests", None)
     (out / "surgeon.json").write_text(json.dumps(recipe))
 
 

@@ -30,7 +30,7 @@ from zoo import ZOO, hf_llama, tokens
 
 import surgeon
 from surgeon import recipe
-from surgeon.checkpoint import CheckpointError
+from surgeon.checkpoint import FORMAT, CheckpointError
 from surgeon.errors import SourceError, SurgeonError, UntrustedCodeError
 from surgeon.files.source import load_model
 from surgeon.recipe import PluginWarning, registered
@@ -321,8 +321,9 @@ SCHEMA_CASES = {
                       ": format must be an integer, not a string"),
     "format-bool": (lambda r: r.update(format=True),
                     ": format must be an integer, not a boolean"),
-    "format-newer": (lambda r: r.update(format=2),
-                     " has format 2, newer than this surgeon reads (1); upgrade surgeon"),
+    "format-newer": (lambda r: r.update(format=FORMAT + 1),
+                     f" has format {FORMAT + 1}, newer than this surgeon reads ({FORMAT}); "
+                     "upgrade surgeon"),
     "format-missing": (lambda r: r.pop("format"), ": format is missing"),
     "digits-5000": (lambda r: json.dumps(r)[:-1] + ', "format2": ' + "9" * 5000 + "}",
                     " is not valid JSON: Exceeds the limit (4300 digits) for integer string "
@@ -331,8 +332,8 @@ SCHEMA_CASES = {
     "huge-integer": (lambda r: r.update(format=10**1000), ": format is out of range"),
     "deep-nesting": (nested(100_000), " is nested too deeply to be read"),
     "unknown-key": (lambda r: r.update(surprise=1),
-                    ": surprise is not a key surgeon knows (known: base, check, drift, example, "
-                    "format, manifest, passes, source, versions)"),
+                    ": surprise is not a key surgeon knows (known: base, check, digests, drift, "
+                    "dtype, example, format, manifest, passes, source, versions)"),
     "base-a-list": (lambda r: r.update(base=["os", "fork"]),
                     ": base must be an object, not a list"),
     "base-kind": (lambda r: r.update(base={"kind": "python", "code": "x"}),
