@@ -10,14 +10,14 @@ passes, checks the manifest and loads the weights strictly. Nothing is pickled.
 A checkpoint runs no code of its own unless the user opts in (`trust_remote_code=True`): a
 transformers base is a class transformers exports, looked up by name; a `package.module:factory`
 base is imported only with the opt-in, and never from the current directory; passes are the
-installed ones. `surgeon.json` is checked against its schema (`check_recipe`) before any of it
-is used, so a damaged or crafted file is one line naming the file and the field.
+installed ones. `surgeon.json` is checked against its schema (`surgeon.files.recipe_file`)
+before any of it is used, so a damaged or crafted file is one line naming the file and the
+field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import warnings
@@ -30,35 +30,32 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from surgeon.errors import TRUST_HINT, NoEffectWarning, SurgeonError, UntrustedCodeError
+from surgeon.errors import TRUST_HINT, CheckpointError, NoEffectWarning, UntrustedCodeError
 from surgeon.files.atomic import atomic_directory
 from surgeon.files.budget import check_example_file, check_example_tensors, example_shapes
+from surgeon.files.digests import output_digest, record_digests
 from surgeon.files.hf_config import build_model, check_config_file, config_errors
+from surgeon.files.recipe_file import (
+    EXAMPLE,
+    FORMAT,
+    RECIPE,
+    one_line,
+    read_json,
+    read_recipe,
+)
 from surgeon.files.remote_code import RemoteCodeError, base_config_dict, write_remote_code
 from surgeon.files.weights import (
     DEFAULT_MAX_SHARD_SIZE,
     Checkpoint,
     Stored,
-    byte_view,
     write_checkpoint,
     write_file,
 )
+from surgeon.integrations.wrappers import base_class, full_state_dict, unwrap
 from surgeon.version import __version__
 
 if TYPE_CHECKING:
     from surgeon.files.lazy import LazyWeights
-
-RECIPE = "surgeon.json"
-EXAMPLE = "example.safetensors"
-# 2: config.json is marked for transformers (model_type surgeon_<type>, undone by
-# `read_base_config`, which a format-1 reader lacks: it would stop at transformers'
-# trust_remote_code error), and `digests` and `dtype` are recorded. Format 1 is still read.
-FORMAT = 2
-
-
-class CheckpointError(SurgeonError):
-    """A converted checkpoint cannot be written or read back."""
-
 
 def _base_reference(model: nn.Module, base: str | None) -> dict[str, Any]:
     if base is not None:
@@ -106,7 +103,7 @@ def read_example(record: dict[str, Any], path: Path) -> Any:
     try:
         tensors = load_file(str(path / EXAMPLE)) if (path / EXAMPLE).is_file() else {}
     except Exception as e:  # a damaged file fails in safetensors' own ways
-        raise CheckpointError(f"cannot read {path / EXAMPLE}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot read {path / EXAMPLE}: {one_line(e)}") from None
     values = record.get("values", {})
     items = [(k, tensors[k] if k in tensors else values.get(k)) for k in record["keys"]]
     return dict(items) if record["kind"] == "dict" else tuple(v for _, v in items)
@@ -183,58 +180,6 @@ def output_signature(vector: torch.Tensor | None, samples: int = 16) -> dict[str
             "sample": [float(v) for v in vector[picks]], "sha256": output_digest(vector)}
 
 
-def output_digest(vector: torch.Tensor) -> str:
-    """sha256 of an output vector's float64 bytes."""
-    data = vector.detach().to(torch.float64).cpu().contiguous()
-    return hashlib.sha256(byte_view(data)).hexdigest()  # no numpy: torch does not require it
-
-
-DIGEST_CHUNK = 16 << 20  # bytes hashed per read
-
-
-def tensor_digests(checkpoint: Checkpoint) -> dict[str, dict[str, Any]]:
-    """Per tensor of `checkpoint`: its dtype, shape and the sha256 of its raw bytes, read back
-    from the file (just written, the bytes are still in the page cache). Tensors are hashed on
-    a few threads (hashlib releases the GIL), so this costs about one read of the checkpoint
-    spread over the cores."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from surgeon.files.weights import NAMES
-
-    entries = sorted(checkpoint.values(), key=lambda s: -s.nbytes)  # the largest first
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        hashes = dict(zip((s.key for s in entries), pool.map(stored_sha256, entries)))
-    return {key: {"dtype": NAMES[checkpoint[key].dtype], "shape": list(checkpoint[key].shape),
-                  "sha256": hashes[key]} for key in sorted(hashes)}
-
-
-def stored_sha256(stored: Stored) -> str:
-    """sha256 of one stored tensor's bytes, read in chunks of `DIGEST_CHUNK`."""
-    digest, done = hashlib.sha256(), 0
-    buffer = bytearray(min(DIGEST_CHUNK, stored.nbytes))
-    with open(stored.file, "rb", buffering=0) as f:
-        f.seek(stored.start)
-        while done < stored.nbytes:
-            view = memoryview(buffer)[:min(DIGEST_CHUNK, stored.nbytes - done)]
-            got = f.readinto(view)
-            if not got:
-                raise CheckpointError(f"{stored.file} ended while reading {stored.key!r}; the "
-                                      "file changed or is truncated")
-            digest.update(view[:got])
-            done += got
-    return digest.hexdigest()
-
-
-def record_digests(out: Path) -> dict[str, Any]:
-    """What `surgeon.json` records so `surgeon verify` can prove every byte surgeon wrote: the
-    digests of the weights and of the example's tensors."""
-    record: dict[str, Any] = {"algorithm": "sha256",
-                              "weights": tensor_digests(Checkpoint.open(out))}
-    if (out / EXAMPLE).is_file():
-        record["example"] = tensor_digests(Checkpoint.open(out / EXAMPLE))
-    return record
-
-
 def save(model: nn.Module, path: str | os.PathLike, *, base: str | None = None,
          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = True) -> Path:
     """Write `model` (converted with `surgeon.apply`) to the directory `path`.
@@ -286,66 +231,6 @@ def _write(dest: Path, model: nn.Module, reference: dict[str, Any],
         write_recipe(tmp, model, reference, state=state)
 
 
-def unwrap(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    """The module inside the wrappers training puts around a model: `torch.compile`'s
-    OptimizedModule, DistributedDataParallel and DataParallel (as `accelerate` and DeepSpeed
-    also wrap), FSDP1's FullyShardedDataParallel. Returns (the module, the FSDP module whose
-    shards must be gathered, None if none). An FSDP2 (`fully_shard`) model is the module itself,
-    of a subclass of its own class (see `base_class`), and also gathered."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    sharded = None
-    for _ in range(16):
-        name = type(model).__name__
-        fsdp1 = _fsdp_classes()[0]
-        if name == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (DistributedDataParallel, DataParallel)) or (
-                name == "DeepSpeedEngine" and isinstance(getattr(model, "module", None),
-                                                         nn.Module)):
-            model = model.module
-        elif fsdp1 is not None and isinstance(model, fsdp1):
-            sharded = sharded or model
-            model = model.module
-        else:
-            break
-    fsdp2 = _fsdp_classes()[1]
-    if sharded is None and fsdp2 is not None and isinstance(model, fsdp2):
-        sharded = model
-    return model, sharded
-
-
-def _fsdp_classes() -> tuple[type | None, type | None]:
-    """(FSDP1's FullyShardedDataParallel, FSDP2's FSDPModule), None where torch lacks one."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:
-        FullyShardedDataParallel = None  # noqa: N806
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        FSDPModule = None  # noqa: N806
-    return FullyShardedDataParallel, FSDPModule
-
-
-def base_class(model: nn.Module) -> type:
-    """`model`'s class, or for an FSDP2 model (whose class `fully_shard` swapped for a subclass
-    named FSDP<name>) the class it had before."""
-    fsdp2 = _fsdp_classes()[1]
-    if fsdp2 is not None and isinstance(model, fsdp2):
-        return next(c for c in type(model).__mro__[1:] if not issubclass(c, fsdp2))
-    return type(model)
-
-
-def full_state_dict(sharded: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict of an FSDP model, gathered onto rank 0's CPU (every rank must call
-    this; ranks other than 0 get an empty dict)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True,
-                                                                  cpu_offload=True))
-
-
 def _rebuild_base(reference: dict[str, Any], path: Path, trust_remote_code: bool = False
                   ) -> nn.Module:
     """The unconverted model `reference` (surgeon.json's checked `base`) names. A transformers
@@ -391,7 +276,7 @@ def _rebuild_base(reference: dict[str, Any], path: Path, trust_remote_code: bool
     from surgeon.files.source import quiet_transformers
 
     try:  # surgeon's marks (model_type surgeon_*, auto_map) undone; nothing imported
-        data = base_config_dict(_read_json(config_file), config_file)
+        data = base_config_dict(read_json(config_file), config_file)
     except RemoteCodeError as e:
         raise CheckpointError(str(e)) from None
     # transformers' validation errors: one line naming the file and the field
@@ -403,233 +288,6 @@ def _rebuild_base(reference: dict[str, Any], path: Path, trust_remote_code: bool
         raise CheckpointError(f"{config_file} is a {stored!r} config; base.class {name} in "
                               f"{recipe_file} needs a {model_type!r} one")
     return build_model(cls, config, config_file, CheckpointError)  # memory checked first
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def _read_json(file: Path) -> Any:
-    """A JSON file's value; a file that is not JSON (or too deep, or with a number Python
-    refuses) is a one-line CheckpointError naming it."""
-    try:
-        return json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {file}: {_one_line(e)}") from None
-    except RecursionError:
-        raise CheckpointError(f"{file} is nested too deeply to be read") from None
-    except ValueError as e:  # JSONDecodeError, and integers of more than 4300 digits
-        raise CheckpointError(f"{file} is not valid JSON: {_one_line(e)}") from None
-
-
-# -- the schema of surgeon.json ---------------------------------------------------------------
-# Each entry: key -> (required, check). A check takes (value, field) and raises _Bad(field,
-# what) for a value of the wrong type or range; `check_recipe` names the file. To add a key to
-# surgeon.json, add its line here (and bump FORMAT when older surgeons must refuse it).
-
-_MAX_INT = 2**63  # larger integers are nothing surgeon writes (and slow to print)
-
-
-class _Bad(Exception):
-    def __init__(self, field: str, what: str) -> None:
-        super().__init__(f"{field} {what}")
-
-
-def _integer(value: Any, field: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Bad(field, f"must be an integer, not {_kind(value)}")
-    if abs(value) >= _MAX_INT:
-        raise _Bad(field, "is out of range")
-
-
-def _number(value: Any, field: str) -> None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        _integer(value, field)
-    elif not isinstance(value, float):
-        raise _Bad(field, f"must be a number, not {_kind(value)}")
-
-
-def _string(value: Any, field: str) -> None:
-    if not isinstance(value, str):
-        raise _Bad(field, f"must be a string, not {_kind(value)}")
-
-
-def _optional(check: Any) -> Any:
-    def run(value: Any, field: str) -> None:
-        if value is not None:
-            check(value, field)
-    return run
-
-
-def _list_of(check: Any) -> Any:
-    def run(value: Any, field: str) -> None:
-        if not isinstance(value, list):
-            raise _Bad(field, f"must be a list, not {_kind(value)}")
-        for i, item in enumerate(value):
-            check(item, f"{field}[{i}]")
-    return run
-
-
-def _object(keys: dict[str, tuple[bool, Any]]) -> Any:
-    def run(value: Any, field: str) -> None:
-        _fields(value, field, keys)
-    return run
-
-
-def _fields(value: Any, field: str, keys: dict[str, tuple[bool, Any]]) -> None:
-    if not isinstance(value, dict):
-        raise _Bad(field, f"must be an object, not {_kind(value)}")
-    prefix = f"{field}." if field else ""
-    for key in value:
-        if key not in keys:
-            raise _Bad(f"{prefix}{key[:40]}", f"is not a key surgeon knows (known: "
-                                         f"{', '.join(sorted(keys))})")
-    for key, (required, check) in keys.items():
-        if key in value:
-            check(value[key], f"{prefix}{key}")
-        elif required:
-            raise _Bad(f"{prefix}{key}", "is missing")
-
-
-def _string_map(value: Any, field: str) -> None:
-    if not isinstance(value, dict):
-        raise _Bad(field, f"must be an object, not {_kind(value)}")
-    for key, item in value.items():
-        _string(item, f"{field}.{key}")
-
-
-def _plain_value(value: Any, field: str) -> None:
-    if value is None or isinstance(value, (bool, str, float)):
-        return
-    _integer(value, field)
-
-
-def _base(value: Any, field: str) -> None:
-    kind = value.get("kind") if isinstance(value, dict) else None
-    if kind == "transformers":
-        _fields(value, field, {"kind": (True, _string), "class": (True, _string)})
-    elif kind == "factory":
-        _fields(value, field, {"kind": (True, _string), "factory": (True, _string)})
-    elif isinstance(value, dict):
-        raise _Bad(f"{field}.kind", "must be 'transformers' or 'factory'")
-    else:
-        raise _Bad(field, f"must be an object, not {_kind(value)}")
-
-
-def _example(value: Any, field: str) -> None:
-    if isinstance(value, dict) and "default" in value:
-        _fields(value, field, {"default": (True, _true)})
-        return
-    _fields(value, field, {"kind": (True, _one_of("dict", "tuple")),
-                           "keys": (True, _list_of(_string)),
-                           "values": (False, _values)})
-
-
-def _values(value: Any, field: str) -> None:
-    if not isinstance(value, dict):
-        raise _Bad(field, f"must be an object, not {_kind(value)}")
-    for key, item in value.items():
-        _plain_value(item, f"{field}.{key}")
-
-
-def _true(value: Any, field: str) -> None:
-    if value is not True:
-        raise _Bad(field, "must be true")
-
-
-def _one_of(*allowed: str) -> Any:
-    def run(value: Any, field: str) -> None:
-        if value not in allowed:
-            raise _Bad(field, f"must be one of {', '.join(allowed)}")
-    return run
-
-
-def _pass(value: Any, field: str) -> None:
-    _fields(value, field, {"_type": (True, _string), "_version": (True, _integer),
-                           "_data": (True, _options)})
-
-
-def _options(value: Any, field: str) -> None:
-    if not isinstance(value, dict):
-        raise _Bad(field, f"must be an object, not {_kind(value)}")
-    for key, item in value.items():
-        _option_value(item, f"{field}.{key}")
-
-
-def _option_value(value: Any, field: str, depth: int = 0) -> None:
-    """A pass option: a plain value, or lists / objects of them a few levels deep (the pass's
-    own `from_options` checks the rest)."""
-    if isinstance(value, (list, dict)):
-        if depth >= 4:
-            raise _Bad(field, "is nested too deeply")
-        items = enumerate(value) if isinstance(value, list) else value.items()
-        for key, item in items:
-            _option_value(item, f"{field}[{key}]" if isinstance(value, list) else
-                          f"{field}.{key}", depth + 1)
-    else:
-        _plain_value(value, field)
-
-
-def _digest_map(value: Any, field: str) -> None:
-    if not isinstance(value, dict):
-        raise _Bad(field, f"must be an object, not {_kind(value)}")
-    for key, item in value.items():
-        _fields(item, f"{field}.{key}", {"dtype": (True, _string), "sha256": (True, _string),
-                                        "shape": (True, _list_of(_integer))})
-
-
-_DRIFT = {"pass_name": (True, _string), "max_abs": (True, _number), "cosine": (True, _number),
-          "modules": (True, _integer), "step": (False, _number),
-          "promise": (False, _optional(_number))}
-RECIPE_SCHEMA: dict[str, tuple[bool, Any]] = {
-    "format": (True, _integer),
-    "versions": (False, _string_map),
-    "base": (True, _base),
-    "source": (False, _object({"name": (True, _string), "revision": (False, _optional(_string))})),
-    "example": (False, _example),
-    "passes": (True, _list_of(_pass)),
-    "manifest": (True, _object({"modules": (True, _list_of(_string)),
-                                "parameters": (False, _list_of(_string))})),
-    "drift": (False, _list_of(_object(_DRIFT))),
-    "check": (False, _optional(_object({"numel": (True, _integer), "norm": (True, _number),
-                                        "sample": (True, _list_of(_number)),
-                                        "sha256": (False, _string)}))),
-    "dtype": (False, _optional(_string)),
-    "digests": (False, _object({"algorithm": (True, _one_of("sha256")),
-                                "weights": (True, _digest_map),
-                                "example": (False, _digest_map)})),
-}
-
-
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             int: "an integer", float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def check_recipe(recipe: Any, file: str | os.PathLike) -> dict[str, Any]:
-    """`recipe` (surgeon.json's parsed value) if it has surgeon.json's shape (`RECIPE_SCHEMA`):
-    the right JSON type for every field, no unknown keys, integers in range, a format this
-    surgeon reads; else a one-line CheckpointError naming `file` and the field."""
-    try:
-        _fields(recipe, "", RECIPE_SCHEMA)
-    except _Bad as e:
-        raise CheckpointError(f"{file}: {str(e).strip()}") from None
-    if recipe["format"] > FORMAT:
-        raise CheckpointError(f"{file} has format {recipe['format']}, newer than this "
-                              f"surgeon reads ({FORMAT}); upgrade surgeon")
-    if recipe["format"] < 1:
-        raise CheckpointError(f"{file}: format {recipe['format']} is not a surgeon format")
-    return recipe
-
-
-def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """The checked `surgeon.json` of the checkpoint directory `path` (see `check_recipe`)."""
-    root = Path(path)
-    recipe_file = root / RECIPE
-    if not recipe_file.is_file():
-        raise CheckpointError(f"{root} has no {RECIPE}: it was not written by surgeon.save")
-    return check_recipe(_read_json(recipe_file), recipe_file)
 
 
 def _replayed_passes(passes: list[dict[str, Any]], recipe_file: Path) -> list[Any]:

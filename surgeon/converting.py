@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from surgeon.applying import apply
-from surgeon.checkpoint import EXAMPLE, RECIPE, tensors_to_write, write_recipe
+from surgeon.checkpoint import tensors_to_write, write_recipe
 from surgeon.errors import ExampleError
 from surgeon.files.atomic import MARKER, DestinationError, atomic_directory, check_destination
 from surgeon.files.card import write_card
 from surgeon.files.output import carry_files, tensor_progress
+from surgeon.files.recipe_file import EXAMPLE, RECIPE
 from surgeon.files.remote_code import write_remote_code
 from surgeon.files.source import PICKLE_SUFFIXES, load_example, open_source, public_name
 from surgeon.files.weights import (

@@ -28,6 +28,11 @@ TRUST_HINT = ("surgeon runs a checkpoint's code only if you trust it: pass --tru
               "(trust_remote_code=True in Python)")
 
 
+class CheckpointError(SurgeonError):
+    """A converted checkpoint (a directory `surgeon.save` or `surgeon convert` wrote) cannot be
+    written or read back."""
+
+
 class ExampleError(SurgeonError):
     """No example input was given and none can be built for this model, or the example fails."""
 

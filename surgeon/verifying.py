@@ -21,19 +21,10 @@ from typing import Any
 import torch
 
 from surgeon.applying import Drift, apply, output_vector
-from surgeon.checkpoint import (
-    EXAMPLE,
-    RECIPE,
-    CheckpointError,
-    load,
-    output_digest,
-    output_signature,
-    read_example,
-    read_recipe,
-    resolve_dtype,
-    tensor_digests,
-)
-from surgeon.errors import NoEffectWarning
+from surgeon.checkpoint import load, output_signature, read_example, resolve_dtype
+from surgeon.errors import CheckpointError, NoEffectWarning
+from surgeon.files.digests import output_digest, tensor_digests
+from surgeon.files.recipe_file import EXAMPLE, RECIPE, read_recipe
 from surgeon.graph.example_inputs import example_for
 from surgeon.graph.tracing import run_example
 

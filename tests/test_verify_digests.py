@@ -15,8 +15,9 @@ from cli_runner import run
 from safetensors.torch import load_file, save_file
 
 import surgeon
-from surgeon.checkpoint import CheckpointError, tensor_digests
+from surgeon.checkpoint import CheckpointError
 from surgeon.converting import convert
+from surgeon.files.digests import tensor_digests
 from surgeon.files.weights import Checkpoint
 from surgeon.verifying import MATCH, TOLERANCES, check_digests, verify
 
