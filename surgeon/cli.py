@@ -243,7 +243,10 @@ def verify_cmd(path: str, against: str | None, revision: str | None, allow_pickl
         raise UserError(f"{path} failed verification: {result.failures[0]}")
 
 
-@main.command("grow")
+@main.command("grow", epilog=examples(
+    "surgeon grow runs/llama --check",
+    "surgeon grow runs/llama runs/llama-deeper --count 2",
+    "surgeon grow snapshots grown --checkpoint final-model --init zero"))
 @click.argument("snapdir")
 @click.argument("dst", required=False)
 @click.option("--after", type=int, default=None,
@@ -300,12 +303,6 @@ def grow_cmd(snapdir: str, dst: str | None, after: int | None, count: int, init:
     A Trainer output directory whose snapshots/ a SnapshotCallback wrote grows the model the
     run saved last (trainer.save_model(), else the newest checkpoint-<step>/); a
     SnapshotRecorder directory holds only weights, so give --checkpoint.
-
-    \b
-    Examples:
-      surgeon grow runs/llama --check
-      surgeon grow runs/llama runs/llama-deeper --count 2
-      surgeon grow snapshots grown --checkpoint final-model --init zero
     """
     from surgeon.growth.geometry import GrowthConfig
     from surgeon.growth.grow import check as check_blocks

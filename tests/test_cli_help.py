@@ -68,8 +68,7 @@ def pickle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("command", [
     None, "inspect", "convert", "verify", "list-passes",
-    pytest.param("grow", marks=pytest.mark.xfail(
-        reason="grow's help is the growth helper's part of issue 12", strict=False)),
+    "grow",
 ])
 def test_every_help_shows_an_example(command: str | None) -> None:
     result = run(*([command] if command else []), "--help")
