@@ -98,6 +98,13 @@ def _load_dir(path: Path, label: str, *, allow_pickle: bool = False,
     mismatched weights are an error; so are checkpoint tensors the model has no place for when
     `strict` (a conversion must not drop them)."""
     config, cls = _dir_config(path, label, allow_pickle=allow_pickle)
+    if any((path / name).is_file() for name in WEIGHTS):  # shard names stay inside `path`
+        from surgeon.files.weights import Checkpoint, WeightsError
+
+        try:
+            Checkpoint.open(path, getattr(config, "transformers_weights", None))
+        except WeightsError as e:
+            raise SourceError(f"cannot load {label} with {cls.__name__}: {e}") from e
     try:
         model, info = cls.from_pretrained(path, config=config, output_loading_info=True,
                                           ignore_mismatched_sizes=True,  # reported below
@@ -326,7 +333,9 @@ def _open_dir(path: Path, label: str, allow_pickle: bool) -> Source:
 
     config, cls = _dir_config(path, label, allow_pickle=allow_pickle)
     if (path / INDEX).is_file() or (path / SINGLE).is_file():
-        checkpoint = Checkpoint.open(path)  # checks every header before anything is built
+        # the file from_pretrained would load (transformers_weights, else the single file
+        # before the index); checks every header and shard path before anything is built
+        checkpoint = Checkpoint.open(path, getattr(config, "transformers_weights", None))
         with parameters_on_meta():
             model = (cls.from_config(config) if cls.__name__.startswith("Auto")
                      else cls._from_config(config))
