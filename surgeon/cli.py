@@ -462,6 +462,7 @@ def format_conversion(c: Conversion) -> str:
     lines.append(f"tensors: {c.tensors} ({_bytes(c.copied_bytes)} copied unchanged, "
                  f"{_bytes(c.written_bytes)} computed)")
     lines.append(f"wrote {c.destination} in {c.seconds:.1f} s: {', '.join(c.files)}")
+    lines.append(f"carried: {', '.join(c.carried) or 'nothing'} (from the source)")
     if c.pushed_to:
         lines.append(f"pushed to {c.pushed_to}")
     return "\n".join(lines)

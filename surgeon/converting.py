@@ -22,16 +22,17 @@ import torch
 from surgeon.applying import apply
 from surgeon.checkpoint import tensors_to_write, write_recipe
 from surgeon.errors import ExampleError
-from surgeon.files.atomic import MARKER, DestinationError, atomic_directory, check_destination
+from surgeon.files.atomic import MARKER, atomic_directory, check_destination
 from surgeon.files.card import write_card
 from surgeon.files.output import carry_files, tensor_progress
 from surgeon.files.recipe_file import EXAMPLE, RECIPE
 from surgeon.files.remote_code import write_remote_code
-from surgeon.files.source import PICKLE_SUFFIXES, load_example, open_source, public_name
+from surgeon.files.source import PICKLE_SUFFIXES, Source, load_example, open_source, public_name
 from surgeon.files.weights import (
     DEFAULT_MAX_SHARD_SIZE,
     INDEX,
     Stored,
+    checkpoint_root,
     parse_size,
     total_bytes,
     write_checkpoint,
@@ -40,6 +41,7 @@ from surgeon.recipe import PassConfig, PassError, parse_pass
 
 # Source files that are not carried over into the converted directory.
 _NOT_CARRIED = (".safetensors", INDEX, "README.md", RECIPE, ".gitattributes") + PICKLE_SUFFIXES
+_LABEL = "converted checkpoint"
 SEED = 0  # passes that draw random numbers draw the same ones every time
 
 
@@ -57,6 +59,7 @@ class Conversion:
     copied_bytes: int  # copied unchanged from the source files
     written_bytes: int  # computed in memory
     files: list[str]
+    carried: list[str]  # the source's config and tokenizer files copied into DST
     seconds: float
     phases: dict[str, float]  # seconds: "open" the source, run the "passes", "write" DST
     pushed_to: str | None = None
@@ -89,16 +92,17 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
         raise PassError("give at least one pass, e.g. -p aion -p hyper:streams=4 -p adyt")
     parse_size(max_shard_size)
     dest = Path(dst).expanduser()
-    check_destination(dest, overwrite=overwrite)
+    given = [p for p in (Path(src).expanduser(), weights and Path(weights).expanduser())
+             if p and p.exists()]
+    check_destination(dest, overwrite=overwrite, sources=given, label=_LABEL)
     if isinstance(example, str):
         example = load_example(example)
 
     source = open_source(src, revision=revision, weights=weights, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code)
     opened = time.perf_counter()
-    if source.directory is not None and _inside(dest, source.directory):
-        raise DestinationError(f"{dest} is inside the source {source.directory}; write the "
-                               "converted checkpoint elsewhere")
+    sources = read_paths(source, given)
+    check_destination(dest, overwrite=overwrite, sources=sources, label=_LABEL)
     model = source.model
     if example is None and getattr(model, "config", None) is None:
         raise ExampleError(f"no example input for {type(model).__name__}: pass --example "
@@ -118,7 +122,7 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
     copied = sum(v.nbytes for v in tensors.values() if isinstance(v, Stored))
     total = total_bytes(tensors.values())
     new = sum(p.numel() for name, p in model.named_parameters() if name not in before)
-    with atomic_directory(dest, overwrite=overwrite) as tmp:
+    with atomic_directory(dest, overwrite=overwrite, sources=sources, label=_LABEL) as tmp:
         with tensor_progress(progress, len(tensors)) as advance:
             files = write_checkpoint(tmp, tensors, max_shard_size=max_shard_size,
                                      progress=advance)
@@ -139,13 +143,19 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
                 for d in model.surgeon_drift],
         new_parameters=new, tensors=len(tensors), copied_bytes=copied,
         written_bytes=total - copied,
-        files=sorted(written), seconds=end - start,
+        files=sorted(written), carried=carried, seconds=end - start,
         phases={"open": opened - start, "passes": rewritten - opened, "write": end - rewritten})
 
 
-def _inside(path: Path, directory: Path) -> bool:
-    path, directory = path.resolve(), directory.resolve()
-    return path == directory or directory in path.parents
+def read_paths(source: Source, given: list[Path]) -> list[Path]:
+    """Every path convert reads: what the user gave, the source directory (and the hub cache
+    folder its files link into), and the weights files themselves."""
+    paths = list(given)
+    if source.directory is not None:
+        paths += [source.directory, checkpoint_root(source.directory)]
+    if source.lazy is not None:
+        paths += source.lazy.checkpoint.files
+    return paths
 
 
 def _not_carried(name: str) -> bool:

@@ -102,11 +102,11 @@ def test_existing_dest_refused_without_overwrite(tmp_path: Path) -> None:
 
 
 def test_overwrite_replaces_surgeon_directory(tmp_path: Path) -> None:
-    dest = tmp_path / "out"
-    (dest / "sub").mkdir(parents=True)
+    dest = tmp_path / "out"  # an earlier sharded write: every file one surgeon writes
+    dest.mkdir()
     (dest / MARKER).write_text("old")
-    (dest / "stale.bin").write_text("stale")
-    (dest / "sub" / "deep.txt").write_text("deep")
+    (dest / "model-00001-of-00002.safetensors").write_text("stale")
+    (dest / "model.safetensors.index.json").write_text("stale")
     with atomic_directory(dest, overwrite=True) as tmp:
         assert listing(dest)[MARKER] == "old"  # still there while writing
         (tmp / MARKER).write_text("new")

@@ -126,6 +126,13 @@ def _load_dir(path: Path, label: str, *, allow_pickle: bool = False, strict: boo
 
     config, cls = _dir_config(path, label, allow_pickle=allow_pickle,
                               trust_remote_code=trust_remote_code)
+    if any((path / name).is_file() for name in WEIGHTS):  # shard names stay inside `path`
+        from surgeon.files.weights import Checkpoint, WeightsError
+
+        try:
+            Checkpoint.open(path, getattr(config, "transformers_weights", None))
+        except WeightsError as e:
+            raise SourceError(f"cannot load {label} with {cls.__name__}: {e}") from e
     check_build(cls, config, path / "config.json", dtype=config_dtype(config))
     try:
         model, info = cls.from_pretrained(path, config=config, output_loading_info=True,
@@ -405,7 +412,9 @@ def _open_dir(path: Path, label: str, allow_pickle: bool,
     config, cls = _dir_config(path, label, allow_pickle=allow_pickle,
                               trust_remote_code=trust_remote_code)
     if (path / INDEX).is_file() or (path / SINGLE).is_file():
-        checkpoint = Checkpoint.open(path)  # checks every header before anything is built
+        # the file from_pretrained would load (transformers_weights, else the single file
+        # before the index); checks every header and shard path before anything is built
+        checkpoint = Checkpoint.open(path, getattr(config, "transformers_weights", None))
         check_build(cls, config, path / "config.json", stored=checkpoint)
         with parameters_on_meta(), config_errors(path / "config.json"):
             model = (cls.from_config(config, trust_remote_code=trust_remote_code)

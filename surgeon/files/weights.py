@@ -58,7 +58,11 @@ class Stored:
 
 
 def read_header(path: Path) -> tuple[dict[str, Stored], dict[str, str]]:
-    """Parse and check one safetensors file's header: (tensors by key, `__metadata__`)."""
+    """Parse and check one safetensors file's header: (tensors by key, `__metadata__`).
+
+    Every number is checked against the file's size before it is used, so a crafted header
+    (a length of 2^60, offsets past the end, a shape whose product overflows) is refused
+    before anything proportional to it is read or allocated."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -72,29 +76,36 @@ def read_header(path: Path) -> tuple[dict[str, Stored], dict[str, str]]:
             header = json.loads(f.read(n))
     except OSError as e:
         raise WeightsError(f"cannot read {path}: {e.strerror or e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path} has a corrupt safetensors header ({e})") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a
+        # ValueError, as is an integer of more than 4300 digits; deep nesting recurses
+        raise WeightsError(f"{path} has a corrupt safetensors header "
+                           f"({_one_line(e)})") from e
     if not isinstance(header, dict):
         raise WeightsError(f"{path} has a corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise WeightsError(f"{path}: __metadata__ must map names to strings; the file is corrupt")
     base, end, entries = 8 + n, 0, {}
     # by (begin, end), as safetensors orders them: an empty tensor comes before one at its offset
-    for key, info in sorted(header.items(), key=lambda kv: _offsets(path, kv)):
-        begin, stop = _offsets(path, (key, info))
-        dtype = DTYPES.get(str(info.get("dtype")))
+    for key, info in sorted(header.items(), key=lambda kv: _offsets(path, kv, size - base)):
+        begin, stop = _offsets(path, (key, info), size - base)
+        dtype = DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
         if dtype is None:
             raise WeightsError(f"{path}: tensor {key!r} has an unknown dtype {info.get('dtype')!r}")
         shape = info.get("shape", ())
         if not isinstance(shape, (list, tuple)) or not all(
-                isinstance(s, int) and s >= 0 for s in shape):
-            raise WeightsError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
+                _is_int(s) and s >= 0 for s in shape):
+            raise WeightsError(f"{path}: tensor {key!r} has an invalid shape {_short(shape)}")
         shape = tuple(shape)
         count = 1
         for s in shape:
             count *= s
+            if count * dtype.itemsize > size:  # stop before the product grows without bound
+                break
         if begin != end or stop - begin != count * dtype.itemsize:
             raise WeightsError(f"{path}: tensor {key!r} has inconsistent data offsets "
-                               f"[{begin}, {stop}]; the file is corrupt")
+                               f"[{begin}, {stop}] for shape {_short(list(shape))}; the file is "
+                               "corrupt")
         entries[key] = Stored(key, path, dtype, shape, base + begin, stop - begin)
         end = stop
     if base + end != size:
@@ -104,16 +115,68 @@ def read_header(path: Path) -> tuple[dict[str, Stored], dict[str, str]]:
     return entries, metadata
 
 
-def _offsets(path: Path, item: tuple[str, Any]) -> tuple[int, int]:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...]"
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return (text[:200] + "...") if len(text) > 200 else (text or type(err).__name__)
+
+
+def _offsets(path: Path, item: tuple[str, Any], data_size: int) -> tuple[int, int]:
+    """A tensor's (begin, end) offsets, checked to be ints inside the `data_size` bytes that
+    follow the header."""
     key, info = item
-    try:
-        begin, stop = (int(v) for v in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if not (isinstance(offsets, (list, tuple)) and len(offsets) == 2
+            and all(_is_int(v) for v in offsets)):
         raise WeightsError(f"{path}: tensor {key!r} has no valid data_offsets; the file is "
-                           "corrupt") from None
+                           "corrupt")
+    begin, stop = offsets
     if not 0 <= begin <= stop:
         raise WeightsError(f"{path}: tensor {key!r} has data offsets [{begin}, {stop}]")
+    if stop > data_size:  # before anything trusts the offsets
+        size = path.stat().st_size
+        raise WeightsError(f"{path} is truncated ({size} bytes, the header needs "
+                           f"{size - data_size + stop}); re-download or re-save it")
     return begin, stop
+
+
+def checkpoint_root(directory: Path) -> Path:
+    """The directory a checkpoint's files must stay inside: `directory` itself (resolved), or,
+    for a snapshot in the huggingface_hub cache (`models--o--n/snapshots/<rev>`, whose files are
+    symlinks into `models--o--n/blobs`), the repo's cache folder."""
+    real = directory.resolve()
+    repo = real.parent.parent
+    if (real.parent.name == "snapshots" and repo.name.startswith("models--")
+            and (repo / "blobs").is_dir()):
+        return repo
+    return real
+
+
+def contained(directory: Path, name: Any, what: str, root: Path | None = None) -> Path:
+    """`directory / name` for a file name read from a file (`what` says where, for the
+    message), refused unless it is a relative path that stays inside `root` (default:
+    `checkpoint_root(directory)`) once resolved, symlinks included."""
+    if not isinstance(name, str) or not name:
+        raise WeightsError(f"{what} names {_short(name)} where a file name belongs")
+    root = checkpoint_root(directory) if root is None else root
+    try:
+        path = directory / name
+        real = path.resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop
+        raise WeightsError(f"{what} names {name!r}, which cannot be resolved "
+                           f"({_one_line(e)})") from e
+    if Path(name).is_absolute() or not (real == root or root in real.parents):
+        raise WeightsError(f"{what} names {name!r}, which resolves to {real}, outside {root}; "
+                           "a checkpoint's files must lie inside its directory")
+    return path
 
 
 class Checkpoint(Mapping[str, Stored]):
@@ -124,29 +187,30 @@ class Checkpoint(Mapping[str, Stored]):
         self.files = files
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Checkpoint:
-        """`path`: a `.safetensors` file, or a directory with `model.safetensors` or an index."""
+    def open(cls, path: str | os.PathLike, name: str | None = None) -> Checkpoint:
+        """`path`: a `.safetensors` file, or a directory with `model.safetensors` or an index.
+
+        In a directory, the file transformers loads is read: `name` where given (the config's
+        `transformers_weights`), else `model.safetensors` before the index, as
+        `from_pretrained` chooses. Every file named inside the directory (the index's shards)
+        must lie in it, symlinks resolved."""
         path = Path(path)
         if path.is_file():
             return cls(read_header(path)[0], [path])
-        if (path / INDEX).is_file():
-            return cls._sharded(path / INDEX)
-        if (path / SINGLE).is_file():
-            return cls(read_header(path / SINGLE)[0], [path / SINGLE])
-        raise WeightsError(f"{path} has no {SINGLE} or {INDEX}")
+        chosen = weights_file(path, name)
+        if chosen.name.endswith(".index.json"):
+            return cls._sharded(chosen, path)
+        return cls(read_header(chosen)[0], [chosen])
 
     @classmethod
-    def _sharded(cls, index: Path) -> Checkpoint:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{index} is not a safetensors index: {e}") from e
+    def _sharded(cls, index: Path, directory: Path | None = None) -> Checkpoint:
+        directory = index.parent if directory is None else directory
+        weight_map = read_index(index)
+        root = checkpoint_root(directory)
         entries: dict[str, Stored] = {}
         files = []
         for name in sorted(set(weight_map.values())):
-            shard = index.parent / name
+            shard = contained(index.parent, name, f"{index} (weight_map)", root)
             if not shard.is_file():
                 raise WeightsError(f"{shard} is listed in {index.name} but missing; re-download "
                                    "or re-save the checkpoint")
@@ -176,6 +240,59 @@ class Checkpoint(Mapping[str, Stored]):
     def read(self, key: str) -> torch.Tensor:
         """A fresh CPU tensor holding `key` (one `pread`; nothing else is loaded)."""
         return read_tensor(self.entries[key])
+
+
+def weights_file(directory: Path, name: str | None = None) -> Path:
+    """The weights file of a checkpoint directory that transformers' `from_pretrained` loads:
+    `name` (a config's `transformers_weights`), else `model.safetensors`, else the index; each
+    checked to lie inside the directory."""
+    if name is not None:
+        suffixes = (".safetensors", ".safetensors.index.json")
+        if not (isinstance(name, str) and name.endswith(suffixes)):
+            raise WeightsError(f"{directory / 'config.json'}: transformers_weights {_short(name)} "
+                               "is not a .safetensors file or index")
+        chosen = contained(directory, name, f"{directory / 'config.json'} (transformers_weights)")
+        if not chosen.is_file():
+            raise WeightsError(f"{chosen}, which config.json names as its transformers_weights, "
+                               "is missing")
+        return chosen
+    for candidate in (SINGLE, INDEX):  # transformers' order: the single file wins
+        if (directory / candidate).is_file():
+            return contained(directory, candidate, str(directory))
+    raise WeightsError(f"{directory} has no {SINGLE} or {INDEX}")
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """An index's `weight_map` (tensor name -> shard file name), its JSON types checked."""
+    try:
+        if index.stat().st_size > MAX_HEADER:
+            raise WeightsError(f"{index} is {index.stat().st_size} bytes, too large for a "
+                               "safetensors index")
+        data = json.loads(index.read_text())
+    except OSError as e:
+        raise WeightsError(f"cannot read {index}: {e.strerror or e}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WeightsError(f"{index} is not a safetensors index: {_one_line(e)}") from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"{index} is not a safetensors index: the file holds a "
+                           f"{_json_type(data)}, not an object")
+    if "weight_map" not in data:
+        raise WeightsError(f"{index} is not a safetensors index: it has no weight_map")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"{index} is not a safetensors index: weight_map is a "
+                           f"{_json_type(weight_map)}, not an object of tensor name -> file name")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise WeightsError(f"{index} is not a safetensors index: weight_map[{key!r}] is "
+                               f"{_short(name)}, not a file name")
+    return weight_map
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def read_tensor(stored: Stored) -> torch.Tensor:

@@ -64,6 +64,7 @@ INITS = ("extrapolate", "copy", "zero", "random")
 _CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
 GROWTH = "growth.json"
 SEED = 0
+_LABEL = "grown checkpoint"
 # Files of a Trainer checkpoint that belong to the run, not to the model.
 _RUN_FILES = ("trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt",
               "scaler.pt", "rng_state")
@@ -114,9 +115,13 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
     parse_size(max_shard_size)
     settings = settings or GrowthConfig()
     dest = Path(dst).expanduser()
-    check_destination(dest, overwrite=overwrite)
+    given = [Path(p).expanduser() for p in (snapdir, checkpoint) if p is not None]
+    check_destination(dest, overwrite=overwrite, sources=given, label=_LABEL)
     snaps, base_dir = _sources(Path(snapdir).expanduser(), checkpoint, init)
     base = Checkpoint.open(base_dir)
+    sources = given + [base_dir, *base.files] + (
+        [p for s in snaps for p in (s.path, *s.checkpoint.files)] if snaps is not None else [])
+    check_destination(dest, overwrite=overwrite, sources=sources, label=_LABEL)
     config = _read_config(base_dir)
     found = find_blocks({k: s.nbytes for k, s in base.items()}, blocks)
     check_grow_count(count, found.count, found.prefix)  # at most doubles the model
@@ -148,7 +153,7 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
     copied = sum(v.nbytes for v in out.values() if isinstance(v, Stored))
     total = total_bytes(out.values())
 
-    with atomic_directory(dest, overwrite=overwrite) as tmp:
+    with atomic_directory(dest, overwrite=overwrite, sources=sources, label=_LABEL) as tmp:
         with tensor_progress(progress, len(out)) as advance:
             files = write_checkpoint(tmp, out, max_shard_size=max_shard_size, progress=advance)
         written = [f.name for f in files] + carry_files(base_dir, tmp, _not_carried)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from surgeon.errors import SurgeonError
-from surgeon.files.weights import INDEX, SINGLE, Checkpoint, WeightsError
+from surgeon.files.weights import INDEX, SINGLE, Checkpoint, WeightsError, contained
 
 MANIFEST = "surgeon-snapshots.json"
 CALLBACK_DIR = "snapshots"  # SnapshotCallback's directory inside the Trainer's output_dir
@@ -338,7 +338,11 @@ def _read_manifest(file: Path) -> dict[str, Any]:
                             "the directory's files by name") from e
     for entry in snapshots:
         name = entry["file"]
-        if Path(name).name != name or not (file.parent / name).is_file():
+        try:  # a plain name, and no symlink out of the directory
+            inside = Path(name).name == name and contained(file.parent, name, str(file))
+        except WeightsError as e:
+            raise SnapshotError(f"{e}; remove its entry (step {entry['step']})") from e
+        if not inside or not (file.parent / name).is_file():
             raise SnapshotError(f"{file} lists {name!r} for step {entry['step']}, which is not "
                                 f"a file in {file.parent}; restore it or remove its entry")
     return {**data, "snapshots": snapshots, "tied": tied}
