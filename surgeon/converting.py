@@ -127,12 +127,12 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
             files = write_checkpoint(tmp, tensors, max_shard_size=max_shard_size,
                                      progress=advance)
         carried = carry_files(source.directory, tmp, _not_carried)
-        if source.base.get("kind") == "transformers":  # transformers loads DST converted
-            carried += write_remote_code(tmp, source.base.get("class", ""))
+        remote = (write_remote_code(tmp, source.base.get("class", ""))  # transformers loads
+                  if source.base.get("kind") == "transformers" else [])  # DST converted
         name = public_name(src)  # published with --push-to-hub: no local absolute path
         write_recipe(tmp, model, source.base, {"source": {"name": name, "revision": revision}})
         write_card(tmp, model, name, new)
-        written = [f.name for f in files] + carried + [RECIPE, "README.md"]
+        written = [f.name for f in files] + carried + remote + [RECIPE, "README.md"]
         written += [EXAMPLE] if (tmp / EXAMPLE).is_file() else []  # a factory's example
     end = time.perf_counter()
     return Conversion(

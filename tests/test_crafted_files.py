@@ -555,7 +555,8 @@ def test_secrets_are_not_carried(tmp_path: Path) -> None:
     assert len(warned) == 1 and "tokenizer.model is a symlink to" in warned[0]
     carried = ["config.json", "spm.vocab", "tokenizer.json", "tokenizer_config.json"]
     assert f"carried: {', '.join(carried)}" in result.stdout
-    assert sorted(os.listdir(dst)) == sorted(carried + ["README.md", MARKER, SINGLE])
+    assert sorted(os.listdir(dst)) == sorted(carried + ["README.md", MARKER, SINGLE,
+                                                        "surgeon_model.py"])
     assert not any((dst / n).is_symlink() for n in os.listdir(dst))
     assert (dst / "tokenizer.json").read_text() == '{"version": "1.0"}'
     assert all(b"PRIVATE KEY" not in p.read_bytes() and b"hf_secret" not in p.read_bytes()
@@ -602,8 +603,8 @@ def test_transformers_weights_is_followed_and_dropped_from_the_copy(tmp_path: Pa
     assert result.exit_code == 0, result.output
     assert "transformers_weights" not in json.loads((dst / "config.json").read_text())
     assert torch.equal(surgeon.load(dst).state_dict()[key], base.read(key))
-    assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(dst).state_dict()[key],
-                       base.read(key))
+    converted = transformers.AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True)
+    assert torch.equal(converted.state_dict()[key], base.read(key))
 
 
 # --- both model.safetensors and an index: the one transformers loads --------------------------
