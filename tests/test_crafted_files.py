@@ -581,7 +581,8 @@ def test_carry_files_table(tmp_path: Path) -> None:
     assert [type(w.message) for w in caught] == [CarryWarning]
 
 
-def test_transformers_weights_is_followed_and_dropped_from_the_copy(tmp_path: Path) -> None:
+def test_transformers_weights_is_followed_and_dropped_from_the_copy(
+        tmp_path: Path, remote_code_cache: Path) -> None:
     """config.json's `transformers_weights` names the file from_pretrained loads: surgeon reads
     that one too, and DST's config (whose weights are surgeon's own) no longer names it."""
     import transformers

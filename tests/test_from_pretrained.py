@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,12 @@ IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
 
 
 @pytest.fixture(autouse=True)
-def offline_modules(tmp_path, monkeypatch):
+def offline_modules(remote_code_cache, monkeypatch):
     """Nothing downloads; transformers copies remote code into a cache of the test's own."""
     import huggingface_hub.constants
-    import transformers.dynamic_module_utils as dynamic
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
-    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
-    monkeypatch.setattr(sys, "path", list(sys.path))
 
 
 @pytest.fixture(scope="module")

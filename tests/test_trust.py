@@ -280,19 +280,11 @@ def test_a_source_auto_map_is_refused_even_when_stdin_says_yes(command, remote_c
     assert not (tmp_path / "MARKER").exists()
 
 
-def test_trusting_a_source_runs_its_code(remote_code_source, tmp_path, monkeypatch):
-    from transformers import dynamic_module_utils
-
-    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    try:
-        loaded = load_model(str(remote_code_source), trust_remote_code=True)
-    finally:
-        for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
-            del sys.modules[name]
+def test_trusting_a_source_runs_its_code(remote_code_source, tmp_path, remote_code_cache):
+    loaded = load_model(str(remote_code_source), trust_remote_code=True)
     assert type(loaded.model).__name__ == "EvilForCausalLM"
     assert (tmp_path / "MARKER").read_text() == "imported"
-    assert list((tmp_path / "modules" / "transformers_modules").iterdir())  # copied there
+    assert list((remote_code_cache / "transformers_modules").iterdir())  # copied there
 
 
 def test_a_converted_checkpoint_auto_map_is_never_run(hf_checkpoint, tmp_path):
