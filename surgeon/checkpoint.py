@@ -461,6 +461,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, keep_dtype: bool 
             if key is None:  # an optional record, rebuilt below
                 continue
             value, target = checkpoint.read(key), state[group[0]]
+            if value.dim() == 0 and tuple(target.shape) == (1,):  # a scalar stored 0-dim, as
+                value = value.reshape(1)  # surgeon did before its scalars became (1,) for FSDP
             if value.shape != target.shape:
                 raise CheckpointError(f"{checkpoint[key].file}: {key} has shape "
                                       f"{list(value.shape)}, the rebuilt model wants "

@@ -54,8 +54,8 @@ def test_parity_with_aion_torch(use_x_norm: bool, gamma: float) -> None:
         g_theirs = torch.autograd.grad(
             out_theirs.square().sum(), [theirs.alpha0, theirs.beta, x, y]
         )
-        for a, b in zip(g_ours, g_theirs):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g_ours, g_theirs):  # our scalars are (1,), aion-torch's 0-dim
+            torch.testing.assert_close(a, b.reshape(a.shape), rtol=1e-5, atol=1e-6)
         if gamma < 1.0:  # aion-torch leaves the EMA untouched without smoothing
             torch.testing.assert_close(ours.ratio_ema, theirs.ratio_ema)
     ours.eval(), theirs.eval()
@@ -77,12 +77,14 @@ def test_same_constructor_validation_and_state_dict_as_aion_torch() -> None:
     x, y, xn = batch()
     theirs(x, y, xn), theirs(x, y, xn)  # two training steps move its records
     loaded = AionResidual()
-    loaded.load_state_dict(theirs.state_dict())  # strictly, both ways
+    loaded.load_state_dict(theirs.state_dict())  # strictly: its 0-dim scalars become (1,)
     for key, value in theirs.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
+        assert torch.equal(loaded.state_dict()[key], value.reshape(getattr(loaded, key).shape)), key
+    assert {k: tuple(v.shape) for k, v in loaded.state_dict().items()} == {
+        "alpha0": (1,), "beta": (1,), "ratio_ema": (), "step_count": (), "alpha_cached": (1,)}
     assert loaded.step_count.item() == 2
-    back = aion_torch.AionResidual()
-    back.load_state_dict(ours.state_dict())
+    back = aion_torch.AionResidual()  # strictly, once our (1,) scalars are made 0-dim
+    back.load_state_dict({k: v.reshape(()) for k, v in ours.state_dict().items()})
     assert back.alpha0.item() == pytest.approx(0.3) and back.alpha_cached.item() == (
         pytest.approx(0.3))
 
@@ -96,11 +98,11 @@ def test_records_move_like_aion_torch_in_training_and_stay_in_eval() -> None:
         x, y, xn = batch()
         ours(x, y, xn), theirs(x, y, xn)
     assert ours.step_count.item() == theirs.step_count.item() == 3
-    torch.testing.assert_close(ours.alpha_cached, theirs.alpha_cached.detach())
+    torch.testing.assert_close(ours.alpha_cached, theirs.alpha_cached.detach().reshape(1))
     ours.eval()
     ours(x, y), ours(x, y)
     assert ours.step_count.item() == 3
-    torch.testing.assert_close(ours.alpha_cached, theirs.alpha_cached.detach())
+    torch.testing.assert_close(ours.alpha_cached, theirs.alpha_cached.detach().reshape(1))
     rezero = AionResidual.from_preset("rezero")
     assert rezero.alpha_cached.item() == 0.0
     rezero(x, y)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgeon.nn.scalars import promote_scalars, scalar_parameter
+
 # DyT's LLaMA α0 by width (official code): (width ≤, attention, ffn, final).
 _LLAMA_ALPHA0 = ((4096, 0.8, 0.2, 0.2), (5120, 0.6, 0.15, 0.15), (None, 0.2, 0.05, 0.05))
 ROLES = ("attention", "ffn", "final")
@@ -79,7 +81,7 @@ class ADyT(nn.Module):
         self.normalized_shape = tuple(shape)
         self.weight = nn.Parameter(torch.ones(shape))
         self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
-        self.alpha0 = nn.Parameter(torch.tensor(float(alpha0)))
+        self.alpha0 = scalar_parameter(alpha0)  # (1,): FSDP shards no 0-dim parameter
         self.register_buffer("grad_norm_ema", torch.tensor(1.0))
         self.adaptive = adaptive
         self.lam, self.smoothing, self.eps = lam, smoothing, eps
@@ -114,15 +116,20 @@ class ADyT(nn.Module):
 
     def alpha(self) -> torch.Tensor:
         """α(t) as the forward uses it (fp32 scalar)."""
+        alpha0 = self.alpha0.reshape(())
         if not self.adaptive:
-            return self.alpha0
+            return alpha0
         scale = 1.0 + self.lam / (self.eps + self.grad_norm_ema)  # ()
-        return InwardClamp.apply(self.alpha0 * scale, self.alpha_min, self.alpha_max)
+        return InwardClamp.apply(alpha0 * scale, self.alpha_min, self.alpha_max)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.tanh(self.alpha() * x)  # (..., *normalized_shape), x's dtype
         y = y * self.weight
         return y if self.bias is None else y + self.bias
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        promote_scalars(self, state_dict, prefix)  # a 0-dim alpha0 of an older checkpoint
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         kind = "adaptive" if self.adaptive else "DyT"

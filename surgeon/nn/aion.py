@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from surgeon.nn.scalars import promote_scalars, scalar_parameter
+
 PRESETS = ("aion", "deepnorm", "preln", "rezero")
 
 
@@ -64,12 +66,13 @@ class AionResidual(nn.Module):
             raise ValueError(f"ema_gamma must be in [0, 1], got {ema_gamma}")
         if epsilon <= 0:
             raise ValueError(f"epsilon must be positive, got {epsilon}")
-        self.alpha0 = nn.Parameter(torch.tensor(float(alpha0)))
-        self.beta = nn.Parameter(torch.tensor(float(beta)))
+        # (1,), not 0-dim, so that FSDP can shard them; the forward reads them as scalars
+        self.alpha0 = scalar_parameter(alpha0)
+        self.beta = scalar_parameter(beta)
         self.register_buffer("ratio_ema", torch.tensor(1.0))
         # aion-torch's records, in its order: updates of the statistics, and the latest α.
         self.register_buffer("step_count", torch.tensor(0, dtype=torch.int32))
-        self.register_buffer("alpha_cached", torch.tensor(float(alpha0)))
+        self.register_buffer("alpha_cached", torch.full((1,), float(alpha0)))  # alpha0's shape
         self.ema_gamma = float(ema_gamma)
         self.epsilon = float(epsilon)
         self.preset = "aion"
@@ -121,7 +124,7 @@ class AionResidual(nn.Module):
 
     def alpha(self) -> torch.Tensor:
         """α from the current parameters and EMA: what eval uses (fp32 scalar)."""
-        return self.alpha0 / (1.0 + self.beta * self.ratio_ema)
+        return self.alpha0.reshape(()) / (1.0 + self.beta.reshape(()) * self.ratio_ema)
 
     def forward(
         self,
@@ -175,7 +178,7 @@ class AionResidual(nn.Module):
         ratio = per_token.mean()  # () batch ratio, in the graph: α's gradient reaches y
         gamma = self._gamma
         ratio_s = gamma * self.ratio_ema + (1.0 - gamma) * ratio
-        alpha = self.alpha0 / (1.0 + self.beta * ratio_s)  # ()
+        alpha = self.alpha0.reshape(()) / (1.0 + self.beta.reshape(()) * ratio_s)  # ()
         with torch.no_grad():
             if self._pending is None:
                 self.ratio_ema.copy_(ratio_s)
@@ -195,7 +198,7 @@ class AionResidual(nn.Module):
         """
         if ratio is not None:
             self.ratio_ema.copy_(torch.as_tensor(ratio, dtype=torch.float32))
-        self.alpha0.copy_(1.0 + self.beta * self.ratio_ema)
+        self.alpha0.copy_(1.0 + self.beta * self.ratio_ema)  # (1,)
         self.alpha_cached.copy_(self.alpha())
         return self
 
@@ -212,7 +215,7 @@ class AionResidual(nn.Module):
         """Rebuild the records `names` from the rest of the state: `alpha_cached = alpha()`,
         `step_count` 0 (what a state dict without them loads as)."""
         values = {"step_count": lambda: torch.zeros((), dtype=torch.int32),
-                  "alpha_cached": lambda: self.alpha().detach()}
+                  "alpha_cached": lambda: self.alpha().detach().reshape(1)}
         for name in names:
             value = values[name]()
             if getattr(self, name).is_meta:  # loaded with assign=True into a meta module
@@ -226,6 +229,7 @@ class AionResidual(nn.Module):
         # loads strictly too: they are rebuilt from what was loaded.
         missing_keys: list[str] = args[2]  # (local_metadata, strict, missing, unexpected, errors)
         absent = tuple(n for n in self.optional_state if prefix + n not in state_dict)
+        promote_scalars(self, state_dict, prefix)  # aion-torch's (and older) 0-dim scalars
         super()._load_from_state_dict(state_dict, prefix, *args)
         for name in absent:
             if prefix + name in missing_keys:

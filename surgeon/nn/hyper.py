@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.nn.scalars import promote_scalars, scalar_parameter
+
 
 def expand_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
     """Copy `x` into every stream: `(b, ..., d)` → `(b·n, ..., d)`."""
@@ -97,6 +99,11 @@ class StreamMixer(nn.Module):
         # Channels-first streams `(b·n, d, ...)` (conv nets) are mixed with d moved last.
         self.channel_first = False
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # lucidrains' and older surgeon checkpoints store the scales 0-dim
+        promote_scalars(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self) -> str:
         return f"num_streams={self.num_streams}, layer_index={self.layer_index}, home={self.home}"
 
@@ -164,10 +171,10 @@ class HyperConnections(StreamMixer):
         home = F.one_hot(torch.tensor([self.home]), n).float().T  # (n, 1)
         self.static_alpha = nn.Parameter(torch.cat([home, torch.eye(n)], dim=1))  # (n, 1+n)
         self.dynamic_alpha_fn = nn.Parameter(torch.zeros(dim, 1 + n))
-        self.dynamic_alpha_scale = nn.Parameter(torch.tensor(1e-2))
+        self.dynamic_alpha_scale = scalar_parameter(1e-2)  # (1,): FSDP shards no 0-dim param
         self.static_beta = nn.Parameter(torch.ones(n))
         self.dynamic_beta_fn = nn.Parameter(torch.zeros(dim))
-        self.dynamic_beta_scale = nn.Parameter(torch.tensor(1e-2))
+        self.dynamic_beta_scale = scalar_parameter(1e-2)
 
     def _act(self, t: torch.Tensor) -> torch.Tensor:
         return torch.tanh(t) if self.tanh else t
@@ -181,8 +188,8 @@ class HyperConnections(StreamMixer):
         w = torch.cat([self.dynamic_alpha_fn, self.dynamic_beta_fn.unsqueeze(-1)], 1) * gain
         inv = self.norm.scale / torch.linalg.vector_norm(hs, dim=-1, keepdim=True).clamp_min(1e-12)
         logits = self._act((hs @ w.to(hs.dtype)) * inv)  # (b, p, n, 2+n)
-        alpha = logits[..., : n + 1] * self.dynamic_alpha_scale + self.static_alpha
-        beta = logits[..., n + 1] * self.dynamic_beta_scale + self.static_beta  # (b, p, n)
+        alpha = logits[..., : n + 1] * self.dynamic_alpha_scale.reshape(()) + self.static_alpha
+        beta = logits[..., n + 1] * self.dynamic_beta_scale.reshape(()) + self.static_beta
         beta = beta.transpose(1, 2)  # (b, n, p)
         mix = alpha.to(hs.dtype).transpose(-1, -2) @ hs  # (b, p, 1+n, d)
         branch_input = mix[:, :, 0].reshape(-1, *h.shape[1:])  # (b, ..., d)

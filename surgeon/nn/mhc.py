@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from surgeon.nn.hyper import HyperConnections, StreamMixer, unfold_streams
+from surgeon.nn.scalars import scalar_parameter
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
@@ -68,9 +69,9 @@ class ManifoldHyperConnections(StreamMixer):
         self.pre_proj = nn.Parameter(torch.zeros(n, dim, n))
         self.post_proj = nn.Parameter(torch.zeros(n, dim, n))
         self.res_proj = nn.Parameter(torch.zeros(n, dim, n * n))
-        self.pre_scale = nn.Parameter(torch.tensor(1e-2))
-        self.post_scale = nn.Parameter(torch.tensor(1e-2))
-        self.res_scale = nn.Parameter(torch.tensor(1e-2))
+        self.pre_scale = scalar_parameter(1e-2)
+        self.post_scale = scalar_parameter(1e-2)
+        self.res_scale = scalar_parameter(1e-2)
         pre_bias = torch.full((n,), -3.0)
         pre_bias[self.home] = home_bias
         self.pre_bias = nn.Parameter(pre_bias)
@@ -86,9 +87,9 @@ class ManifoldHyperConnections(StreamMixer):
         proj = torch.cat([self.pre_proj, self.post_proj, self.res_proj], dim=-1)  # (n, d, 2n+n²)
         logits = torch.einsum("bspd,sde->bpe", x, proj.float())  # one matmul: (b, p, 2n+n²)
         pre, post, res = logits.split([n, n, n * n], dim=-1)
-        h_pre = torch.sigmoid(self.pre_scale * pre + self.pre_bias)
-        h_post = 2 * torch.sigmoid(self.post_scale * post + self.post_bias)
-        res = self.res_scale * res.unflatten(-1, (n, n)) + self.res_bias  # (b, p, n, n)
+        h_pre = torch.sigmoid(self.pre_scale.reshape(()) * pre + self.pre_bias)
+        h_post = 2 * torch.sigmoid(self.post_scale.reshape(()) * post + self.post_bias)
+        res = self.res_scale.reshape(()) * res.unflatten(-1, (n, n)) + self.res_bias  # (b, p, n, n)
         return h_pre, h_post, sinkhorn(res, self.sinkhorn_iters)
 
     def _width(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

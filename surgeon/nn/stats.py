@@ -31,8 +31,58 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = type("DTensor", (), {})  # noqa: N806 - matches nothing
+
 from surgeon.nn.adyt import ADyT
 from surgeon.nn.aion import AionResidual
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_sharded(t: torch.Tensor | None) -> bool:
+    """Whether `t` is a DTensor sharded over its mesh (FSDP2's parameters and gradients)."""
+    return (isinstance(t, DTensor) and any(p.is_shard() for p in t.placements))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _part(t: torch.Tensor, first: bool) -> torch.Tensor:
+    """This rank's addend of `t`'s one value in a sum over ranks: the local shard's sum (0 where
+    the shard is empty) if `t` is sharded, else the value on the group's first rank only."""
+    local = _local(t.detach()).float()
+    if _is_sharded(t) or first:
+        return local.sum()
+    return local.new_zeros(())
+
+
+def _squared_norm(module: nn.Module, first: bool) -> torch.Tensor:
+    """This rank's addend of the squared L2 norm of `module`'s gradients: sharded gradients
+    count their local shard, replicated ones count on the group's first rank only."""
+    parts = [_local(p.grad) for p in module.parameters()
+             if p.grad is not None and (first or _is_sharded(p.grad))]
+    if not parts:
+        return module.grad_norm_ema.new_zeros(())
+    norms = torch._foreach_norm(parts)
+    return torch.stack([n.float() for n in norms]).square().sum()
+
+
+def _refuse_flat_parameters(model: nn.Module) -> None:
+    """FSDP1 flattens parameters into FlatParameters: the modules no longer see their own."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise TypeError("surgeon.attach does not support FSDP1 (FullyShardedDataParallel): its "
+                        "flat parameters hide ADyT's gradients; shard with FSDP2's "
+                        "torch.distributed.fsdp.fully_shard instead")
 
 
 def _innermost(optimizer: Any) -> torch.optim.Optimizer:
@@ -85,6 +135,7 @@ class Attachment:
         *,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
+        _refuse_flat_parameters(model)
         self.aion = [m for m in model.modules() if isinstance(m, AionResidual) and m.adaptive]
         self.adyt = [m for m in model.modules() if isinstance(m, ADyT) and m.adaptive]
         self.process_group = process_group
@@ -116,16 +167,45 @@ class Attachment:
         """Fold this step's statistics into the EMAs (what the optimizer hook calls).
 
         `grad_scale` divides the gradients first; a non-zero `found_inf` keeps every EMA as it
-        is (the step is skipped) and leaves the AION ratios pending for the next step."""
-        skip = None if found_inf is None else found_inf.to(torch.float32).reshape(()) > 0
-        if self.pending is not None:
-            self._step_aion(self.pending, skip)
-        if self.adyt:
-            self._step_adyt(grad_scale, skip)
+        is (the step is skipped) and leaves the AION ratios pending for the next step.
 
-    def _step_aion(self, pending: torch.Tensor, skip: torch.Tensor | None) -> None:
-        if dist.is_available() and dist.is_initialized():
+        Parameters sharded by FSDP2 (DTensors) hold only a part on each rank: their values and
+        ADyT's squared gradient norms are summed over ranks in the same single `all_reduce` as
+        AION's ratios (a part held by no rank adds 0, so the sums are exact)."""
+        skip = None if found_inf is None else found_inf.to(torch.float32).reshape(()) > 0
+        first = not _distributed() or dist.get_rank(self.process_group) == 0
+        sharded_adyt = [m for m in self.adyt if any(_is_sharded(p.grad) for p in m.parameters())]
+        sharded_aion = any(_is_sharded(m.alpha0) or _is_sharded(m.beta) for m in self.aion)
+        extra: list[torch.Tensor] = []  # summed over ranks with the AION ratios
+        if sharded_aion:
+            extra.append(torch.stack([_part(t, first) for m in self.aion
+                                      for t in (m.alpha0, m.beta)]))  # (2L,)
+        if sharded_adyt:
+            extra.append(torch.stack([_squared_norm(m, first) for m in sharded_adyt]))  # (A,)
+        pending = self.pending
+        if extra:
+            packed = torch.cat([t.to(self._device()) for t in extra])
+            if pending is not None:
+                packed = torch.cat([pending.reshape(-1), packed])
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.process_group)
+            if pending is not None:
+                pending.copy_(packed[: pending.numel()].view_as(pending))
+                packed = packed[pending.numel():]
+        elif pending is not None and _distributed():
             dist.all_reduce(pending, op=dist.ReduceOp.SUM, group=self.process_group)
+        if pending is not None:
+            scalars = packed[: 2 * len(self.aion)].view(-1, 2) if sharded_aion else None
+            self._step_aion(pending, skip, scalars)
+        norms = dict(zip(map(id, sharded_adyt), packed[-len(sharded_adyt):].sqrt().unbind(0))
+                     ) if sharded_adyt else {}
+        if self.adyt:
+            self._step_adyt(grad_scale, skip, norms)
+
+    def _device(self) -> torch.device:
+        return (self.pending if self.pending is not None else self.adyt[0].grad_norm_ema).device
+
+    def _step_aion(self, pending: torch.Tensor, skip: torch.Tensor | None,
+                   scalars: torch.Tensor | None = None) -> None:
         total, count = pending.unbind(1)  # (L,), (L,)
         ratio = total / count.clamp_min(1.0)
         emas = [m.ratio_ema for m in self.aion]
@@ -138,11 +218,16 @@ class Attachment:
         torch._foreach_copy_(emas, list(ema.unbind(0)))
         # aion-torch's records: the α at the new EMA, and one more update, where the EMA moved
         # (the same on every rank: parameters and EMAs agree, nothing rank-local goes in).
-        alpha0 = torch.stack([m.alpha0.detach().to(ema.dtype) for m in self.aion])  # (L,)
-        beta = torch.stack([m.beta.detach().to(ema.dtype) for m in self.aion])  # (L,)
+        if scalars is None:
+            alpha0 = torch.stack([m.alpha0.detach().reshape(()) for m in self.aion])  # (L,)
+            beta = torch.stack([m.beta.detach().reshape(()) for m in self.aion])  # (L,)
+        else:  # FSDP2: the full values, summed over ranks with the ratios
+            alpha0, beta = scalars.unbind(1)
+        alpha0, beta = alpha0.to(ema.dtype), beta.to(ema.dtype)
         cached = [m.alpha_cached for m in self.aion]
-        alpha = torch.where(keep, torch.stack(cached).to(ema.dtype), alpha0 / (1.0 + beta * ema))
-        torch._foreach_copy_(cached, list(alpha.unbind(0)))
+        old_alpha = torch.stack([c.reshape(()) for c in cached]).to(ema.dtype)  # (L,)
+        alpha = torch.where(keep, old_alpha, alpha0 / (1.0 + beta * ema))
+        torch._foreach_copy_(cached, [a.reshape(c.shape) for a, c in zip(alpha.unbind(0), cached)])
         counts = [m.step_count for m in self.aion]
         torch._foreach_add_(counts, list((~keep).to(counts[0].dtype).unbind(0)))
         if skip is None:
@@ -150,13 +235,16 @@ class Attachment:
         else:
             pending.mul_(skip.to(pending.dtype))
 
-    def _step_adyt(self, grad_scale: torch.Tensor | None, skip: torch.Tensor | None) -> None:
+    def _step_adyt(self, grad_scale: torch.Tensor | None, skip: torch.Tensor | None,
+                   full_norms: dict[int, torch.Tensor] | None = None) -> None:
         for module in self.adyt:
-            grads = [p.grad for p in module.parameters() if p.grad is not None]
-            if not grads:
-                continue
-            norms = torch._foreach_norm(grads)  # one 0-dim norm per parameter
-            g = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            g = (full_norms or {}).get(id(module))
+            if g is None:
+                grads = [p.grad for p in module.parameters() if p.grad is not None]
+                if not grads:
+                    continue
+                norms = torch._foreach_norm(grads)  # one 0-dim norm per parameter
+                g = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
             if grad_scale is not None:
                 g = g / grad_scale.float().reshape(())
             G = module.grad_norm_ema
