@@ -215,6 +215,19 @@ def test_attach_refuses_fsdp1_flat_parameters() -> None:
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.usefixtures("gloo_group")
+def test_attach_refuses_a_mesh_it_cannot_sum_over() -> None:
+    """HSDP's 2-D mesh replicates shards: summing them over the group would count them twice."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = converted(["adyt"])
+    fully_shard(model, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("rep", "shard")))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"1-D mesh .* mesh of shape \(1, 1\)"):
+        attach(model, opt)
+
+
 def _batches(world: int) -> list[list[torch.Tensor]]:
     """Per step, its micro-batches of the union over ranks: (world·B, T+1) tokens."""
     gen = torch.Generator().manual_seed(1234)

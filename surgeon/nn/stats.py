@@ -8,7 +8,11 @@ After `attach`, each AION forward adds `(Σ per-token ratio, token count)` to on
   `torch.distributed`), so every rank moves its EMAs by the ratio of the union batch of all
   micro-batches and all ranks, bit-identically;
 - updates every ADyT `G` from the L2 norm of its parameters' gradients, which DDP has already
-  averaged and GradScaler has already unscaled by then (no collective).
+  averaged and GradScaler has already unscaled by then (no collective). Under FSDP2
+  (`fully_shard`, a 1-D mesh) the gradients are sharded DTensors: each rank's squared local
+  norms, and the local parts of AION's sharded `alpha0` / `beta`, ride in that same
+  `all_reduce`, so G is the full norm and the records agree on every rank. FSDP1's flat
+  parameters are refused (a `TypeError`).
 
 A step pre-hook runs only on real steps: under gradient accumulation once per accumulated step,
 under GradScaler not on steps it skips (their ratios count towards the next real step; fused
@@ -85,6 +89,21 @@ def _refuse_flat_parameters(model: nn.Module) -> None:
                         "torch.distributed.fsdp.fully_shard instead")
 
 
+def _check_meshes(modules: list[nn.Module], group: dist.ProcessGroup | None) -> None:
+    """Sharded parameters are summed over `group`: they must be sharded over all of it (FSDP2
+    on a 1-D mesh of the group's ranks), else the sums would count replicas or miss shards."""
+    for module in modules:
+        for name, p in module.named_parameters(recurse=False):
+            if not isinstance(p, DTensor):
+                continue
+            mesh = p.device_mesh
+            if mesh.ndim != 1 or mesh.size() != dist.get_world_size(group):
+                raise TypeError(
+                    f"surgeon.attach supports FSDP2 on a 1-D mesh over the process group's "
+                    f"{dist.get_world_size(group)} ranks; {type(module).__name__}.{name} is on a "
+                    f"mesh of shape {tuple(mesh.shape)}: pass process_group= for its ranks")
+
+
 def _innermost(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer behind wrappers such as accelerate's `AcceleratedOptimizer` (itself
     an `Optimizer` subclass that never ran `Optimizer.__init__`, so it cannot take hooks)."""
@@ -138,6 +157,7 @@ class Attachment:
         _refuse_flat_parameters(model)
         self.aion = [m for m in model.modules() if isinstance(m, AionResidual) and m.adaptive]
         self.adyt = [m for m in model.modules() if isinstance(m, ADyT) and m.adaptive]
+        _check_meshes(self.aion + self.adyt, process_group)
         self.process_group = process_group
         self.pending: torch.Tensor | None = None
         for module in self.aion + self.adyt:  # attaching again replaces the old attachment
