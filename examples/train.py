@@ -127,21 +127,23 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def shard(model: nn.Module) -> set[nn.Parameter]:
+def shard(model: nn.Module) -> list[nn.Parameter]:
     """FSDP2: `fully_shard` on each block, then on the root. Zero-dim parameters (older surgeon
     modules' scalars; FSDP2 refuses them) stay out of sharding as `ignored_params`: each rank
-    keeps them whole and `average_gradients` all-reduces their gradients. Returns them."""
+    keeps them whole and `average_gradients` all-reduces their gradients. Returns them in
+    `model.parameters()` order, the same on every rank (a set's order is not)."""
     from torch.distributed.fsdp import fully_shard
 
-    ignored = {p for p in model.parameters() if p.dim() == 0}
+    ignored = [p for p in model.parameters() if p.dim() == 0]
     for block in find_blocks(model):
-        fully_shard(block, ignored_params=ignored or None)
-    fully_shard(model, ignored_params=ignored or None)
+        fully_shard(block, ignored_params=set(ignored) or None)
+    fully_shard(model, ignored_params=set(ignored) or None)
     return ignored
 
 
 def average_gradients(params: list[nn.Parameter], world: int) -> None:
-    """All-reduce (mean) the gradients FSDP does not reduce, in one collective."""
+    """All-reduce (mean) the gradients FSDP does not reduce, in one collective; `params` must
+    come in the same order on every rank."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or world == 1:
         return
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"the {VOCAB} byte tokens this example trains on")
     model.to(device).train()
 
-    ignored: set[nn.Parameter] = set()
+    ignored: list[nn.Parameter] = []
     if args.fsdp and world > 1:
         ignored = shard(model)
         wrapped: nn.Module = model
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if ignored:
-            average_gradients(list(ignored), world)
+            average_gradients(ignored, world)
         if args.clip > 0:
             clip_gradients(model, args.clip, fsdp=bool(args.fsdp and world > 1))
         optimizer.step()
