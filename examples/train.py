@@ -15,10 +15,11 @@ at least 256 fits); its last tenth is held out for a validation loss.
 Each rank draws its own batches (a generator seeded by seed, step and rank, so a resumed run
 sees the batches an uninterrupted one would). `surgeon.attach` moves AION's and ADyT's
 statistics at each optimizer step (all ranks together). On CUDA the forward runs under bf16
-autocast. Checkpoints go to `OUT/checkpoint-STEP/`: `model/` (written by `surgeon.save`,
-reloadable with `surgeon.load`) and `trainer_state.pt` (optimizer state and step; loadable with
-`torch.load(weights_only=True)`), every `--save-every` steps and at the end. `--resume` takes a
-checkpoint directory or OUT itself (its latest complete checkpoint).
+autocast (`--amp bf16`: also on CPU; surgeon's statistics stay fp32). Checkpoints go to
+`OUT/checkpoint-STEP/`: `model/` (written by `surgeon.save`, reloadable with `surgeon.load`)
+and `trainer_state.pt` (optimizer state and step; loadable with `torch.load(weights_only=True)`),
+every `--save-every` steps and at the end. `--resume` takes a checkpoint directory or OUT itself
+(its latest complete checkpoint).
 """
 
 from __future__ import annotations
@@ -281,7 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-attach", action="store_true",
                    help="skip surgeon.attach (statistics then move as without it)")
-    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                   help="bf16 autocast: auto (on CUDA only, the default), bf16 (also on CPU), off")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=int, default=10, help="log a line every N steps")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -296,10 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     log = (lambda msg: tqdm.write(msg, file=sys.stdout)) if rank == 0 else (lambda msg: None)
-    amp = device.type == "cuda" and not args.no_amp
+    amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
 
     resume_from = None
     if args.resume is not None:

@@ -146,3 +146,59 @@ def test_bad_arguments_fail_with_a_message(tmp_path: Path, args: list[str], mess
     proc = run_train(args, tmp_path, check=False)
     assert proc.returncode != 0 and message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bf16_autocast_on_cpu_keeps_fp32_statistics(tmp_path: Path) -> None:
+    """`--amp bf16` (what CUDA runs by default) trains on CPU; the saved statistics stay fp32."""
+    from surgeon.nn import ADyT, AionResidual
+
+    proc = run_train([*TINY, "--steps", "3", "--amp", "bf16", "--out", "run"], tmp_path)
+    assert "bf16 autocast" in proc.stdout
+    assert all(map(math.isfinite, losses(proc.stdout).values()))
+    model = surgeon.load(tmp_path / "run" / "checkpoint-3" / "model")
+    stats = [(m.ratio_ema if isinstance(m, AionResidual) else m.grad_norm_ema)
+             for m in model.modules() if isinstance(m, (AionResidual, ADyT))]
+    assert stats and all(s.dtype == torch.float32 and torch.isfinite(s).all() for s in stats)
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_training_step_computes_nothing_in_float64(amp: bool) -> None:
+    """Issue 13 item 5, the part a CPU can check: every op of a training step of the converted
+    model (forward, backward, clip, attach's statistics, AdamW) outputs no float64 tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    train = load_script()
+    model = train.build_tiny(train.split_passes(train.DEFAULT_PASSES), 16, 0).train()
+    optimizer = train.make_optimizer(model, 1e-3)
+    surgeon.attach(model, optimizer)
+    batch = torch.randint(0, train.VOCAB, (2, 17))
+    seen: set[str] = set()
+
+    class Float64Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    seen.add(str(func))
+            return out
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if amp else torch.autocast(
+        "cpu", enabled=False)
+    with Float64Watch():
+        for _ in range(2):
+            with autocast:
+                loss = train.lm_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            train.clip_gradients(model, 1.0, fsdp=False)
+            optimizer.step()
+    assert not seen, f"float64 results from {sorted(seen)}"
