@@ -125,15 +125,30 @@ def test_torchrun_fsdp2_matches_ddp(tmp_path: Path) -> None:
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_torchrun_fsdp2_with_attach(tmp_path: Path) -> None:
-    proc = run_train([*TINY, "--steps", "4", "--fsdp", "--out", "run"], tmp_path, nproc=2,
-                     check=False)
+@pytest.mark.parametrize("passes", ["aion,hyper:streams=4", "aion,hyper:streams=4,adyt"])
+def test_torchrun_fsdp2_with_attach_and_resume(tmp_path: Path, passes: str) -> None:
+    """FSDP2 with `surgeon.attach`, a checkpoint at step 2, and a resume from it that reaches
+    the uninterrupted run's weights (attach keeps every rank's statistics equal): bit-identical
+    for AION + HC (measured); ADyT's sharded-gradient G awaits the fsdp fix (xfail until then,
+    then within 1e-6)."""
+    common = [*TINY, "--steps", "4", "--fsdp"]
+    proc = run_train([*common, "--passes", passes, "--save-every", "2", "--out", "run"],
+                     tmp_path, nproc=2, check=False)
     if proc.returncode != 0 and "G.copy_(torch.where(keep, G, new))" in proc.stderr:
         pytest.xfail("surgeon.attach under FSDP2: ADyT's G from sharded (DTensor) gradient "
                      "norms fails (issue 13 item 3, the fsdp helper's fix)")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert all(map(math.isfinite, losses(proc.stdout).values()))
     assert reload_gap(proc.stdout) == 0.0
+    resumed = run_train([*common, "--resume", "run/checkpoint-2", "--out", "resumed"], tmp_path,
+                        nproc=2)
+    assert "steps 2..4" in resumed.stdout and sorted(losses(resumed.stdout)) == [3, 4]
+    wa = weights(tmp_path / "run" / "checkpoint-4" / "model")
+    wb = weights(tmp_path / "resumed" / "checkpoint-4" / "model")
+    if "adyt" in passes:
+        assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+    else:
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.parametrize("args, message", [
