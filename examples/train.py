@@ -355,7 +355,10 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(start, args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
-        batch = data.batch(args.batch, args.seed, step, rank).to(device, non_blocking=True)
+        batch = data.batch(args.batch, args.seed, step, rank)
+        if device.type == "cuda":  # pinned: the copy does not wait for the device
+            batch = batch.pin_memory()
+        batch = batch.to(device, non_blocking=True)
         with autocast():
             loss = lm_loss(trained, batch)
         optimizer.zero_grad(set_to_none=True)
