@@ -129,9 +129,9 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def shard(model: nn.Module) -> list[nn.Parameter]:
-    """FSDP2: `fully_shard` on each block, then on the root. Zero-dim parameters (older surgeon
-    modules' scalars; FSDP2 refuses them) stay out of sharding as `ignored_params`: each rank
-    keeps them whole and `average_gradients` all-reduces their gradients. Returns them in
+    """FSDP2: `fully_shard` on each block, then on the root. Zero-dim parameters (a model's own;
+    surgeon's are at least 1-D; FSDP2 refuses them) stay out of sharding as `ignored_params`:
+    each rank keeps them whole and `average_gradients` all-reduces their gradients. Returns them in
     `model.parameters()` order, the same on every rank (a set's order is not)."""
     from torch.distributed.fsdp import fully_shard
 

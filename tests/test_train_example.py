@@ -129,14 +129,10 @@ def test_torchrun_fsdp2_matches_ddp(tmp_path: Path) -> None:
 def test_torchrun_fsdp2_with_attach_and_resume(tmp_path: Path, passes: str) -> None:
     """FSDP2 with `surgeon.attach`, a checkpoint at step 2, and a resume from it that reaches
     the uninterrupted run's weights (attach keeps every rank's statistics equal): bit-identical
-    for AION + HC (measured); ADyT's sharded-gradient G awaits the fsdp fix (xfail until then,
-    then within 1e-6)."""
+    for AION + HC and with ADyT, whose G comes from the sharded gradients' full norm."""
     common = [*TINY, "--steps", "4", "--fsdp"]
     proc = run_train([*common, "--passes", passes, "--save-every", "2", "--out", "run"],
                      tmp_path, nproc=2, check=False)
-    if proc.returncode != 0 and "G.copy_(torch.where(keep, G, new))" in proc.stderr:
-        pytest.xfail("surgeon.attach under FSDP2: ADyT's G from sharded (DTensor) gradient "
-                     "norms fails (issue 13 item 3, the fsdp helper's fix)")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert all(map(math.isfinite, losses(proc.stdout).values()))
     assert reload_gap(proc.stdout) == 0.0
