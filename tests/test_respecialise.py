@@ -13,7 +13,7 @@ import torch
 import surgeon
 from surgeon.errors import SpecializationError
 from surgeon.graph import tracing
-from tests.zoo import hf_llama
+from tests.zoo import hf_bert, hf_gpt2, hf_llama
 
 IDS = torch.arange(16).reshape(2, 8) % 128
 
@@ -59,6 +59,21 @@ def test_new_call_gives_the_original_numbers(label: str, kwargs: dict) -> None:
     assert all(len(m.__dict__.get("_surgeon_specs", ())) == 1 for m in traced_layers(model)
                if m._surgeon_name.startswith("model.layers."))
     assert close(model(input_ids=IDS).logits, original(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("build", [hf_gpt2, hf_bert], ids=["gpt2", "bert"])
+def test_other_families_give_the_original_numbers(build) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    model.config._attn_implementation = "eager"
+    original = copy.deepcopy(model)
+    surgeon.apply(model, ["aion"], {"input_ids": IDS})
+    assert traced_layers(model)
+    kwargs = dict(output_hidden_states=True, output_attentions=True)
+    want, got = original(input_ids=IDS, **kwargs), model(input_ids=IDS, **kwargs)
+    for key in ("hidden_states", "attentions"):
+        assert len(got[key]) == len(want[key]) > 0
+        assert all(close(g, w) for g, w in zip(got[key], want[key]))
 
 
 def test_cached_graph_is_reused_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
