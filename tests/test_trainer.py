@@ -6,6 +6,9 @@ write reloads with `surgeon.load` to the same weights and outputs."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +99,34 @@ def test_resume_from_checkpoint_continues_bit_identically(tmp_path: Path) -> Non
         resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
     same_weights(straight, resumed)
     same_weights(straight, again)
+
+
+def _ddp_worker(out: str) -> None:
+    """One rank of `test_trains_under_torchrun_ddp` (run by torchrun, gloo on CPU)."""
+    model = converted()
+    trainer = trainer_for(model, Path(out) / "run", gradient_accumulation_steps=2)
+    trainer.train()
+    assert trainer.args.world_size == 2
+    assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+    trainer.save_model(str(Path(out) / "final"))
+    rank = int(os.environ["RANK"])
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
+               Path(out) / f"rank{rank}.pt")
+
+
+def test_trains_under_torchrun_ddp(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         __file__, str(tmp_path)], cwd=root, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    back = surgeon.load(tmp_path / "final")
+    assert all(torch.equal(v, a[k]) for k, v in back.state_dict().items())
+
+
+if __name__ == "__main__":
+    _ddp_worker(sys.argv[1])
