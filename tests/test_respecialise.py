@@ -117,6 +117,16 @@ def test_every_pass_trains_and_generates_with_new_calls(passes: list[str]) -> No
     assert model.generate(IDS[:, :4], max_new_tokens=3, do_sample=False).shape == (2, 7)
 
 
+def test_a_count_handed_on_serves_every_value() -> None:
+    """An int only handed on (a loss normaliser) becomes a graph input: one graph for all."""
+    original, model = converted(["aion"])
+    for n in (14, 15, 16):
+        want = original(input_ids=IDS, labels=IDS, num_items_in_batch=n).loss
+        assert close(model(input_ids=IDS, labels=IDS, num_items_in_batch=n).loss, want)
+    assert all(len(m.__dict__.get("_surgeon_specs", ())) == 1 for m in traced_layers(model)
+               if m._surgeon_name.startswith("model.layers."))
+
+
 def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     _, model = converted(["aion"])
     monkeypatch.setattr(tracing, "RESPECIALISE_LIMIT", 1)

@@ -864,7 +864,8 @@ def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs
     with _hooks_off(view):
         calls = record_calls(view, tuple(_clone(args)), _clone(kwargs))
         with as_recorded(view):
-            spec = _generalise_flags("", view, make_call_spec(source.cls, calls[""]), calls)
+            spec = _generalise_flags("", view, make_call_spec(source.cls, calls[""]), calls,
+                                     numbers=True)
             shared = _new_graph("", view, spec, calls[""], calls)
             bad = _verify(shared, view, spec, calls[""], _recorded_children(view, "", calls))
     if bad is not None:
@@ -1081,13 +1082,15 @@ def _skeleton(graph: fx.Graph) -> list[tuple[str, str]]:
 
 
 def _generalise_flags(name: str, module: nn.Module, spec: CallSpec,
-                      calls: dict[str, Call]) -> CallSpec:
+                      calls: dict[str, Call], numbers: bool = False) -> CallSpec:
     """Turn bool and None arguments that the module only hands on to its children (HF's
     `use_cache`, an attention mask that was None) into graph inputs, so one graph serves other
     values too. An argument qualifies when tracing it as an input gives the same ops as the
-    specialised trace; one the forward branches on fails that test and stays specialised."""
+    specialised trace; one the forward branches on fails that test and stays specialised.
+    `numbers` also tries ints and floats (a count handed on to a loss, re-specialising)."""
+    kinds = (bool, int, float) if numbers else (bool,)
     candidates = [i for i, (k, c) in enumerate(zip(spec.kinds, spec.constants))
-                  if k == "const" and (c is None or isinstance(c, bool))]
+                  if k == "const" and (c is None or isinstance(c, kinds))]
     if not candidates:
         return spec
     was_training = module.training
@@ -1117,7 +1120,7 @@ def _generalise_flags(name: str, module: nn.Module, spec: CallSpec,
         base = _skeleton(graph)
         # Only a value some child call receives can be one that is handed on.
         handed_on = {repr(v) for n in graph.nodes if n.op == "call_module"
-                     for v in (*n.args, *n.kwargs.values()) if v is None or isinstance(v, bool)}
+                     for v in (*n.args, *n.kwargs.values()) if v is None or isinstance(v, kinds)}
         candidates = [i for i in candidates if repr(spec.constants[i]) in handed_on]
         return accepted(spec, candidates) if candidates else spec
     except Exception:
