@@ -135,6 +135,39 @@ def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         model(input_ids=IDS, output_attentions=True)
 
 
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.lin = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        h = self.lin(self.norm(x))
+        if scale is not None:  # the residual's branch itself changes with the call
+            h = h * scale
+        return x + h
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+    def forward(self, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, scale=scale)
+        return x
+
+
+def test_an_edit_whose_inputs_change_is_refused_not_misapplied() -> None:
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 8)
+    surgeon.apply(model, ["aion"], (x,))
+    assert isinstance(model.blocks[0], tracing.TracedModule)
+    with pytest.raises(SpecializationError, match="blocks.0.*cannot be carried over") as e:
+        model(x, scale=2.0)
+    assert "\n" not in str(e.value)
+
+
 def test_a_call_that_cannot_be_traced_fails_in_one_line() -> None:
     _, model = converted(["aion"])
     layer = model.model.layers[0]

@@ -817,12 +817,11 @@ class TracedModule(fx.GraphModule):
                 "other calls (surgeon.graph.tracing.RESPECIALISE_LIMIT)") from None
         try:
             spec, graph = respecialise(self, source, args, kwargs)
-        except SpecializationError:
-            raise
         except Exception as e:
+            reason = (str(e) if isinstance(e, SpecializationError)
+                      else f"{type(e).__name__}: {_first_line(e)}")
             raise SpecializationError(
-                f"{miss}; tracing it again for this call failed: {type(e).__name__}: "
-                f"{_first_line(e)}") from None
+                f"{miss}; tracing it again for this call failed: {reason}") from None
         forward = compile_graph(graph)
         specs.append((spec, forward))
         _log.info("surgeon: %s traced again for a call with arguments %s (%d graph(s) cached)",
@@ -869,8 +868,7 @@ def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs
             shared = _new_graph("", view, spec, calls[""], calls)
             bad = _verify(shared, view, spec, calls[""], _recorded_children(view, "", calls))
     if bad is not None:
-        raise SpecializationError(f"{module._surgeon_name}: traced again for a new call, but "
-                                  f"{bad}")
+        raise SpecializationError(bad)
     graph = reapply_edits(source.base, module.graph, shared.graph)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
@@ -879,8 +877,8 @@ def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs
                     _getattr_path(module, node.target)
             except AttributeError:
                 raise SpecializationError(
-                    f"{module._surgeon_name}: traced again for a new call, its graph calls "
-                    f"{node.target}, which the rewritten module does not hold") from None
+                    f"its new graph calls {node.target}, which the rewritten module does not "
+                    "hold") from None
     return spec, graph
 
 
@@ -917,6 +915,20 @@ def reapply_edits(base: fx.Graph, edited: fx.Graph, new: fx.Graph) -> fx.Graph:
                 f"a rewritten graph uses {x.name}, which tracing the new call does not produce")
         return env[x.name]
 
+    def conflict(name: str) -> None:
+        raise SpecializationError(
+            f"a pass rewrote {name}, whose inputs differ in the new call; the edit cannot be "
+            "carried over")
+
+    # a node a pass erased (an add it replaced) must take the same inputs in the new trace,
+    # else what replaced it would compute from the old ones
+    for name, n in n_nodes.items():
+        b = b_nodes.get(name)
+        if b is not None and name not in e_nodes and (
+                _arg_text(b.args) != _arg_text(n.args)
+                or _arg_text(b.kwargs) != _arg_text(n.kwargs)):
+            conflict(name)
+
     def from_e(v: Any) -> Any:
         return fx.node.map_arg(v, lambda x: look(env_e, x))
 
@@ -929,6 +941,8 @@ def reapply_edits(base: fx.Graph, edited: fx.Graph, new: fx.Graph) -> fx.Graph:
         for i, nv in enumerate(n.args):
             if i < len(b.args) and i < len(e.args) and _arg_text(b.args[i]) != _arg_text(
                     e.args[i]):
+                if _arg_text(b.args[i]) != _arg_text(nv):
+                    conflict(name)
                 args.append(from_e(e.args[i]))
             else:
                 args.append(from_n(nv))
@@ -938,6 +952,8 @@ def reapply_edits(base: fx.Graph, edited: fx.Graph, new: fx.Graph) -> fx.Graph:
             if k in b.kwargs and k not in e.kwargs:
                 continue
             if k in b.kwargs and _arg_text(b.kwargs[k]) != _arg_text(e.kwargs[k]):
+                if _arg_text(b.kwargs[k]) != _arg_text(nv):
+                    conflict(name)
                 kw[k] = from_e(e.kwargs[k])
             else:
                 kw[k] = from_n(nv)
