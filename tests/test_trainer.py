@@ -128,5 +128,20 @@ def test_trains_under_torchrun_ddp(tmp_path: Path) -> None:
     assert all(torch.equal(v, a[k]) for k, v in back.state_dict().items())
 
 
+def test_a_copy_saves_itself(tmp_path: Path) -> None:
+    """The save hook is bound to its model: a deep copy of it saves the copy."""
+    import copy
+
+    from surgeon.integrations.transformers import save_with_recipe
+
+    model = converted()
+    save_with_recipe(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        next(twin.parameters()).add_(1.0)
+    twin.save_pretrained(str(tmp_path / "twin"))
+    same_weights(twin, surgeon.load(tmp_path / "twin"))
+
+
 if __name__ == "__main__":
     _ddp_worker(sys.argv[1])

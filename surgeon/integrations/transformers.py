@@ -12,7 +12,7 @@ writes surgeon's files, so `surgeon.load` reloads those directories.
 
 from __future__ import annotations
 
-import functools
+import types
 from typing import Any
 
 from torch import nn
@@ -23,23 +23,22 @@ from surgeon.nn.stats import Attachment, attach
 
 def save_with_recipe(model: nn.Module) -> None:
     """Make `model.save_pretrained(dir, ...)` also write surgeon's files into `dir` (once per
-    model; a model not converted by surgeon is left alone)."""
+    model; a model not converted by surgeon is left alone). The wrapper is a method bound to
+    the model, so `copy.deepcopy` binds the copy's to the copy."""
     if getattr(model, "_surgeon_passes", None) is None or not hasattr(model, "save_pretrained"):
         return
     if "save_pretrained" in model.__dict__:  # wrapped already
         return
-    original = model.save_pretrained
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
 
-    @functools.wraps(original)
-    def save_pretrained(save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        from surgeon.checkpoint import save_into
 
-        out = original(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            save_into(model, save_directory)
-        return out
+def _save_pretrained(self: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+    from surgeon.checkpoint import save_into
 
-    model.save_pretrained = save_pretrained
+    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        save_into(self, save_directory)
+    return out
 
 
 class SurgeonCallback(TrainerCallback):
