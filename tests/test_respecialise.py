@@ -39,6 +39,8 @@ CALLS = [
     ("num_items_in_batch", dict(labels=IDS, num_items_in_batch=torch.tensor(16))),
     ("output_hidden_states", dict(output_hidden_states=True)),
     ("output_attentions", dict(output_attentions=True)),
+    ("padding_mask", dict(attention_mask=torch.tensor([[1] * 8, [0] * 3 + [1] * 5]))),
+    ("no_cache", dict(use_cache=False, labels=IDS)),
     ("both", dict(output_hidden_states=True, output_attentions=True, labels=IDS)),
 ]
 
@@ -56,8 +58,11 @@ def test_new_call_gives_the_original_numbers(label: str, kwargs: dict) -> None:
             assert len(got[key]) == len(want[key]) > 0
             assert all(close(g, w) for g, w in zip(got[key], want[key]))
     # each layer now holds one more graph, and the first call spec still works
-    assert all(len(m.__dict__.get("_surgeon_specs", ())) == 1 for m in traced_layers(model)
-               if m._surgeon_name.startswith("model.layers."))
+    # a new keyword the layers get makes them hold one more graph; a mask or flag they already
+    # took as a graph input needs none
+    expected = int(any(k.startswith(("output_", "num_items")) for k in kwargs))
+    assert all(len(m.__dict__.get("_surgeon_specs", ())) == expected
+               for m in traced_layers(model) if m._surgeon_name.startswith("model.layers."))
     assert close(model(input_ids=IDS).logits, original(input_ids=IDS).logits)
 
 
