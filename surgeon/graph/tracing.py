@@ -326,32 +326,55 @@ class CallSpec:
 
     def inputs(self, owner: str, args: tuple, kwargs: dict) -> list[Any]:
         """Check a call against what was traced and return the graph's flat inputs."""
+        out = self.match(args, kwargs)
+        if out is None:
+            raise SpecializationError(self.mismatch(owner, args, kwargs))
+        return out
+
+    def match(self, args: tuple, kwargs: dict) -> list[Any] | None:
+        """The graph's flat inputs for a call, or None where the call differs from the traced
+        one (no exception: this is the guard every call runs, also under torch.compile)."""
         try:
             bound = self.signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise SpecializationError(f"{owner}: {e}") from None
+        except TypeError:
+            return None
         bound.apply_defaults()
         leaves, spec = flatten(dict(bound.arguments))
         if spec != self.spec:
-            raise SpecializationError(
-                f"{owner} was traced for a call with arguments {_spec_text(self.spec)} but got "
-                f"{_spec_text(spec)}; trace it again with an example that calls it this way")
+            return None
         out = []
-        for value, kind, const, name in zip(leaves, self.kinds, self.constants, self.arg_names):
+        for value, kind, const in zip(leaves, self.kinds, self.constants):
             if kind == "const":
                 if type(value) is not type(const) or value != const:
-                    raise SpecializationError(
-                        f"{owner} was traced with {name}={const!r}, but this call passes "
-                        f"{_describe(value)}; trace it again with an example that passes {name} "
-                        f"the way your model will")
+                    return None
                 continue
             if kind == "tensor" and not isinstance(value, torch.Tensor):
-                raise SpecializationError(
-                    f"{owner} was traced with a Tensor for {name}, but this call passes "
-                    f"{_describe(value)}; trace it again with an example that passes {name} "
-                    f"the way your model will")
+                return None
             out.append(value)
         return out
+
+    def mismatch(self, owner: str, args: tuple, kwargs: dict) -> str:
+        """Why a call that `match` refuses differs from the traced one, in one line."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            return f"{owner}: {e}"
+        bound.apply_defaults()
+        leaves, spec = flatten(dict(bound.arguments))
+        if spec != self.spec:
+            return (f"{owner} was traced for a call with arguments {_spec_text(self.spec)} but "
+                    f"got {_spec_text(spec)}; trace it again with an example that calls it "
+                    "this way")
+        for value, kind, const, name in zip(leaves, self.kinds, self.constants, self.arg_names):
+            if kind == "const" and (type(value) is not type(const) or value != const):
+                return (f"{owner} was traced with {name}={const!r}, but this call passes "
+                        f"{_describe(value)}; trace it again with an example that passes {name} "
+                        f"the way your model will")
+            if kind == "tensor" and not isinstance(value, torch.Tensor):
+                return (f"{owner} was traced with a Tensor for {name}, but this call passes "
+                        f"{_describe(value)}; trace it again with an example that passes {name} "
+                        f"the way your model will")
+        return f"{owner}: the call differs from the traced one"
 
 
 def _spec_text(spec: Any) -> str:
@@ -792,29 +815,29 @@ class TracedModule(fx.GraphModule):
         return self._checked_forward(*args, **kwargs)
 
     def _checked_forward(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            flat = self._call_spec.inputs(self._surgeon_name, args, kwargs)
-        except SpecializationError as miss:
-            return self._respecialised(args, kwargs, miss)
-        return self._flat_forward(*flat)
+        flat = self._call_spec.match(args, kwargs)
+        if flat is not None:
+            return self._flat_forward(*flat)
+        for spec, forward in self.__dict__.get("_surgeon_specs", ()):
+            flat = spec.match(args, kwargs)
+            if flat is not None:
+                return forward(self, *flat)
+        return self._respecialised(args, kwargs)
 
-    def _respecialised(self, args: tuple, kwargs: dict, miss: SpecializationError) -> Any:
-        """Run a call the first graph does not accept on a cached or newly traced graph."""
+    @torch._dynamo.disable
+    def _respecialised(self, args: tuple, kwargs: dict) -> Any:
+        """Trace a new graph for a call no cached graph accepts, cache it and run it (eagerly:
+        under torch.compile this is a graph break, once per new call spec)."""
+        miss = self._call_spec.mismatch(self._surgeon_name, args, kwargs)
         specs: list[tuple[CallSpec, Callable[..., Any]]] = self.__dict__.setdefault(
             "_surgeon_specs", [])
-        for spec, forward in specs:
-            try:
-                flat = spec.inputs(self._surgeon_name, args, kwargs)
-            except SpecializationError:
-                continue
-            return forward(self, *flat)
         source = self.__dict__.get("_surgeon_source")
         if not isinstance(source, ModuleSource):
-            raise miss
+            raise SpecializationError(miss)
         if len(specs) >= RESPECIALISE_LIMIT:
             raise SpecializationError(
                 f"{miss}; {self._surgeon_name} already holds {RESPECIALISE_LIMIT} graphs for "
-                "other calls (surgeon.graph.tracing.RESPECIALISE_LIMIT)") from None
+                "other calls (surgeon.graph.tracing.RESPECIALISE_LIMIT)")
         try:
             spec, graph = respecialise(self, source, args, kwargs)
         except Exception as e:
