@@ -179,3 +179,13 @@ def test_a_call_that_cannot_be_traced_fails_in_one_line() -> None:
     with pytest.raises(SpecializationError) as e:
         layer(torch.zeros(2, 8, 32), not_an_argument=object(), strange=[object()])
     assert "\n" not in str(e.value)
+
+
+def test_a_miss_under_torch_compile_re_specialises() -> None:
+    """The first call with Trainer's kwargs under torch.compile: one graph break, right loss."""
+    original, model = converted(["aion"])
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        got = compiled(input_ids=IDS, labels=IDS, num_items_in_batch=torch.tensor(16)).loss
+        want = original(input_ids=IDS, labels=IDS, num_items_in_batch=torch.tensor(16)).loss
+        assert close(got, want)
