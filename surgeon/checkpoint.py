@@ -231,6 +231,23 @@ def _write(dest: Path, model: nn.Module, reference: dict[str, Any],
         write_recipe(tmp, model, reference, state=state)
 
 
+def save_into(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Add what `surgeon.load` needs (surgeon's weights, config, `surgeon.json`) to a directory
+    the model's own save method has just written, such as `Trainer.save_model`'s output or a
+    `checkpoint-*` directory; other files there (optimizer, trainer state) are left alone."""
+    model, _ = unwrap(model)
+    if getattr(model, "_surgeon_passes", None) is None:
+        raise CheckpointError(f"{type(model).__name__} was not converted with surgeon.apply")
+    dest = Path(path)
+    reference = _base_reference(model, None)
+    write_checkpoint(dest, tensors_to_write(model), max_shard_size=DEFAULT_MAX_SHARD_SIZE)
+    if reference["kind"] == "transformers":
+        model.config.to_json_file(str(dest / "config.json"))
+        write_remote_code(dest, reference.get("class", ""))
+    write_recipe(dest, model, reference)
+    return dest
+
+
 def _rebuild_base(reference: dict[str, Any], path: Path, trust_remote_code: bool = False
                   ) -> nn.Module:
     """The unconverted model `reference` (surgeon.json's checked `base`) names. A transformers

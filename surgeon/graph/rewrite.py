@@ -18,7 +18,14 @@ from torch import nn
 
 from surgeon.graph.find import caller_inputs, inspect_trace
 from surgeon.graph.report import Inspection
-from surgeon.graph.tracing import ModelTrace, TracedModule, as_recorded, run_example, trace_model
+from surgeon.graph.tracing import (
+    ModelTrace,
+    TracedModule,
+    as_recorded,
+    module_source,
+    run_example,
+    trace_model,
+)
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -37,13 +44,25 @@ def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def checkpointing_class(original: nn.Module) -> type[TracedModule]:
-    """The class a rewritten module gets: `TracedModule`, plus transformers'
-    `GradientCheckpointingLayer` when the original was one, so HF's gradient checkpointing
-    switch still finds it (TracedModule's forward does the checkpointing itself)."""
-    for base in type(original).__mro__:
+    """The class a rewritten module gets: `TracedModule`, plus the original class when it is a
+    transformers `GradientCheckpointingLayer`, so HF's gradient checkpointing switch and its
+    output recorders still find it (TracedModule's forward does the checkpointing itself)."""
+    cls = type(original)
+    if isinstance(original, TracedModule):
+        return type(original).__mro__[1]  # the class under GraphModule's per-instance one
+    for base in cls.__mro__:
         if base.__name__ == "GradientCheckpointingLayer":
-            return type(f"Traced{base.__name__}", (TracedModule, base), {})
+            # A subclass of the original layer class too, so transformers' output recorders
+            # (`output_hidden_states`, matched by isinstance) still find the layer. The shim
+            # keeps the original's __init__ out of GraphModule's.
+            shim = type(cls.__name__, (cls,), {"__init__": _module_init,
+                                               "__module__": cls.__module__})
+            return type(f"Traced{cls.__name__}", (TracedModule, shim), {})
     return TracedModule
+
+
+def _module_init(self: nn.Module, *args: object, **kwargs: object) -> None:
+    nn.Module.__init__(self)
 
 
 @dataclass
@@ -148,6 +167,8 @@ class Surgery:
             spec = self.trace.traces[name].shared.spec
             cls = checkpointing_class(original)
             replacement = cls(original, graph, spec, name)
+            # what the module needs to trace itself again for another call (see TracedModule)
+            replacement._surgeon_source = module_source(original, self.trace.traces[name].graph)
             replacement.train(original.training)
             for attr in ("gradient_checkpointing", "_gradient_checkpointing_func"):
                 if attr in original.__dict__:

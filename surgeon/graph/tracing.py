@@ -31,6 +31,7 @@ import dataclasses
 import enum
 import functools
 import inspect
+import logging
 import math
 import operator
 import os
@@ -165,8 +166,31 @@ def _clone(obj: Any) -> Any:
 def _snapshot(x: Any) -> Any:
     try:
         return copy.deepcopy(x)
+    except Exception:
+        pass
+    try:  # a cache holding tensors of an autograd graph: copy them detached
+        with _detaching_deepcopy():
+            return copy.deepcopy(x)
     except Exception:  # not copyable (a function, a module): share it
         return x
+
+
+@contextlib.contextmanager
+def _detaching_deepcopy() -> Iterator[None]:
+    """Inside, `copy.deepcopy` copies non-leaf tensors (which refuse it) detached."""
+    original = torch.Tensor.__deepcopy__
+
+    def deepcopy(self: torch.Tensor, memo: dict) -> torch.Tensor:
+        if self.is_leaf:
+            return original(self, memo)
+        out = memo[id(self)] = self.detach().clone()
+        return out
+
+    torch.Tensor.__deepcopy__ = deepcopy
+    try:
+        yield
+    finally:
+        torch.Tensor.__deepcopy__ = original
 
 
 def _tensor_ids(obj: Any) -> tuple[int, ...]:
@@ -188,11 +212,13 @@ def run_example(model: nn.Module, example: tuple | dict) -> Any:
         f"not {type(example).__name__}")
 
 
-def record_calls(model: nn.Module, example: tuple | dict) -> dict[str, Call]:
+def record_calls(model: nn.Module, example: tuple | dict,
+                 kwargs: dict | None = None) -> dict[str, Call]:
     """Run `model` once in eval mode without gradients and record the first call of every module.
 
     Train/eval flags are restored afterwards. Inputs and outputs are cloned, so in-place ops later
-    in the forward (`out += identity`) do not change what was recorded.
+    in the forward (`out += identity`) do not change what was recorded. With `kwargs`, the call is
+    `model(*example, **kwargs)`.
     """
     names = {id(m): n for n, m in model.named_modules()}
     calls: dict[str, Call] = {}
@@ -226,7 +252,10 @@ def record_calls(model: nn.Module, example: tuple | dict) -> dict[str, Call]:
         handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
     try:
         with as_recorded(model), torch.no_grad():
-            run_example(model, example)
+            if kwargs is None:
+                run_example(model, example)
+            else:
+                model(*example, **kwargs)
     except ExampleError:
         raise
     except Exception as e:
@@ -297,32 +326,55 @@ class CallSpec:
 
     def inputs(self, owner: str, args: tuple, kwargs: dict) -> list[Any]:
         """Check a call against what was traced and return the graph's flat inputs."""
+        out = self.match(args, kwargs)
+        if out is None:
+            raise SpecializationError(self.mismatch(owner, args, kwargs))
+        return out
+
+    def match(self, args: tuple, kwargs: dict) -> list[Any] | None:
+        """The graph's flat inputs for a call, or None where the call differs from the traced
+        one (no exception: this is the guard every call runs, also under torch.compile)."""
         try:
             bound = self.signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise SpecializationError(f"{owner}: {e}") from None
+        except TypeError:
+            return None
         bound.apply_defaults()
         leaves, spec = flatten(dict(bound.arguments))
         if spec != self.spec:
-            raise SpecializationError(
-                f"{owner} was traced for a call with arguments {_spec_text(self.spec)} but got "
-                f"{_spec_text(spec)}; trace it again with an example that calls it this way")
+            return None
         out = []
-        for value, kind, const, name in zip(leaves, self.kinds, self.constants, self.arg_names):
+        for value, kind, const in zip(leaves, self.kinds, self.constants):
             if kind == "const":
                 if type(value) is not type(const) or value != const:
-                    raise SpecializationError(
-                        f"{owner} was traced with {name}={const!r}, but this call passes "
-                        f"{_describe(value)}; trace it again with an example that passes {name} "
-                        f"the way your model will")
+                    return None
                 continue
             if kind == "tensor" and not isinstance(value, torch.Tensor):
-                raise SpecializationError(
-                    f"{owner} was traced with a Tensor for {name}, but this call passes "
-                    f"{_describe(value)}; trace it again with an example that passes {name} "
-                    f"the way your model will")
+                return None
             out.append(value)
         return out
+
+    def mismatch(self, owner: str, args: tuple, kwargs: dict) -> str:
+        """Why a call that `match` refuses differs from the traced one, in one line."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            return f"{owner}: {e}"
+        bound.apply_defaults()
+        leaves, spec = flatten(dict(bound.arguments))
+        if spec != self.spec:
+            return (f"{owner} was traced for a call with arguments {_spec_text(self.spec)} but "
+                    f"got {_spec_text(spec)}; trace it again with an example that calls it "
+                    "this way")
+        for value, kind, const, name in zip(leaves, self.kinds, self.constants, self.arg_names):
+            if kind == "const" and (type(value) is not type(const) or value != const):
+                return (f"{owner} was traced with {name}={const!r}, but this call passes "
+                        f"{_describe(value)}; trace it again with an example that passes {name} "
+                        f"the way your model will")
+            if kind == "tensor" and not isinstance(value, torch.Tensor):
+                return (f"{owner} was traced with a Tensor for {name}, but this call passes "
+                        f"{_describe(value)}; trace it again with an example that passes {name} "
+                        f"the way your model will")
+        return f"{owner}: the call differs from the traced one"
 
 
 def _spec_text(spec: Any) -> str:
@@ -686,9 +738,46 @@ class ModelTrace:
 
 
 
+RESPECIALISE_LIMIT = 8  # graphs a rewritten module keeps for other call specs than its first
+_log = logging.getLogger("surgeon")
+
+
+@dataclass
+class ModuleSource:
+    """What a rewritten module needs to trace itself again for another call: the original class,
+    the original's plain attributes (its config, flags; not its parameters or children, which
+    the rewritten module holds), and the graph the passes started from."""
+
+    cls: type
+    attrs: dict[str, Any]
+    base: fx.Graph
+
+
+_NOT_PLAIN = ("_parameters", "_buffers", "_modules")
+
+
+def module_source(original: nn.Module, base: fx.Graph) -> ModuleSource:
+    """The `ModuleSource` of `original`, about to be replaced by a graph edited from `base`.
+    A module rewritten before keeps the source it had."""
+    kept = original.__dict__.get("_surgeon_source")
+    if isinstance(kept, ModuleSource):
+        return kept
+    attrs = {k: v for k, v in original.__dict__.items() if k not in _NOT_PLAIN
+             and not k.startswith(("_forward", "_backward", "_state_dict", "_load_state_dict"))
+             and not isinstance(v, (nn.Module, torch.Tensor))}
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(base, {}))
+    return ModuleSource(type(original), attrs, graph)
+
+
 class TracedModule(fx.GraphModule):
     """A GraphModule that keeps the traced module's call signature and checks specialised
-    arguments at every call. Parameter and submodule names are the original module's."""
+    arguments at every call. Parameter and submodule names are the original module's.
+
+    A call the graph was not specialised for (a new keyword handed on, another flag) does not
+    fail: like a failed guard in torch.compile, the module is traced again for that call from its
+    original forward, the passes' edits are re-applied to the new graph (`reapply_edits`) and the
+    result is cached, up to `RESPECIALISE_LIMIT` graphs per module."""
 
     def __init__(self, root: nn.Module, graph: fx.Graph, spec: CallSpec, name: str = "") -> None:
         super().__init__(root, graph, class_name=type(root).__name__)
@@ -697,8 +786,8 @@ class TracedModule(fx.GraphModule):
 
     # What `copy.deepcopy` must carry over: GraphModule's deepcopy rebuilds through
     # `GraphModule.__init__`, which knows nothing of them.
-    _KEPT = ("_call_spec", "_surgeon_name", "training", "gradient_checkpointing",
-             "_gradient_checkpointing_func")
+    _KEPT = ("_call_spec", "_surgeon_name", "_surgeon_source", "training",
+             "gradient_checkpointing", "_gradient_checkpointing_func")
 
     def _deepcopy_init(self) -> Callable[..., None]:
         def init(res: fx.GraphModule, fake_mod: nn.Module, graph: fx.Graph) -> None:
@@ -713,6 +802,7 @@ class TracedModule(fx.GraphModule):
         cls = type(self)
         cls._flat_forward = cls.forward
         cls.forward = TracedModule._guarded_forward
+        self.__dict__.pop("_surgeon_specs", None)  # graphs re-applied from an older graph
         return code
 
     def _guarded_forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -725,7 +815,224 @@ class TracedModule(fx.GraphModule):
         return self._checked_forward(*args, **kwargs)
 
     def _checked_forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._flat_forward(*self._call_spec.inputs(self._surgeon_name, args, kwargs))
+        flat = self._call_spec.match(args, kwargs)
+        if flat is not None:
+            return self._flat_forward(*flat)
+        for spec, forward in self.__dict__.get("_surgeon_specs", ()):
+            flat = spec.match(args, kwargs)
+            if flat is not None:
+                return forward(self, *flat)
+        return self._respecialised(args, kwargs)
+
+    @torch._dynamo.disable
+    def _respecialised(self, args: tuple, kwargs: dict) -> Any:
+        """Trace a new graph for a call no cached graph accepts, cache it and run it (eagerly:
+        under torch.compile this is a graph break, once per new call spec)."""
+        miss = self._call_spec.mismatch(self._surgeon_name, args, kwargs)
+        specs: list[tuple[CallSpec, Callable[..., Any]]] = self.__dict__.setdefault(
+            "_surgeon_specs", [])
+        source = self.__dict__.get("_surgeon_source")
+        if not isinstance(source, ModuleSource):
+            raise SpecializationError(miss)
+        if len(specs) >= RESPECIALISE_LIMIT:
+            raise SpecializationError(
+                f"{miss}; {self._surgeon_name} already holds {RESPECIALISE_LIMIT} graphs for "
+                "other calls (surgeon.graph.tracing.RESPECIALISE_LIMIT)")
+        try:
+            spec, graph = respecialise(self, source, args, kwargs)
+        except Exception as e:
+            reason = (str(e) if isinstance(e, SpecializationError)
+                      else f"{type(e).__name__}: {_first_line(e)}")
+            raise SpecializationError(
+                f"{miss}; tracing it again for this call failed: {reason}") from None
+        forward = compile_graph(graph)
+        specs.append((spec, forward))
+        _log.info("surgeon: %s traced again for a call with arguments %s (%d graph(s) cached)",
+                  self._surgeon_name, _spec_text(spec.spec), len(specs) + 1)
+        return forward(self, *spec.inputs(self._surgeon_name, args, kwargs))
+
+
+@contextlib.contextmanager
+def _hooks_off(module: nn.Module) -> Iterator[None]:
+    """Forward hooks of `module` and its submodules silenced (transformers' output recorders
+    must not see the extra runs tracing makes)."""
+    names = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+             "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+    saved = []
+    for m in module.modules():
+        for n in names:
+            if n in m.__dict__:
+                saved.append((m, n, m.__dict__[n]))
+                m.__dict__[n] = type(m.__dict__[n])()
+    try:
+        yield
+    finally:
+        for m, n, v in saved:
+            m.__dict__[n] = v
+
+
+def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs: dict
+                 ) -> tuple[CallSpec, fx.Graph]:
+    """Trace the original forward of rewritten `module` for the call `(args, kwargs)`, verify it
+    reproduces an eager run of that forward, and re-apply the passes' edits to it. The original
+    runs on a view that has the original's attributes and `module`'s own children and
+    parameters, so the modules the passes created and replaced are the ones called."""
+    view = source.cls.__new__(source.cls)
+    nn.Module.__init__(view)
+    view.__dict__.update(source.attrs)
+    for attr in _NOT_PLAIN:
+        view.__dict__[attr] = module.__dict__[attr]
+    view.training = module.training
+    with _hooks_off(view):
+        calls = record_calls(view, tuple(_clone(args)), _clone(kwargs))
+        with as_recorded(view):
+            spec = _generalise_flags("", view, make_call_spec(source.cls, calls[""]), calls,
+                                     numbers=True)
+            shared = _new_graph("", view, spec, calls[""], calls)
+            bad = _verify(shared, view, spec, calls[""], _recorded_children(view, "", calls))
+    if bad is not None:
+        raise SpecializationError(bad)
+    graph = reapply_edits(source.base, module.graph, shared.graph)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            try:
+                module.get_submodule(node.target) if node.op == "call_module" else \
+                    _getattr_path(module, node.target)
+            except AttributeError:
+                raise SpecializationError(
+                    f"its new graph calls {node.target}, which the rewritten module does not "
+                    "hold") from None
+    return spec, graph
+
+
+def _getattr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _arg_text(value: Any) -> Any:
+    return fx.node.map_aggregate(value, lambda x: ("node", x.name) if isinstance(x, fx.Node)
+                                 else ("value", repr(x)))
+
+
+def reapply_edits(base: fx.Graph, edited: fx.Graph, new: fx.Graph) -> fx.Graph:
+    """A three-way merge of graphs: the edits that turned `base` into `edited` (inserted nodes,
+    erased nodes, changed arguments) applied to `new`, another trace of the same forward.
+
+    Nodes are matched by name (tracing the same code names them the same). Where a pass
+    changed a node's argument, the edited one wins; elsewhere the new trace's does, so a keyword
+    the new call hands on reaches its children. Raises `SpecializationError` when an edit refers
+    to a value the new trace does not have."""
+    b_nodes = {n.name: n for n in base.nodes}
+    e_nodes = {n.name: n for n in edited.nodes}
+    n_nodes = {n.name: n for n in new.nodes}
+    common = {k for k in b_nodes if k in e_nodes and k in n_nodes}
+    out = fx.Graph()
+    env_e: dict[str, fx.Node] = {}
+    env_n: dict[str, fx.Node] = {}
+
+    def look(env: dict[str, fx.Node], x: fx.Node) -> fx.Node:
+        if x.name not in env:
+            raise SpecializationError(
+                f"a rewritten graph uses {x.name}, which tracing the new call does not produce")
+        return env[x.name]
+
+    def conflict(name: str) -> None:
+        raise SpecializationError(
+            f"a pass rewrote {name}, whose inputs differ in the new call; the edit cannot be "
+            "carried over")
+
+    # a node a pass erased (an add it replaced) must take the same inputs in the new trace,
+    # else what replaced it would compute from the old ones
+    for name, n in n_nodes.items():
+        b = b_nodes.get(name)
+        if b is not None and name not in e_nodes and (
+                _arg_text(b.args) != _arg_text(n.args)
+                or _arg_text(b.kwargs) != _arg_text(n.kwargs)):
+            conflict(name)
+
+    def from_e(v: Any) -> Any:
+        return fx.node.map_arg(v, lambda x: look(env_e, x))
+
+    def from_n(v: Any) -> Any:
+        return fx.node.map_arg(v, lambda x: look(env_n, x))
+
+    def merged(name: str) -> tuple[Any, tuple, dict]:
+        b, e, n = b_nodes[name], e_nodes[name], n_nodes[name]
+        args = []
+        for i, nv in enumerate(n.args):
+            if i < len(b.args) and i < len(e.args) and _arg_text(b.args[i]) != _arg_text(
+                    e.args[i]):
+                if _arg_text(b.args[i]) != _arg_text(nv):
+                    conflict(name)
+                args.append(from_e(e.args[i]))
+            else:
+                args.append(from_n(nv))
+        args += [from_e(v) for v in e.args[len(n.args):]] if len(e.args) > len(b.args) else []
+        kw = {}
+        for k, nv in n.kwargs.items():
+            if k in b.kwargs and k not in e.kwargs:
+                continue
+            if k in b.kwargs and _arg_text(b.kwargs[k]) != _arg_text(e.kwargs[k]):
+                if _arg_text(b.kwargs[k]) != _arg_text(nv):
+                    conflict(name)
+                kw[k] = from_e(e.kwargs[k])
+            else:
+                kw[k] = from_n(nv)
+        kw.update({k: from_e(v) for k, v in e.kwargs.items() if k not in b.kwargs})
+        target = e.target if e.target != b.target else n.target
+        return target, tuple(args), kw
+
+    def emit(node: fx.Node, target: Any, args: tuple, kwargs: dict) -> fx.Node:
+        made = out.create_node(node.op, target, args, kwargs, name=node.name, type_expr=node.type)
+        made.meta = dict(node.meta)
+        return made
+
+    # placeholders: exactly the new trace's, in its order (they are the new spec's flat inputs)
+    for n in new.nodes:
+        if n.op == "placeholder":
+            env_n[n.name] = emit(n, n.target, n.args, n.kwargs)
+            if n.name in common:
+                env_e[n.name] = env_n[n.name]
+    e_placeholders = [n for n in edited.nodes if n.op == "placeholder"]
+    for n in e_placeholders:
+        if n.name not in b_nodes:
+            raise SpecializationError(f"a pass added the graph input {n.name}")
+    pending = [n for n in new.nodes if n.op not in ("placeholder", "output")]
+    pos = 0
+
+    def flush(upto: str | None) -> None:
+        nonlocal pos
+        while pos < len(pending):
+            n = pending[pos]
+            if upto is not None and n.name == upto:
+                return
+            pos += 1
+            if n.name in common or (n.name in b_nodes and n.name not in e_nodes):
+                continue  # common: emitted in the edited order; the rest: erased by a pass
+            env_n[n.name] = emit(n, n.target, from_n(n.args), from_n(n.kwargs))
+
+    for e in edited.nodes:
+        if e.op in ("placeholder", "output"):
+            continue
+        if e.name in common:
+            flush(e.name)
+            if pos < len(pending):
+                pos += 1
+            target, args, kwargs = merged(e.name)
+            env_e[e.name] = env_n[e.name] = emit(e, target, args, kwargs)
+        elif e.name in b_nodes:
+            raise SpecializationError(
+                f"tracing the new call does not produce {e.name}, which the rewritten graph "
+                "keeps (the forward takes another path for this call)")
+        else:
+            env_e[e.name] = emit(e, e.target, from_e(e.args), from_e(e.kwargs))
+    flush(None)
+    _, args, _ = merged("output")
+    out.output(args[0])
+    out.lint()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -814,13 +1121,15 @@ def _skeleton(graph: fx.Graph) -> list[tuple[str, str]]:
 
 
 def _generalise_flags(name: str, module: nn.Module, spec: CallSpec,
-                      calls: dict[str, Call]) -> CallSpec:
+                      calls: dict[str, Call], numbers: bool = False) -> CallSpec:
     """Turn bool and None arguments that the module only hands on to its children (HF's
     `use_cache`, an attention mask that was None) into graph inputs, so one graph serves other
     values too. An argument qualifies when tracing it as an input gives the same ops as the
-    specialised trace; one the forward branches on fails that test and stays specialised."""
+    specialised trace; one the forward branches on fails that test and stays specialised.
+    `numbers` also tries ints and floats (a count handed on to a loss, re-specialising)."""
+    kinds = (bool, int, float) if numbers else (bool,)
     candidates = [i for i, (k, c) in enumerate(zip(spec.kinds, spec.constants))
-                  if k == "const" and (c is None or isinstance(c, bool))]
+                  if k == "const" and (c is None or isinstance(c, kinds))]
     if not candidates:
         return spec
     was_training = module.training
@@ -850,7 +1159,7 @@ def _generalise_flags(name: str, module: nn.Module, spec: CallSpec,
         base = _skeleton(graph)
         # Only a value some child call receives can be one that is handed on.
         handed_on = {repr(v) for n in graph.nodes if n.op == "call_module"
-                     for v in (*n.args, *n.kwargs.values()) if v is None or isinstance(v, bool)}
+                     for v in (*n.args, *n.kwargs.values()) if v is None or isinstance(v, kinds)}
         candidates = [i for i in candidates if repr(spec.constants[i]) in handed_on]
         return accepted(spec, candidates) if candidates else spec
     except Exception:
