@@ -145,6 +145,31 @@ def _train_ddp(rank: int, world: int, use_attach: bool) -> tuple[Net, list[int]]
     return model, per_step
 
 
+def run_ranks(commands: list[list[str]], cwd: Path, timeout: float) -> None:
+    """Start one process per command (rank r runs commands[r]) with OMP_NUM_THREADS=1 and the
+    repository and tests importable; wait for all, kill the rest if one hangs, and fail with the
+    log of a rank that did not exit 0."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(cwd), str(Path(__file__).parent), env.get("PYTHONPATH")) if p)
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd in commands]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
+
+
 def main(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 

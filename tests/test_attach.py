@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -454,35 +452,11 @@ def test_ddp_two_ranks_agree_bitwise_and_match_one_process(tmp_path: Path) -> No
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     world = 2
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), str(TESTS), env.get("PYTHONPATH")) if p
-    )
     outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
     cmd = [sys.executable, str(TESTS / "ddp_worker.py")]
     args = [str(world), str(tmp_path / "rendezvous")]
-    procs = [
-        subprocess.Popen(
-            [*cmd, str(r), *args, str(outs[r])],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=120)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log}"
+    ddp_worker.run_ranks([[*cmd, str(r), *args, str(outs[r])] for r in range(world)], ROOT,
+                         timeout=120)
 
     ranks = [torch.load(out) for out in outs]
     ref = ddp_worker.reference_run(world)

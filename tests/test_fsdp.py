@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +28,7 @@ ROOT = TESTS.parent
 sys.path[:0] = [str(ROOT), str(TESTS)]  # as a script, too
 
 import zoo  # noqa: E402
+from ddp_worker import run_ranks  # noqa: E402
 
 import surgeon  # noqa: E402
 from surgeon.nn import (  # noqa: E402
@@ -305,24 +304,9 @@ def test_fsdp2_two_ranks_agree_bitwise_and_match_ddp(tmp_path: Path) -> None:
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     world = 2
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
-    procs = [subprocess.Popen(
-        [sys.executable, __file__, str(r), str(world), str(tmp_path / "rdv"), str(outs[r])],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
+    run_ranks([[sys.executable, __file__, str(r), str(world), str(tmp_path / "rdv"), str(outs[r])]
+               for r in range(world)], ROOT, timeout=300)
     ranks = [torch.load(out) for out in outs]
     for mhc in (False, True):
         _check_fsdp_against_ddp([r[("fsdp", mhc)] for r in ranks], ranks[0][("ddp", mhc)],
