@@ -41,6 +41,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import surgeon
 from surgeon.nn import ADyT, AionResidual, HyperConnections, ManifoldHyperConnections
+from surgeon.recipe import split_passes
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "toy_corpus.txt"
@@ -102,19 +103,6 @@ def build_model(vocab_size: int, seed: int) -> LlamaForCausalLM:
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
-
-
-def split_passes(spec: str) -> list[str]:
-    """"aion,hyper:streams=2,mhc=true,adyt" → ["aion", "hyper:streams=2,mhc=true", "adyt"]."""
-    passes: list[str] = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        if "=" in item and ":" not in item and passes:
-            passes[-1] += "," + item
-        else:
-            passes.append(item)
-    return passes
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 import surgeon
+from surgeon.recipe import split_passes
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "toy_corpus.txt"
@@ -63,20 +64,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, device
-
-
-def split_passes(spec: str) -> list[str]:
-    """"aion,hyper:streams=4,mhc=true,adyt" → ["aion", "hyper:streams=4,mhc=true", "adyt"]:
-    a `key=value` item after a pass belongs to that pass."""
-    passes: list[str] = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        if "=" in item and ":" not in item and passes:
-            passes[-1] += "," + item
-        else:
-            passes.append(item)
-    return passes
 
 
 class ByteData:

@@ -284,6 +284,21 @@ def pass_class(name: str) -> type[PassConfig]:
     return passes[name]
 
 
+def split_passes(spec: str) -> list[str]:
+    """Passes joined by commas → one spec each: "aion,hyper:streams=4,mhc=true,adyt" →
+    ["aion", "hyper:streams=4,mhc=true", "adyt"] (a `key=value` item after a pass is that
+    pass's option)."""
+    passes: list[str] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item and passes:
+            passes[-1] += "," + item
+        else:
+            passes.append(item)
+    return passes
+
+
 def parse_pass(spec: str | PassConfig | dict[str, Any]) -> PassConfig:
     """A config from a config, its JSON form, a name (`"aion"`) or `"name:key=value,..."`."""
     if isinstance(spec, PassConfig):

@@ -30,3 +30,19 @@ def remote_code_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     yield cache
     for name in [m for m in sys.modules if m.split(".")[0] == "transformers_modules"]:
         del sys.modules[name]  # then monkeypatch puts back what was there before
+
+
+@pytest.fixture
+def gloo_group(tmp_path: Path) -> Iterator[None]:
+    """A one-process gloo group for the test (skipped where torch has no gloo)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -368,18 +367,6 @@ COLLECTIVES = (
     "barrier",
 )
 
-
-@pytest.fixture
-def gloo_group(tmp_path: Path) -> Iterator[None]:
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    assert not dist.is_initialized()
-    store = tmp_path / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture

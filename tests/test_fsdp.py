@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,17 +189,6 @@ def test_an_old_checkpoint_with_0dim_scalars_reloads(tmp_path: Path) -> None:
 # 3. FSDP1 is refused; FSDP2 on two gloo ranks agrees with itself and with DDP.
 # ---------------------------------------------------------------------------------------------
 
-
-@pytest.fixture
-def gloo_group(tmp_path: Path) -> Iterator[None]:
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.usefixtures("gloo_group")

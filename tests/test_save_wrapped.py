@@ -6,7 +6,7 @@ groups on CPU). Each writes the checkpoint the bare model writes: its keys (no `
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,18 +23,6 @@ transformers = pytest.importorskip("transformers")
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny-llama"
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
 
-
-@pytest.fixture
-def gloo_group(tmp_path: Path) -> Iterator[None]:
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +48,15 @@ def ddp(m: nn.Module) -> nn.Module:
 def fsdp1(m: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    # FSDP1 cannot flatten 0-d parameters (AION's and ADyT's scalars): it keeps them whole
-    scalars = [p for p in m.parameters() if p.dim() == 0]
-    return FullyShardedDataParallel(m, device_id=torch.device("cpu"), ignored_states=scalars)
+    return FullyShardedDataParallel(m, device_id=torch.device("cpu"))  # surgeon's are all >= 1-D
 
 
 def fsdp2(m: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    scalars = {p for p in m.parameters() if p.dim() == 0}  # fully_shard cannot shard 0-d ones
-    for layer in m.model.layers:
-        fully_shard(layer, ignored_params=scalars)
-    return fully_shard(m, ignored_params=scalars)
+    for layer in m.model.layers:  # every parameter surgeon adds is at least 1-D: all shard
+        fully_shard(layer)
+    return fully_shard(m)
 
 
 # name, wrap, needs a process group
