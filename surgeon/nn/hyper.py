@@ -85,6 +85,23 @@ def unfold_streams(h: torch.Tensor, num_streams: int) -> torch.Tensor:
     return h.reshape(h.shape[0] // num_streams, num_streams, -1, h.shape[-1])
 
 
+def mix_streams(
+    hs: torch.Tensor, pre: torch.Tensor, res: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Width mixing: `hs (b, n, p, d)`, weights `pre (b, p, n)` and `res (b, p, m, n)` → the
+    branch input `Σ_n pre·hs (b, p, d)` and the residual streams `Σ_n res·hs (b, m, p, d)`.
+
+    Eager runs one batched matmul over (b, p) (fewest kernels). Under torch.compile two einsums
+    over the stream's own layout instead: no slice of a (1+m)-wide product to scatter back in
+    backward and no token-major copy of the stream, which inductor fuses better.
+    """
+    if torch.compiler.is_compiling():
+        branch_input = torch.einsum("bpn,bnpd->bpd", pre, hs)
+        return branch_input, torch.einsum("bpmn,bnpd->bmpd", res, hs)
+    mix = torch.cat([pre.unsqueeze(-2), res], dim=-2) @ hs.transpose(1, 2)  # (b, p, 1+m, d)
+    return mix[:, :, 0], mix[:, :, 1:].transpose(1, 2)
+
+
 class StreamMixer(nn.Module):
     """What the hyper-connection modules share: the three-step protocol and `forward`."""
 
@@ -181,17 +198,17 @@ class HyperConnections(StreamMixer):
 
     def _width(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.num_streams
-        hs = unfold_streams(h, n).transpose(1, 2)  # (b, p, n, d)
+        hs = unfold_streams(h, n)  # (b, n, p, d)
         # norm(H) @ W without writing norm(H): fold the gain into W, scale the logits by 1/‖H‖;
         # alpha's and beta's projections go through one matmul.
         gain = (self.norm.gamma + 1).unsqueeze(-1)  # (d, 1)
         w = torch.cat([self.dynamic_alpha_fn, self.dynamic_beta_fn.unsqueeze(-1)], 1) * gain
         inv = self.norm.scale / torch.linalg.vector_norm(hs, dim=-1, keepdim=True).clamp_min(1e-12)
-        logits = self._act((hs @ w.to(hs.dtype)) * inv)  # (b, p, n, 2+n)
-        alpha = logits[..., : n + 1] * self.dynamic_alpha_scale.reshape(()) + self.static_alpha
-        beta = logits[..., n + 1] * self.dynamic_beta_scale.reshape(()) + self.static_beta
-        beta = beta.transpose(1, 2)  # (b, n, p)
-        mix = alpha.to(hs.dtype).transpose(-1, -2) @ hs  # (b, p, 1+n, d)
-        branch_input = mix[:, :, 0].reshape(-1, *h.shape[1:])  # (b, ..., d)
-        residuals = mix[:, :, 1:].transpose(1, 2)  # (b, n, p, d)
-        return branch_input, residuals, beta
+        logits = self._act((hs @ w.to(hs.dtype)) * inv)  # (b, n, p, 2+n)
+        alpha = logits[..., : n + 1] * self.dynamic_alpha_scale.reshape(()) \
+            + self.static_alpha.unsqueeze(1)  # (b, n, p, 1+n)
+        beta = logits[..., n + 1] * self.dynamic_beta_scale.reshape(()) \
+            + self.static_beta.unsqueeze(-1)  # (b, n, p)
+        alpha = alpha.to(hs.dtype).permute(0, 2, 3, 1)  # (b, p, 1+n, n)
+        branch_input, residuals = mix_streams(hs, alpha[:, :, 0], alpha[:, :, 1:])
+        return branch_input.reshape(-1, *h.shape[1:]), residuals, beta

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from surgeon.nn.hyper import HyperConnections, StreamMixer, unfold_streams
+from surgeon.nn.hyper import HyperConnections, StreamMixer, mix_streams, unfold_streams
 from surgeon.nn.scalars import scalar_parameter
 
 
@@ -95,9 +95,7 @@ class ManifoldHyperConnections(StreamMixer):
     def _width(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hs = unfold_streams(h, self.num_streams)  # (b, n, p, d)
         h_pre, h_post, h_res = self.coefficients(hs)
-        ht = hs.transpose(1, 2)  # (b, p, n, d)
-        branch_input = (h_pre.to(hs.dtype).unsqueeze(-2) @ ht).squeeze(-2)  # (b, p, d)
-        residuals = (h_res.to(hs.dtype) @ ht).transpose(1, 2)  # (b, n, p, d)
+        branch_input, residuals = mix_streams(hs, h_pre.to(hs.dtype), h_res.to(hs.dtype))
         return branch_input.reshape(-1, *h.shape[1:]), residuals, h_post.transpose(1, 2)
 
 
