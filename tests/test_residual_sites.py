@@ -100,3 +100,12 @@ def test_parallel_block_is_one_site_with_two_branches(build, tol) -> None:
     # Cohere adds (x + attn) + mlp; AION computes x + α·(attn + mlp): exact up to rounding
     assert n == 2 and delta <= tol
     _train_step(model, example)
+
+
+def test_zero_growth_finds_both_branches_of_a_parallel_block() -> None:
+    from surgeon.growth.branches import branch_outputs
+
+    model, example = hf_gpt_neox_parallel(), {"input_ids": tokens(128)}
+    trace, report = surgeon.trace(model, example), surgeon.inspect(model, example)
+    assert branch_outputs(trace, report.residuals, "gpt_neox.layers.0") == [
+        "gpt_neox.layers.0.attention.dense", "gpt_neox.layers.0.mlp.dense_4h_to_h"]
