@@ -109,3 +109,12 @@ def test_zero_growth_finds_both_branches_of_a_parallel_block() -> None:
     trace, report = surgeon.trace(model, example), surgeon.inspect(model, example)
     assert branch_outputs(trace, report.residuals, "gpt_neox.layers.0") == [
         "gpt_neox.layers.0.attention.dense", "gpt_neox.layers.0.mlp.dense_4h_to_h"]
+
+
+def test_cli_table_shows_calls_and_branches() -> None:
+    from surgeon.cli import format_inspection
+
+    looped = surgeon.inspect(LoopedShared(times=3), (torch.randn(2, 5, 16),))
+    assert "block (x3 calls)" in format_inspection(looped, "looped")
+    neox = surgeon.inspect(hf_gpt_neox_parallel(), {"input_ids": tokens(128)})
+    assert format_inspection(neox, "neox").count("pre_norm, 2 parallel branches") == 2
