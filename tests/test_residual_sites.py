@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from zoo import (
     LoopedShared,
     TinyMoE,
@@ -73,6 +74,38 @@ def test_branch_sums_are_not_residuals() -> None:
     delta, n = _aion_delta(model, example)
     assert (delta, n) == (0.0, 4)
     _train_step(model, example)
+
+
+class _SplitSum(torch.nn.Module):
+    """Res2Net-style: a part of a split added to another part's branch output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f, self.g = torch.nn.Conv2d(4, 4, 3, 1, 1), torch.nn.Conv2d(4, 4, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, 8, h, w)
+        a, b = x.chunk(2, dim=1)  # (b, 4, h, w) each
+        y1 = self.f(a)
+        return torch.cat([y1, self.g(b + y1)], 1)
+
+
+class _OptionA(torch.nn.Module):
+    """CIFAR ResNet's parameter-free shortcut: subsample and zero-pad the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, 2, 1), torch.nn.ReLU(),
+                                     torch.nn.Conv2d(8, 8, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, 4, h, w) -> (b, 8, h/2, w/2)
+        return torch.relu(self.f(x) + F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2)))
+
+
+def test_split_parts_are_no_skip_but_a_padded_shortcut_is() -> None:
+    example = (torch.randn(2, 8, 6, 6),)
+    assert surgeon.inspect(torch.nn.Sequential(_SplitSum()), example).residuals == []
+    report = surgeon.inspect(torch.nn.Sequential(_OptionA()), (torch.randn(2, 4, 6, 6),))
+    assert [(r.module, r.kind, r.skip_node) for r in report.residuals] == [("0", "plain", "pad")]
 
 
 def test_shared_block_called_three_times() -> None:

@@ -630,7 +630,7 @@ def _projection_residual(an: _Analysis, name: str, mt: ModuleTrace, facts: Graph
         return None
     fork = facts.nodes[common.bit_length() - 1]  # the latest common ancestor
     paths = [facts.path_mask(fork, x) for x in (a, b)]
-    if paths[0] & paths[1]:
+    if paths[0] & paths[1] or _is_split(fork):  # parts of a split are no skip (Res2Net)
         return None
     weights = [_weight(mt, facts, p) for p in paths]
     short, long_ = (0, 1) if weights[0] < weights[1] else (1, 0)
@@ -643,6 +643,15 @@ def _projection_residual(an: _Analysis, name: str, mt: ModuleTrace, facts: Graph
     if facts.starts_with_norm_of(fork, paths[long_]) and weights[short] == 0:
         return "pre_norm", skip, facts.norm_of(fork, paths[long_])
     return ("post_norm" if facts.feeds_output_norm(add) else "plain"), skip, None
+
+
+_SPLITS = frozenset(("split", "chunk", "unbind", "tensor_split", "split_with_sizes"))
+
+
+def _is_split(node: fx.Node) -> bool:
+    """A node that cuts a tensor into parts (`x.chunk(2)`, `torch.split`)."""
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and target in _SPLITS
 
 
 def _weight(mt: ModuleTrace, facts: GraphFacts, mask: int) -> int:
