@@ -8,15 +8,34 @@ what the original did.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from surgeon.graph.rewrite import Surgery, node_named
 from surgeon.nn.aion import AionResidual
 from surgeon.recipe import PassConfig, PassError, bounded, register
+
+
+def _sum(graph: fx.Graph, terms: list[fx.Node]) -> fx.Node:
+    """`b1 + b2 + …` as new add nodes (a parallel block's branches, summed in graph order)."""
+    total = terms[0]
+    for t in terms[1:]:
+        total = graph.call_function(operator.add, (total, t))
+    return total
+
+
+def _erase_sum(graph: fx.Graph, add: fx.Node) -> None:
+    """Erase `add` and the adds of its sum that nothing else uses any more."""
+    operands = [o for o in add.args if isinstance(o, fx.Node)]
+    graph.erase_node(add)
+    for o in operands:
+        if o.target in (operator.add, operator.iadd) and not o.users:
+            _erase_sum(graph, o)
 
 
 @register
@@ -58,7 +77,12 @@ class AION(PassConfig):
         for r in residuals:
             graph = surgery.graph(r.module)
             add = node_named(graph, r.node)
-            skip, branch = add.args[r.skip], add.args[1 - r.skip]
+            if r.branches:  # a parallel block: one AION on the sum of its branches
+                skip = node_named(graph, r.skip_node)
+                with graph.inserting_before(add):
+                    branch = _sum(graph, [node_named(graph, b) for b in r.branches])
+            else:
+                skip, branch = add.args[r.skip], add.args[1 - r.skip]
             args = (skip, branch)
             if r.x_norm is not None:
                 args += (node_named(graph, r.x_norm),)
@@ -70,7 +94,7 @@ class AION(PassConfig):
             with graph.inserting_before(add):
                 call = graph.call_module(target, args)
             add.replace_all_uses_with(call)
-            graph.erase_node(add)
+            _erase_sum(graph, add)
             new.append(f"{r.module}.{target}")
         return new
 

@@ -509,7 +509,9 @@ def format_inspection(ins: Inspection, description: str) -> str:
     lines += _section(
         "Residual adds",
         ("module", "kind", "source"),
-        [(_name(r.module), r.kind, r.source) for r in ins.residuals],
+        [(_name(r.module) + (f" (x{r.calls} calls)" if r.calls > 1 else ""),
+          r.kind + (f", {len(r.branches)} parallel branches" if r.branches else ""), r.source)
+         for r in ins.residuals],
     )
     lines += _section(
         "Norms",

@@ -294,3 +294,145 @@ ZOO = [
     ZooCase("mixer", TinyMixer, lambda: (torch.randn(2, 3, 16, 16),), {"pre_norm": 4},
             {"layer_norm": 5}, [2], {"blocks.0", "blocks.1"}),
 ]
+
+# --- detect ---
+# Residual detection's traps: an Identity shortcut and one-call projection shortcuts (transformers
+# ResNet), sums of branches that are no residual (RepVGG, a MoE's shared expert), a block called
+# several times, and parallel blocks (x + attn(ln(x)) + mlp(ln(x))) that are one site.
+
+
+class RepVGGBlock(nn.Module):
+    """conv3x3(x) + conv1x1(x) + bn(x): three parameterised branches, no identity, no residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv3 = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+        self.conv1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv3(x) + self.conv1(x) + self.bn(x))
+
+
+class TinyRepVGG(nn.Module):
+    """Two RepVGG blocks, then one true residual block (`relu(x + f(x))`)."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.blocks = nn.Sequential(RepVGGBlock(8), RepVGGBlock(8), PlainBlock(8))
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class SharedBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln, self.f = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(self.ln(x))
+
+
+class LoopedShared(nn.Module):
+    """One block called `times` times per forward (ALBERT-style weight sharing)."""
+
+    def __init__(self, d: int = 16, times: int = 3) -> None:
+        super().__init__()
+        self.inp, self.block, self.out = nn.Linear(d, d), SharedBlock(d), nn.Linear(d, 4)
+        self.times = times
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for _ in range(self.times):
+            x = self.block(x)
+        return self.out(x)
+
+
+class SharedExpertMoE(nn.Module):
+    """DeepSeek-style: routed experts (router + experts) plus an always-on shared expert, summed:
+    an add of two branch outputs, not a residual."""
+
+    def __init__(self, d: int, experts: int = 4) -> None:
+        super().__init__()
+        self.router = nn.Linear(d, experts, bias=False)
+        self.experts = nn.ModuleList([MlpBlock(d, 2 * d) for _ in range(experts)])
+        self.shared = MlpBlock(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        weights = torch.softmax(self.router(x), dim=-1)  # (b, t, e); dense routing, tiny
+        routed = sum(weights[..., i:i + 1] * e(x) for i, e in enumerate(self.experts))
+        return routed + self.shared(x)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mix, self.moe = nn.Linear(d, d), SharedExpertMoE(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mix(self.ln1(x))
+        return x + self.moe(self.ln2(x))
+
+
+class TinyMoE(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(MoEBlock(d), MoEBlock(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def hf_resnet() -> nn.Module:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    return ResNetForImageClassification(ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], layer_type="basic", num_labels=4))
+
+
+def hf_qwen2_moe() -> nn.Module:
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+        max_position_embeddings=64))
+
+
+def hf_gpt_neox_parallel() -> nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=128, max_position_embeddings=64, use_parallel_residual=True))
+
+
+def hf_cohere() -> nn.Module:
+    from transformers import CohereConfig, CohereForCausalLM
+
+    return CohereForCausalLM(CohereConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2))
+
+
+DETECT_ZOO = [
+    ZooCase("hf_resnet", hf_resnet, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)},
+            {"plain": 4}, {}, [2, 1]),
+    ZooCase("repvgg", TinyRepVGG, lambda: (torch.randn(2, 3, 8, 8),), {"plain": 1}, {}, [1],
+            {"blocks.2"}),
+    ZooCase("looped_shared", LoopedShared, lambda: (torch.randn(2, 5, 16),), {"pre_norm": 1},
+            {"layer_norm": 1}, [1], {"block"}),
+    ZooCase("moe_shared_expert", TinyMoE, lambda: (torch.randn(2, 5, 16),), {"pre_norm": 4},
+            {"layer_norm": 4}, [2], {"blocks.0", "blocks.1"}),
+    ZooCase("hf_qwen2_moe", hf_qwen2_moe, lambda: {"input_ids": tokens(128)}, {"pre_norm": 4},
+            {"rms_norm": 5}, [2], {"model.layers.0", "model.layers.1"}),
+    ZooCase("hf_gpt_neox_parallel", hf_gpt_neox_parallel, lambda: {"input_ids": tokens(128)},
+            {"pre_norm": 2}, {"layer_norm": 5}, [2], {"gpt_neox.layers.0", "gpt_neox.layers.1"}),
+]
+ZOO += DETECT_ZOO

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 BATCH = 2
 SEQ = 8
 SEED = 0
+# The side of a vision model's input when its config names none (ResNet, ConvNeXt, RegNet): the
+# 224 × 224 crop their image processors produce for ImageNet-style checkpoints.
+IMAGE_SIZE = 224
 
 _ASK = "pass example= (a tuple of positional args or a dict of keyword args for forward)"
 
@@ -44,7 +47,8 @@ def default_example(model: nn.Module) -> dict[str, torch.Tensor]:
     """Build a deterministic keyword input (batch 2, sequence 8) for a transformers `model`.
 
     Text models get `input_ids` (plus `decoder_input_ids` for encoder-decoders), vision models get
-    `pixel_values` of shape (2, num_channels, image_size, image_size). The tensors are drawn from a
+    `pixel_values` of shape (2, num_channels, image_size, image_size), 224 where the config
+    names no image_size. The tensors are drawn from a
     seeded generator, so two calls give the same example, and live on the model's device.
     Raises `ExampleError` for a model that is not a transformers model or takes another input.
     """
@@ -55,7 +59,8 @@ def default_example(model: nn.Module) -> dict[str, torch.Tensor]:
     vision = _sub_config(config, "vision")
     image_size = getattr(vision, "image_size", None)
     if main is None:
-        main = "pixel_values" if vocab is None and image_size is not None else "input_ids"
+        main = "pixel_values" if vocab is None and (
+            image_size is not None or getattr(vision, "num_channels", None)) else "input_ids"
 
     device, dtype = _placement(model)
     gen = torch.Generator().manual_seed(SEED)
@@ -70,7 +75,7 @@ def default_example(model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in example.items()}
     if main == "pixel_values":
         if image_size is None:
-            raise ExampleError(f"{name}: its config has no image_size for pixel_values; {_ASK}")
+            image_size = IMAGE_SIZE
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)[:2]
         channels = getattr(vision, "num_channels", None) or 3
         pixels = torch.randn(BATCH, channels, h, w, generator=gen)  # (b, c, h, w)

@@ -518,9 +518,19 @@ def _aion_owners(trace: ModelTrace) -> set[str]:
 
 
 def _residuals(an: _Analysis, name: str, mt: ModuleTrace, facts: GraphFacts) -> list[Residual]:
-    found = []
+    calls = an.trace.calls[name].times if name in an.trace.calls else 1
+    found: list[tuple[int, Residual]] = []
+    absorbed: set[fx.Node] = set()
+    for node in reversed(facts.nodes):  # the last add of a parallel sum first
+        if op_name(node) == "add" and node not in absorbed:
+            site = _parallel_site(facts, node)
+            if site is not None:
+                skip, branches, inner = site
+                absorbed |= inner | {node}
+                found.append((facts.index[node], _site(facts, name, node, skip, branches,
+                                                       inner, calls)))
     for node in facts.nodes:
-        if op_name(node) != "add":
+        if op_name(node) != "add" or node in absorbed:
             continue
         a, b = _operands(node)
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
@@ -529,16 +539,70 @@ def _residuals(an: _Analysis, name: str, mt: ModuleTrace, facts: GraphFacts) -> 
         if hit is None:
             hit = _lifted_residual(an, name, facts, node, a, b)
         if hit is None:
-            hit = _projection_residual(facts, node, a, b)
+            hit = _projection_residual(an, name, mt, facts, node, a, b)
         if hit is not None:
             kind, skip, x_norm = hit
-            found.append(Residual(name, kind, node.name, _source(node), 0 if skip is a else 1,
-                                  x_norm.name if x_norm is not None else None))
-    return found
+            found.append((facts.index[node], Residual(
+                name, kind, node.name, _source(node), 0 if skip is a else 1,
+                x_norm.name if x_norm is not None else None, skip_node=skip.name,
+                calls=calls)))
+    return [r for _, r in sorted(found, key=lambda ir: ir[0])]
 
 
 # A found residual: (kind, the skip operand, the norm node the branch starts with or None).
 _Hit = tuple[str, fx.Node, "fx.Node | None"]
+
+
+def _parallel_site(facts: GraphFacts, root: fx.Node
+                   ) -> tuple[fx.Node, list[fx.Node], set[fx.Node]] | None:
+    """`skip + b1 + … + bk` (k ≥ 2) summed in any order ending at `root`, where each branch is
+    computed from the skip through a parameterised op: (skip, branches in graph order, the inner
+    adds). An inner add joins the sum only if it feeds nothing else and is no ancestor of another
+    term (`x = x + f(x); x = x + g(x)` is two residuals, not one site)."""
+    terms = list(_operands(root))
+    inner: set[fx.Node] = set()
+    changed = True
+    while changed:
+        changed = False
+        for t in list(terms):
+            if not (isinstance(t, fx.Node) and op_name(t) == "add" and len(t.users) == 1):
+                continue
+            a, b = _operands(t)
+            others = [o for o in terms if o is not t]
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or any(
+                    isinstance(o, fx.Node) and facts.is_ancestor(t, o) for o in others):
+                continue
+            terms = others + [a, b]
+            inner.add(t)
+            changed = True
+    if not inner or not all(isinstance(t, fx.Node) for t in terms):
+        return None
+    for skip in terms:
+        branches = [t for t in terms if t is not skip]
+        if all(facts.is_ancestor(skip, t) and facts.path_mask(skip, t) & facts.param_mask
+               for t in branches):
+            return skip, sorted(branches, key=facts.index.__getitem__), inner
+    return None
+
+
+def _terms(value: Any, inner: set[fx.Node]) -> list[Any]:
+    """The terms an operand of a parallel sum adds up (itself unless it is an inner add)."""
+    if value not in inner:
+        return [value]
+    return [t for o in _operands(value) for t in _terms(o, inner)]
+
+
+def _site(facts: GraphFacts, name: str, root: fx.Node, skip: fx.Node, branches: list[fx.Node],
+          inner: set[fx.Node], calls: int) -> Residual:
+    """The Residual of a parallel site: one add site, several branches."""
+    norms = [facts.norm_of(skip, facts.path_mask(skip, b)) for b in branches]
+    x_norm = next((n for n in norms if n is not None), None)
+    kind = ("pre_norm" if x_norm is not None
+            else "post_norm" if facts.feeds_output_norm(root) else "plain")
+    side = next(k for k, o in enumerate(_operands(root)) if skip in _terms(o, inner))
+    return Residual(name, kind, root.name, _source(root), side,
+                    x_norm.name if x_norm is not None else None,
+                    tuple(b.name for b in branches), skip.name, calls)
 
 
 def _local_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> _Hit | None:
@@ -554,26 +618,73 @@ def _local_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> 
     return _kind(facts, add, skip, mask), skip, facts.norm_of(skip, mask)
 
 
-def _projection_residual(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node
-                         ) -> _Hit | None:
-    """`f(x) + proj(x)`: a residual whose skip goes through a light projection (ResNet's
-    downsample: a conv and a norm). The branch must hold more parameterised ops than the shortcut,
-    and the two paths meet only at the fork."""
+def _projection_residual(an: _Analysis, name: str, mt: ModuleTrace, facts: GraphFacts,
+                         add: fx.Node, a: fx.Node, b: fx.Node) -> _Hit | None:
+    """`f(x) + s(x)` with a shortcut `s` that is parameter-free (`nn.Identity`, a fixed scale,
+    a pool) or a chain of ops that changes the stream's shape (ResNet's downsample: a strided or
+    widening conv and a norm), lighter than the branch `f`; the two paths meet only at the fork.
+    A sum of two parameterised branches that keep the shape (re-parameterisable convs, a MoE's
+    routed and shared experts) is no residual: neither operand is the identity."""
     common = facts.anc[facts.index[a]] & facts.anc[facts.index[b]]
     if not common:
         return None
     fork = facts.nodes[common.bit_length() - 1]  # the latest common ancestor
     paths = [facts.path_mask(fork, x) for x in (a, b)]
-    if paths[0] & paths[1]:
+    if paths[0] & paths[1] or _is_split(fork):  # parts of a split are no skip (Res2Net)
         return None
-    counts = [bin(p & facts.param_mask).count("1") for p in paths]
-    short, long_ = (0, 1) if counts[0] < counts[1] else (1, 0)
-    if counts[short] > 2 or counts[long_] <= counts[short]:
+    weights = [_weight(mt, facts, p) for p in paths]
+    short, long_ = (0, 1) if weights[0] < weights[1] else (1, 0)
+    if weights[long_] <= weights[short]:
+        return None
+    if weights[short] and not (_is_chain(facts, fork, paths[short])
+                               and _changes_shape(an, name, facts, paths[short])):
         return None
     skip = (a, b)[short]
-    if facts.starts_with_norm_of(fork, paths[long_]) and counts[short] == 0:
+    if facts.starts_with_norm_of(fork, paths[long_]) and weights[short] == 0:
         return "pre_norm", skip, facts.norm_of(fork, paths[long_])
     return ("post_norm" if facts.feeds_output_norm(add) else "plain"), skip, None
+
+
+_SPLITS = frozenset(("split", "chunk", "unbind", "tensor_split", "split_with_sizes"))
+
+
+def _is_split(node: fx.Node) -> bool:
+    """A node that cuts a tensor into parts (`x.chunk(2)`, `torch.split`)."""
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and target in _SPLITS
+
+
+def _weight(mt: ModuleTrace, facts: GraphFacts, mask: int) -> int:
+    """How much parameterised work a path holds: one per parameterised op, and for a submodule
+    call the number of its parameterised leaf modules (`Sequential(conv, bn)` weighs 2)."""
+    total = 0
+    for i, n in enumerate(facts.nodes):
+        if not (mask & facts.param_mask) >> i & 1:
+            continue
+        sub = _submodule(mt.module, str(n.target)) if n.op == "call_module" else None
+        total += max(1, sum(1 for m in sub.modules()
+                            if any(True for _ in m.parameters(recurse=False)))) if sub else 1
+    return total
+
+
+def _is_chain(facts: GraphFacts, fork: fx.Node, mask: int) -> bool:
+    """Each node of the path takes exactly one input from the fork or the path: a chain of ops
+    (conv → norm), not a small network of its own (a router feeding experts)."""
+    inside = mask | facts.bit(fork)
+    return all(sum(1 for i in n.all_input_nodes if (inside >> facts.index[i]) & 1) == 1
+               for k, n in enumerate(facts.nodes) if (mask >> k) & 1)
+
+
+def _changes_shape(an: _Analysis, name: str, facts: GraphFacts, mask: int) -> bool:
+    """A submodule call on the path whose recorded output has another shape than its input."""
+    prefix = name + "." if name else ""
+    for i, n in enumerate(facts.nodes):
+        if (mask >> i) & 1 and n.op == "call_module":
+            call = an.trace.calls.get(prefix + str(n.target))
+            if call is not None and call.in_shape is not None and call.out_shape is not None \
+                    and call.in_shape != call.out_shape:
+                return True
+    return False
 
 
 def _kind(facts: GraphFacts, add: fx.Node, skip: Any, mask: int) -> str:

@@ -19,6 +19,13 @@ class Residual:
     norm that produces the module's output) or "plain". `node` is the add's name in the graph,
     `skip` which of its two operands is the skip (0 or 1), and `x_norm` the node of the norm the
     branch applies to the skip (pre-norm residuals in the same graph), else None.
+
+    A parallel block (`x + attn(ln(x)) + mlp(ln(x))`, GPT-J, GPT-NeoX, Phi, Cohere) is ONE site:
+    `branches` names each branch's output node (two or more, in graph order), `skip_node` the
+    skip, and `node` the last add of the sum; `skip` is then the operand of `node` that holds the
+    skip (it is the skip itself only when the skip is added last). `branches` is empty for an
+    ordinary `skip + branch` add. `calls` is how many times `module` runs in one forward of the
+    model (a shared block called N times holds one add, N call sites).
     """
 
     module: str
@@ -27,6 +34,9 @@ class Residual:
     source: str = ""
     skip: int = 0
     x_norm: str | None = None
+    branches: tuple[str, ...] = ()
+    skip_node: str | None = None
+    calls: int = 1
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,7 @@ class Inspection:
             norm_kinds[n.kind] = norm_kinds.get(n.kind, 0) + 1
         return {
             "residuals": len(self.residuals),
+            "residual_calls": sum(r.calls for r in self.residuals),
             "residual_kinds": by_kind,
             "norms": len(self.norms),
             "norm_kinds": norm_kinds,

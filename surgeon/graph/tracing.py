@@ -154,6 +154,7 @@ class Call:
     out_ids: tuple[int, ...] = ()
     in_shape: tuple[int, ...] | None = None
     out_shape: tuple[int, ...] | None = None
+    times: int = 1  # calls of the module in the recorded forward (a shared block: N)
 
 
 def _clone(obj: Any) -> Any:
@@ -228,6 +229,8 @@ def record_calls(model: nn.Module, example: tuple | dict,
     def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
         name = names.get(id(mod))
         if name is None or name in calls:
+            if name is not None:
+                calls[name].times += 1
             return
         keep.append((args, kwargs))
         first = _first_tensor((args, kwargs))

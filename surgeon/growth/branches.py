@@ -45,12 +45,16 @@ def branch_outputs(trace: ModelTrace, residuals: list, block: str) -> list[str]:
             continue
         graph = trace.traces[r.module].graph
         add = next(n for n in graph.nodes if n.name == r.node)
-        name = _producer(trace, r.module, add.args[1 - r.skip])
-        if name is None:
-            raise BranchError(f"cannot trace the residual branch of {r.module} ({r.source}) "
-                              "back to a parameterised module; use another --init")
-        if name not in found:
-            found.append(name)
+        # a parallel block's site has several branches (`r.branches`), an ordinary add one
+        outputs = ([n for n in graph.nodes if n.name in r.branches] if r.branches
+                   else [add.args[1 - r.skip]])
+        for output in outputs:
+            name = _producer(trace, r.module, output)
+            if name is None:
+                raise BranchError(f"cannot trace the residual branch of {r.module} ({r.source}) "
+                                  "back to a parameterised module; use another --init")
+            if name not in found:
+                found.append(name)
     if not found:
         raise BranchError(f"no residual adds found in {block}; --init zero needs a block with "
                           "residual branches")
