@@ -23,6 +23,7 @@ follow lucidrains' `HyperConnections`, so its state dict loads into this one.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -56,6 +57,55 @@ def stream_shape(h: torch.Tensor, num_streams: int) -> torch.Size:
     """The shape of one stream of `h` `(n·b, ...)`: `(b, ...)` (what code written for the
     plain network reads off the tensor)."""
     return torch.Size((h.shape[0] // num_streams, *h.shape[1:]))
+
+
+def stream_size(h: torch.Tensor, num_streams: int, dim: int) -> int:
+    """`stream_shape(h, n)[dim]`."""
+    return stream_shape(h, num_streams)[dim]
+
+
+def stream_numel(h: torch.Tensor, num_streams: int) -> int:
+    """The number of elements of one stream of `h`."""
+    return h.numel() // num_streams
+
+
+def _sizes(sizes: tuple) -> list:
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        return list(sizes[0])
+    return list(sizes)
+
+
+def stream_view(h: torch.Tensor, num_streams: int, method: str, *sizes: Any) -> torch.Tensor:
+    """`h.<method>(*sizes)` (view, reshape, expand) for sizes written for one stream: the first
+    size, unless -1, is scaled by n, which keeps the streams outermost."""
+    new = _sizes(sizes)
+    if new and new[0] != -1:
+        new[0] = new[0] * num_streams
+    return getattr(h, method)(*new)
+
+
+def stream_unflatten(h: torch.Tensor, num_streams: int, dim: int, sizes: Any) -> torch.Tensor:
+    """`h.unflatten(dim, sizes)` for sizes written for one stream."""
+    sizes = list(sizes)
+    if dim == 0 and sizes and sizes[0] != -1:
+        sizes[0] = sizes[0] * num_streams
+    return h.unflatten(dim, sizes)
+
+
+def stream_permute(h: torch.Tensor, num_streams: int, method: str, *dims: Any) -> torch.Tensor:
+    """`h.<method>(*dims)` (permute, transpose, movedim, swapaxes) applied to each stream: the
+    streams stay outermost when the op moves the batch dimension."""
+    rank = h.dim()
+
+    def shift(d: Any) -> Any:
+        if isinstance(d, (tuple, list)):
+            return type(d)(shift(x) for x in d)
+        return d % rank + 1
+
+    args = [shift(d) for d in dims]
+    if method == "permute":
+        args = [0, *shift(_sizes(tuple(dims)))]
+    return getattr(h.unflatten(0, (num_streams, -1)), method)(*args).flatten(0, 1)
 
 
 class ExpandStreams(nn.Module):
@@ -130,13 +180,17 @@ class StreamMixer(nn.Module):
         return (f"num_streams={self.num_streams}, layer_index={self.layer_index}, "
                 f"home={self.home}, feature_axis={self.feature_axis}")
 
-    def _back(self, t: torch.Tensor) -> torch.Tensor:
-        """A features-last tensor back in the stream's layout."""
+    def _back(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A features-last tensor back in the stream's layout, in `like`'s memory format
+        (convolutions pick their kernels, and so their rounding, by it, and the rewrite is
+        meant to be exact at init)."""
         if self.feature_axis in (-1, t.dim() - 1):
             return t
-        # contiguous: convolutions on a channels-last view pick other kernels and round
-        # differently, and the rewrite is meant to be exact at init
-        return t.movedim(-1, self.feature_axis).contiguous()
+        t = t.movedim(-1, self.feature_axis)
+        if t.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
+                and not like.is_contiguous():
+            return t.contiguous(memory_format=torch.channels_last)
+        return t.contiguous()
 
     def width_connection(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`H (n·b, ...)` → branch input `(b, ...)`, residual streams `(n·b, ...)` and the depth
@@ -145,8 +199,8 @@ class StreamMixer(nn.Module):
         last = h.movedim(self.feature_axis, -1)  # (n·b, ..., d)
         branch_input, residuals, beta = self._width(last.reshape(n, -1, last.shape[-1]))
         one = (last.shape[0] // n, *last.shape[1:])
-        return (self._back(branch_input.reshape(one)), self._back(residuals.reshape(last.shape)),
-                beta.reshape(n, one[0], -1))
+        return (self._back(branch_input.reshape(one), h),
+                self._back(residuals.reshape(last.shape), h), beta.reshape(n, one[0], -1))
 
     def _width(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`hs (n, m, d)` → branch input `(m, d)`, residuals `(n, m, d)`, depth weights `(n, m)`."""
@@ -163,16 +217,19 @@ class StreamMixer(nn.Module):
         branch output has other positions than the block's input (a strided block), `beta` is
         averaged over the positions of each sample."""
         n = self.num_streams
-        r = residuals.movedim(self.feature_axis, -1)  # (n·b, ..., d')
-        ys = [y.movedim(self.feature_axis, -1) for y in (branch_output, *more_outputs)]
-        rs = r.reshape(n, ys[0].shape[0], -1, r.shape[-1])  # (n, b, p', d')
-        if beta.shape[-1] != rs.shape[2]:
+        axis = self.feature_axis % branch_output.dim()
+        positions = [s for i, s in enumerate(branch_output.shape) if i != axis]  # (b, *p)
+        if beta.shape[-1] != math.prod(positions[1:]):
             beta = beta.mean(-1, keepdim=True)  # (n, b, 1): per sample
-        beta = beta.unsqueeze(-1)  # (n, b, p, 1)
-        out = rs
-        for y in ys:
-            out = out + beta.to(y.dtype) * y.reshape(1, *rs.shape[1:])  # (n, b, p', d')
-        return self._back(out.reshape(r.shape))
+            weight = beta.reshape(n, positions[0], *[1] * (len(positions) - 1))
+        else:
+            weight = beta.reshape(n, *positions)  # (n, b, *p)
+        weight = weight.unsqueeze(axis + 1)  # (n, b, ...) with 1 on the feature axis
+        # elementwise in the layout the plain block adds in (so in its memory format)
+        out = residuals.unflatten(0, (n, -1))  # (n, b, ...)
+        for y in (branch_output, *more_outputs):
+            out = out + weight.to(y.dtype) * y.unsqueeze(0)
+        return out.flatten(0, 1)  # (n·b, ...)
 
     def forward(self, h: torch.Tensor, *branch_args: Any, **branch_kwargs: Any) -> Any:
         """With a `branch`: the new streams. Without one (lucidrains' protocol): the branch
