@@ -210,8 +210,11 @@ class HyperConnections(PassConfig):
             y = branch
             if site.aion is not None:  # AION scales the branch inside the streams
                 aion = graph.get_attr(site.aion)
-                y = graph.call_method("scale", (aion, branch, branch_input,
-                                                *site_node.args[2:]))
+                # its x: what the branch reads, or with a shortcut (another shape) the mean
+                # of the streams past the shortcut
+                x = branch_input if not shortcut else graph.call_function(
+                    reduce_streams, (skip, self.streams, "mean"))
+                y = graph.call_method("scale", (aion, branch, x, *site_node.args[2:]))
             out = graph.call_method("depth_connection", (mixer, y, skip, beta, *more))
             if last:
                 out = graph.call_function(reduce_streams, (out, self.streams, self.reduce))

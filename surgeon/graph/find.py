@@ -670,8 +670,9 @@ def _ask_caller(an: _Analysis, name: str, skip_idx: int, branch_idxs: list[int],
 def _trunks(trace: ModelTrace, owners: set[str]) -> list[Trunk]:
     """Chains of sibling modules holding residual adds, each one's output the next one's first
     input. A member may change the stream's shape (a strided block, a stage that downsamples):
-    one trunk spans a staged network's stages, so hyper-connections cover its every block. A chain of two or more blocks hides chains nested in its
-    blocks (T5's sub-layers); a lone block gives way to a chain nested in it (ResNet's stages)."""
+    one trunk spans a staged network's stages, so hyper-connections cover its every block.
+    A chain of two or more blocks hides chains nested in its blocks (T5's sub-layers); a lone
+    block gives way to a chain nested in it."""
     calls = trace.calls
     candidates = set()
     for owner in owners:

@@ -181,16 +181,15 @@ class StreamMixer(nn.Module):
                 f"home={self.home}, feature_axis={self.feature_axis}")
 
     def _back(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A features-last tensor back in the stream's layout, in `like`'s memory format
-        (convolutions pick their kernels, and so their rounding, by it, and the rewrite is
-        meant to be exact at init)."""
-        if self.feature_axis in (-1, t.dim() - 1):
-            return t
-        t = t.movedim(-1, self.feature_axis)
-        if t.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
-                and not like.is_contiguous():
-            return t.contiguous(memory_format=torch.channels_last)
-        return t.contiguous()
+        """A features-last tensor back in the stream's layout, with `like`'s strides (a norm or
+        a convolution picks its kernel, and so its rounding, by them; the rewrite is meant to
+        be exact at init)."""
+        if self.feature_axis not in (-1, t.dim() - 1):
+            t = t.movedim(-1, self.feature_axis)
+        if like.is_contiguous():
+            return t.contiguous()
+        out = torch.empty_like(like)  # like's strides where it is dense
+        return out.copy_(t)
 
     def width_connection(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`H (n·b, ...)` → branch input `(b, ...)`, residual streams `(n·b, ...)` and the depth
@@ -199,7 +198,7 @@ class StreamMixer(nn.Module):
         last = h.movedim(self.feature_axis, -1)  # (n·b, ..., d)
         branch_input, residuals, beta = self._width(last.reshape(n, -1, last.shape[-1]))
         one = (last.shape[0] // n, *last.shape[1:])
-        return (self._back(branch_input.reshape(one), h),
+        return (self._back(branch_input.reshape(one), h.unflatten(0, (n, -1))[0]),
                 self._back(residuals.reshape(last.shape), h), beta.reshape(n, one[0], -1))
 
     def _width(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
