@@ -10,6 +10,7 @@ import torch
 import zoo
 from torch import nn
 
+import surgeon
 from surgeon.applying import apply, plain_output
 from surgeon.graph.tracing import flatten, run_example
 from surgeon.nn.hyper import HyperConnections, StreamMixer, expand_streams, stream_shape
@@ -82,6 +83,9 @@ def test_feature_axis_is_decided_at_each_add() -> None:
 def test_staged_network_is_one_trunk_through_the_strided_block() -> None:
     case = CASES["resnet"]
     model = case.build().eval()
+    report = surgeon.inspect(model, case.example())
+    assert (report.in_trunks(), len(report.residuals), len(report.trunks)) == (4, 4, 1)
+    assert report.counts()["residuals_in_trunks"] == 4
     apply(model, ["hyper"], case.example())
     assert isinstance(model.layer2[0].hyper_2, HyperConnections)  # the downsampling block
     assert model.layer2[0].hyper_2.dynamic_alpha_fn.shape == (8, 5)  # mixes at its input width
