@@ -289,8 +289,7 @@ def _sites(surgery: Surgery, blocks: tuple[str, ...]) -> list[_Site]:
     def inside(owner: str) -> bool:
         return any(owner == b or owner.startswith(b + ".") for b in blocks)
 
-    sites = [_Site(r.module, r.node, r.skip) for r in surgery.inspection.residuals
-             if inside(r.module)]
+    sites = [_site(surgery, r) for r in surgery.inspection.residuals if inside(r.module)]
     for owner, mt in surgery.trace.traces.items():
         if not inside(owner):
             continue
@@ -299,6 +298,28 @@ def _sites(surgery: Surgery, blocks: tuple[str, ...]) -> list[_Site]:
                                                     AionResidual):
                 sites.append(_Site(owner, n.name, 0, str(n.target)))
     return sorted(sites, key=lambda s: _when(surgery, s.owner, s.node))
+
+
+def _site(surgery: Surgery, r: Any) -> _Site:
+    """A found residual as a site. A parallel block reported as one residual with `branches`
+    (its `node` the last add of the sum): where the skip is added last, the sum of the branches
+    is the branch; where it is added first (`x + attn + mlp`), the site is the add that takes
+    the skip, and the outer adds join it as further branch outputs (see `_parallel`)."""
+    skip_node = getattr(r, "skip_node", None)
+    if not getattr(r, "branches", ()) or skip_node is None:
+        return _Site(r.module, r.node, r.skip)
+    graph = surgery.trace.traces[r.module].graph
+    add = node_named(graph, r.node)
+    while isinstance(add, fx.Node) and _is_add(add):
+        names = [a.name if isinstance(a, fx.Node) else None for a in add.args[:2]]
+        if skip_node in names:
+            return _Site(r.module, add.name, names.index(skip_node))
+        inner = [a for a in add.args[:2] if isinstance(a, fx.Node) and _is_add(a)
+                 and any(x.name == skip_node for x in _ancestors(a) | {a})]
+        if not inner:
+            break
+        add = inner[0]
+    return _Site(r.module, r.node, r.skip)
 
 
 def _when(surgery: Surgery, owner: str, node: str) -> tuple:
@@ -402,7 +423,29 @@ def _plans(surgery: Surgery, sites: list[_Site]) -> list[_Plan]:
                            tuple(n.name for n in shortcut), tuple(n.name for n in more),
                            tuple(n.name for n in chain), axis, dim))
     consumed = {(p.site.owner, c) for p in plans for c in p.chain[1:]}
-    return [p for p in plans if (p.site.owner, p.site.node) not in consumed]
+    plans = [p for p in plans if (p.site.owner, p.site.node) not in consumed]
+    return [p for p in plans if not any(_nested(surgery, p, q) for q in plans if q is not p)]
+
+
+def _nested(surgery: Surgery, inner: _Plan, outer: _Plan) -> bool:
+    """`inner`'s add runs inside `outer`'s branch (ConvNeXt-V2's GRN `γ·(x·n) + β + x` in a
+    block's MLP): a residual of the branch, not of the stream, which `outer` carries."""
+    graph = surgery.trace.traces[outer.site.owner].graph
+    owner = outer.site.owner
+    if inner.site.owner == owner:
+        node = node_named(graph, inner.site.node)
+    elif inner.site.owner.startswith(owner + "." if owner else ""):
+        rel = inner.site.owner[len(owner) + 1:] if owner else inner.site.owner
+        calls = [n for n in graph.nodes if n.op == "call_module"
+                 and (rel == n.target or rel.startswith(f"{n.target}."))]
+        if not calls:
+            return False
+        node = calls[0]
+    else:
+        return False
+    branches = [node_named(graph, b) for b in (outer.branch, *outer.more)]
+    up = set().union(*(_ancestors(b) | {b} for b in branches))
+    return node in up and node_named(graph, outer.fork) in _ancestors(node)
 
 
 def _shapes(surgery: Surgery, owner: str) -> dict[str, tuple[int, ...]]:
