@@ -13,7 +13,14 @@ from torch import nn
 import surgeon
 from surgeon.applying import apply, plain_output
 from surgeon.graph.tracing import flatten, run_example
-from surgeon.nn.hyper import HyperConnections, StreamMixer, expand_streams, stream_shape
+from surgeon.nn.hyper import (
+    HyperConnections,
+    StreamMixer,
+    expand_streams,
+    stream_permute,
+    stream_shape,
+    stream_view,
+)
 from surgeon.recipe import PassError
 
 CASES = {c.name: c for c in zoo.ZOO}
@@ -142,3 +149,15 @@ def test_batch_mixing_code_is_refused_in_one_line_before_anything_changes() -> N
         apply(model, ["hyper"], (x,))
     assert not any(isinstance(m, StreamMixer) for m in model.modules())
     assert torch.equal(model(x), want)
+
+
+def test_reshapes_of_folded_streams_act_per_stream() -> None:
+    n, x = 3, torch.randn(2, 4, 5)
+    h = expand_streams(x, n) + torch.arange(n).repeat_interleave(2)[:, None, None]  # distinct
+    per = h.unflatten(0, (n, -1))  # (n, b, t, d)
+    flat = stream_view(h, n, "view", -1, 5)  # (n·b·t, d): rows of each stream stay together
+    torch.testing.assert_close(stream_view(flat, n, "view", 2, 4, 5), h)
+    moved = stream_permute(h, n, "transpose", 0, 1)  # (n·t, b, d)
+    torch.testing.assert_close(moved.unflatten(0, (n, -1)), per.transpose(1, 2))
+    torch.testing.assert_close(stream_permute(h, n, "permute", 2, 0, 1).unflatten(0, (n, -1)),
+                               per.permute(0, 3, 1, 2))
