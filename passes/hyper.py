@@ -14,7 +14,6 @@ which runs at batch b. At init the rewrite is exact (HC) or within ~1e-6 (mHC).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import operator
@@ -23,14 +22,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
 from surgeon.files.budget import require_memory
 from surgeon.graph.find import source_line
-from surgeon.graph.rewrite import Surgery, copy_graph, node_named
+from surgeon.graph.layout import feature_axis, node_shapes
+from surgeon.graph.rewrite import Surgery, node_named
 from surgeon.graph.streams import folded_values, mixes_batch_in_list, translate
-from surgeon.graph.tracing import as_recorded, flatten
+from surgeon.graph.tracing import flatten
 from surgeon.nn.aion import AionResidual
 from surgeon.nn.hyper import expand_streams, reduce_streams
 from surgeon.nn.mhc import hyper_connections
@@ -151,6 +149,7 @@ class HyperConnections(PassConfig):
                                          renamed=renamed))
             _fold_shapes(surgery, trunk, self.streams)
         return new
+
     def _check_memory(self, surgery: Surgery, trunks: list) -> None:
         """Refuse, before anything is built, streams whose mixing weights (counted on a module
         built on the meta device) and widened activations would not fit in memory."""
@@ -268,12 +267,6 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
                 seen.add(inp)
                 stack.append(inp)
     return seen
-
-
-def _branch_users(skip: fx.Node, branch: fx.Node) -> list[fx.Node]:
-    """Users of `skip` on the branch's side (the branch or its ancestors)."""
-    upstream = _ancestors(branch) | {branch}
-    return [u for u in skip.users if u in upstream]
 
 
 def _is_local(surgery: Surgery, site: _Site) -> bool:
@@ -417,7 +410,7 @@ def _plans(surgery: Surgery, sites: list[_Site]) -> list[_Plan]:
         skip, branch = _operands(surgery, site, mt.graph)
         fork, shortcut = _fork(skip, branch)  # type: ignore[misc]  # _is_local checked it
         chain, more = _parallel(node_named(mt.graph, site.node), fork, set(shortcut))
-        shapes = _shapes(surgery, site.owner)
+        shapes = node_shapes(surgery, site.owner)
         axis, dim = _layout(surgery, site, mt, fork, chain[0], branch, shapes)
         plans.append(_Plan(site, fork.name, skip.name, branch.name,
                            tuple(n.name for n in shortcut), tuple(n.name for n in more),
@@ -448,49 +441,6 @@ def _nested(surgery: Surgery, inner: _Plan, outer: _Plan) -> bool:
     return node in up and node_named(graph, outer.fork) in _ancestors(node)
 
 
-def _shapes(surgery: Surgery, owner: str) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor-valued node of the owner's traced graph on its recorded call
-    (empty where the graph cannot be run again on it)."""
-    cache = surgery.__dict__.setdefault("_hyper_shapes", {})
-    if owner in cache:
-        return cache[owner]
-    mt, call = surgery.trace.traces[owner], surgery.trace.calls[owner]
-    try:
-        args, kwargs = copy.deepcopy((call.args, call.kwargs))
-    except Exception:  # an object that refuses copying: run on the recording itself
-        args, kwargs = call.args, call.kwargs
-    inputs = mt.shared.spec.match(args, kwargs)
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                shapes[n.name] = tuple(out.shape)
-            return out
-
-    if inputs is not None:
-        try:
-            with as_recorded(surgery.model), torch.no_grad():
-                Recorder(fx.GraphModule(mt.module, copy_graph(mt.graph))).run(*inputs)
-        except Exception:  # shapes stay partial; the layout falls back to the stream's rank
-            pass
-    cache[owner] = shapes
-    return shapes
-
-
-_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention, nn.Bilinear,
-         *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
-_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-          nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
-_LAST_FNS = {F.linear, F.layer_norm, torch.layer_norm, F.embedding,
-             *((F.rms_norm,) if hasattr(F, "rms_norm") else ())}
-_FIRST_FNS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-              F.conv_transpose3d, F.batch_norm, F.group_norm, F.instance_norm, torch.conv2d,
-              torch.conv1d, torch.conv3d}
-_VIEW_OPS = frozenset(("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"))
-
-
 def _layout(surgery: Surgery, site: _Site, mt: Any, fork: fx.Node, add: fx.Node,
             branch: fx.Node, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
     """The feature axis at the add (-1 for last) and the stream's width on it at the fork.
@@ -506,7 +456,7 @@ def _layout(surgery: Surgery, site: _Site, mt: Any, fork: fx.Node, add: fx.Node,
         axis = 1 if stream.dim() > 3 else stream.dim() - 1
         return (-1 if axis == stream.dim() - 1 else axis), int(stream.shape[axis])
     rank = len(out)
-    axis = _axis_of(surgery, mt, branch, shapes, 0)
+    axis = feature_axis(mt.module, branch, shapes)
     if axis is None or not 0 <= axis < rank:
         axis = 1 if rank > 3 else rank - 1
     if len(fork_shape) != rank:
@@ -514,87 +464,6 @@ def _layout(surgery: Surgery, site: _Site, mt: Any, fork: fx.Node, add: fx.Node,
                         f"{rank} branch to a rank-{len(fork_shape)} stream, which the streams "
                         f"cannot carry; exclude it with exclude={site.owner}")
     return (-1 if axis == rank - 1 else axis), int(fork_shape[axis])
-
-
-def _axis_of(surgery: Surgery, mt: Any, node: Any, shapes: dict[str, tuple[int, ...]],
-             depth: int, item: int | None = None) -> int | None:
-    """The feature axis of `node`'s value (non-negative), found backwards; None if unknown."""
-    if not isinstance(node, fx.Node) or depth > 64:
-        return None
-    shape = shapes.get(node.name)
-    rank = len(shape) if shape is not None else None
-
-    def of(x: Any) -> int | None:
-        return _axis_of(surgery, mt, x, shapes, depth + 1)
-
-    if node.op == "call_module":
-        sub = mt.module.get_submodule(str(node.target))
-        if rank is None and node.args and isinstance(node.args[0], fx.Node):
-            in_shape = shapes.get(node.args[0].name)
-            rank = len(in_shape) if in_shape is not None else None
-        if isinstance(sub, _LAST):
-            return rank - 1 if rank else None
-        if isinstance(sub, _FIRST) or getattr(sub, "data_format", "") == "channels_first":
-            return 1
-        return of(node.args[0]) if node.args else None
-    if node.op not in ("call_function", "call_method"):
-        return None
-    target, args = node.target, node.args
-    if target in _LAST_FNS:
-        return rank - 1 if rank else None
-    if target in _FIRST_FNS:
-        return 1
-    if target is operator.getitem:
-        src = args[0]
-        if isinstance(src, fx.Node) and src.name not in shapes:  # an item of a tuple
-            return of(src)
-        before = shapes.get(src.name) if isinstance(src, fx.Node) else None
-        axis = of(src)
-        return axis if before is not None and rank == len(before) else None
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    x = args[0] if args else None
-    if name in ("permute", "transpose", "movedim", "swapaxes", "swapdims") and rank:
-        axis = of(x)
-        if axis is None:
-            return None
-        dims = [d for a in args[1:] for d in (a if isinstance(a, (tuple, list)) else (a,))]
-        if not all(isinstance(d, int) for d in dims):
-            return None
-        dims = [d % rank for d in dims]
-        if name == "permute":
-            return dims.index(axis) if axis in dims else None
-        if name == "movedim":
-            src, dst = dims
-            order = [d for d in range(rank) if d != src]
-            order.insert(dst, src)
-            return order.index(axis)
-        i, j = dims
-        return j if axis == i else i if axis == j else axis
-    if name in _VIEW_OPS and isinstance(x, fx.Node):
-        before = shapes.get(x.name)
-        axis = of(x)
-        if axis is None or before is None or shape is None:
-            return None
-        prefix = math.prod(before[:axis])
-        for k in range(len(shape)):
-            if math.prod(shape[:k]) == prefix and shape[k] == before[axis]:
-                return k
-        return None
-    # elementwise: a layer scale (a parameter) tells the axis; otherwise follow the operand
-    # that carries the value
-    for a in args:
-        if isinstance(a, fx.Node) and a.op == "get_attr" and rank:
-            p = getattr(mt.module.get_submodule(".".join(str(a.target).split(".")[:-1]))
-                        if "." in str(a.target) else mt.module, str(a.target).split(".")[-1],
-                        None)
-            if isinstance(p, torch.Tensor) and p.dim() >= 1 and (
-                    sum(s != 1 for s in p.shape) == 1):
-                k = next(i for i, s in enumerate(p.shape) if s != 1)
-                return rank - p.dim() + k
-    for a in args:
-        if isinstance(a, fx.Node) and a.name in shapes and len(shapes[a.name]) == rank:
-            return of(a)
-    return None
 
 
 def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
@@ -620,7 +489,7 @@ def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
             elif n.op == "call_method" and n.target == "depth_connection":
                 seeds.add(n)
         folded = folded_values(graph, seeds, blocked)
-        tensors = set(_shapes(surgery, owner))
+        tensors = set(node_shapes(surgery, owner))
         bad = translate(graph, folded, streams, tensors)
         bad += [n for n in graph.nodes if mixes_batch_in_list(n, folded)]
         if bad:
