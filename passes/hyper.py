@@ -14,21 +14,27 @@ which runs at batch b. At init the rewrite is exact (HC) or within ~1e-6 (mHC).
 
 from __future__ import annotations
 
+import logging
 import math
+import operator
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx as fx
 
 from surgeon.files.budget import require_memory
+from surgeon.graph.find import source_line
+from surgeon.graph.layout import feature_axis, node_shapes
 from surgeon.graph.rewrite import Surgery, node_named
+from surgeon.graph.streams import folded_values, mixes_batch_in_list, translate
 from surgeon.graph.tracing import flatten
 from surgeon.nn.aion import AionResidual
 from surgeon.nn.hyper import expand_streams, reduce_streams
 from surgeon.nn.mhc import hyper_connections
 from surgeon.recipe import PassConfig, PassError, bounded, option_error, register
 
+_log = logging.getLogger("surgeon")
 MANY_STREAMS = 16  # hyper-connection papers use 2-8 streams
 MHC_MAX_STREAMS = int(1 + math.exp(3.0)) + 1  # 22: mHC's home bias needs (n - 1)·σ(-3) < 1
 
@@ -41,10 +47,36 @@ class _Site:
     aion: str | None = None  # the AION submodule target, for AION sites
 
 
+@dataclass
+class _Plan:
+    """How one residual site is rewritten (node names of its owner's traced graph)."""
+
+    site: _Site
+    fork: str  # the stream value that the branch and the shortcut both start from
+    skip: str  # the add's skip operand (the fork itself, or the end of the shortcut)
+    branch: str
+    shortcut: tuple[str, ...]  # nodes from the fork to the skip (a cast, a projection)
+    more: tuple[str, ...]  # further branch outputs of a parallel block, in add order
+    chain: tuple[str, ...]  # the site's add and the outer adds of a parallel block
+    axis: int  # the feature axis at the add
+    dim: int  # the stream's width on that axis
+
+    @property
+    def outer(self) -> str:
+        return self.chain[-1]
+
+
 @register
 @dataclass(frozen=True)
 class HyperConnections(PassConfig):
-    """Hyper-connection streams over every residual trunk in scope."""
+    """Hyper-connection streams over every residual trunk in scope.
+
+    A trunk spans stage boundaries: a block that changes the stream's shape (a strided block
+    with a projection shortcut) is wrapped too, its shortcut applied to every residual stream
+    (folded into the batch, so with the block's own weights) and its depth weights averaged
+    over the positions of each sample. One expand before the trunk's first residual, one
+    reduce after its last. After a run, `model.surgeon_hyper_coverage` says how many of the
+    model's residual adds the streams carry."""
 
     name: ClassVar[str] = "hyper"
     version: ClassVar[int] = 1
@@ -79,7 +111,7 @@ class HyperConnections(PassConfig):
         if _inline_lifted_sites(surgery, trunks):
             trunks = self._trunks(surgery)
         self._check_memory(surgery, trunks)
-        new: list[str] = []
+        plans: list[list[_Plan]] = []
         refused: list[str] = []
         for trunk in trunks:
             sites = _sites(surgery, trunk.blocks)
@@ -90,11 +122,32 @@ class HyperConnections(PassConfig):
                                "the calling module (BERT-style post-norm), which "
                                "hyper-connections cannot wrap yet")
                 continue
-            for i, site in enumerate(sites):
-                new.append(self._rewrite(surgery, site, i, first=i == 0,
-                                         last=i == len(sites) - 1))
-        if refused and not new:
+            plans.append(_plans(surgery, sites))
+        if refused and not plans:
             raise PassError(f"hyper: {refused[0]}; exclude it with exclude=...")
+        added: list[tuple[str, str]] = []
+        try:
+            new = self._rewrite_trunks(surgery, plans, added)
+        except PassError:
+            for owner, attr in added:  # nothing of this pass stays on the model
+                delattr(surgery.module(owner), attr)
+            surgery.graphs.clear()
+            raise
+        coverage = _coverage(surgery, sum(len(p) for p in plans), len(plans))
+        surgery.model.surgeon_hyper_coverage = coverage
+        _log.info("hyper %s", coverage)
+        return new
+
+    def _rewrite_trunks(self, surgery: Surgery, plans: list[list[_Plan]],
+                        added: list[tuple[str, str]]) -> list[str]:
+        new: list[str] = []
+        for trunk in plans:
+            renamed: dict[tuple[str, str], str] = {}  # a site's add -> the node now in its place
+            for i, plan in enumerate(trunk):
+                new.append(self._rewrite(surgery, plan, i, first=i == 0,
+                                         last=i == len(trunk) - 1, added=added,
+                                         renamed=renamed))
+            _fold_shapes(surgery, trunk, self.streams)
         return new
 
     def _check_memory(self, surgery: Surgery, trunks: list) -> None:
@@ -117,40 +170,57 @@ class HyperConnections(PassConfig):
     def _trunks(self, surgery: Surgery) -> list:
         return [t for t in surgery.inspection.trunks if any(self.selects(b) for b in t.blocks)]
 
-    def _rewrite(self, surgery: Surgery, site: _Site, index: int, first: bool,
-                 last: bool) -> str:
+    def _rewrite(self, surgery: Surgery, plan: _Plan, index: int, first: bool, last: bool,
+                 added: list[tuple[str, str]], renamed: dict[tuple[str, str], str]) -> str:
+        site = plan.site
         graph = surgery.graph(site.owner)
-        node = node_named(graph, site.node)
-        skip = node.args[site.skip] if site.aion is None else node.args[0]
-        branch = node.args[1 - site.skip] if site.aion is None else node.args[1]
-        stream = _stream(surgery, site.owner)
-        channel_first = stream.dim() > 3  # (b, c, h, w): conv nets carry channels first
-        dim = int(stream.shape[1] if channel_first else stream.shape[-1])
-        module = hyper_connections(self.streams, dim, mhc=self.mhc, layer_index=index)
-        module.channel_first = channel_first
+
+        def named(name: str) -> fx.Node:
+            return node_named(graph, renamed.get((site.owner, name), name))
+
+        node = named(plan.outer)
+        fork = named(plan.fork)
+        branch = named(plan.branch)
+        more = [named(m) for m in plan.more]
+        shortcut = {named(m) for m in plan.shortcut}
+        module = hyper_connections(self.streams, plan.dim, mhc=self.mhc, layer_index=index)
+        module.feature_axis = plan.axis
         target = surgery.add_module(site.owner, f"hyper_{index}", module)
-        in_branch = _branch_users(skip, branch)
-        with graph.inserting_before(_anchor(skip).next):
-            stream = skip
+        added.append((site.owner, target))
+        upstream = set().union(*(_ancestors(b) | {b} for b in (branch, *more)))
+        in_branch = [u for u in fork.users if u in upstream and u not in shortcut]
+        to_shortcut = [u for u in fork.users if u in shortcut]
+        with graph.inserting_before(_anchor(fork).next):
+            stream = fork
             if first:
-                stream = graph.call_function(expand_streams, (skip, self.streams))
+                stream = graph.call_function(expand_streams, (fork, self.streams))
             mixer = graph.get_attr(target)
             width = graph.call_method("width_connection", (mixer, stream))
             branch_input = graph.call_function(_item, (width, 0))
             residuals = graph.call_function(_item, (width, 1))
             beta = graph.call_function(_item, (width, 2))
         for user in in_branch:
-            user.replace_input_with(skip, branch_input)
+            user.replace_input_with(fork, branch_input)
+        for user in to_shortcut:  # the block's shortcut (a cast, a projection) on the streams
+            user.replace_input_with(fork, residuals)
+        site_node = named(site.node)
+        skip = residuals if not shortcut else named(plan.skip)
         with graph.inserting_before(node):
             y = branch
             if site.aion is not None:  # AION scales the branch inside the streams
                 aion = graph.get_attr(site.aion)
-                y = graph.call_method("scale", (aion, branch, branch_input, *node.args[2:]))
-            out = graph.call_method("depth_connection", (mixer, y, residuals, beta))
+                # its x: what the branch reads, or with a shortcut (another shape) the mean
+                # of the streams past the shortcut
+                x = branch_input if not shortcut else graph.call_function(
+                    reduce_streams, (skip, self.streams, "mean"))
+                y = graph.call_method("scale", (aion, branch, x, *site_node.args[2:]))
+            out = graph.call_method("depth_connection", (mixer, y, skip, beta, *more))
             if last:
                 out = graph.call_function(reduce_streams, (out, self.streams, self.reduce))
         node.replace_all_uses_with(out)
-        graph.erase_node(node)
+        renamed[(site.owner, plan.outer)] = out.name
+        for done in reversed(plan.chain):  # the site's add and a parallel block's outer adds
+            graph.erase_node(node_named(graph, done))
         return f"{site.owner}.{target}"
 
 
@@ -199,20 +269,12 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _branch_users(skip: fx.Node, branch: fx.Node) -> list[fx.Node]:
-    """Users of `skip` on the branch's side (the branch or its ancestors)."""
-    upstream = _ancestors(branch) | {branch}
-    return [u for u in skip.users if u in upstream]
-
-
 def _is_local(surgery: Surgery, site: _Site) -> bool:
-    """The skip reaches the branch inside the owner's graph (not a BERT-style lifted add)."""
-    graph = surgery.trace.traces[site.owner].graph
-    node = node_named(graph, site.node)
-    skip = node.args[site.skip] if site.aion is None else node.args[0]
-    branch = node.args[1 - site.skip] if site.aion is None else node.args[1]
+    """Skip and branch start from one value of the owner's graph (not a BERT-style lifted add,
+    whose skip comes from the caller)."""
+    skip, branch = _operands(surgery, site, surgery.trace.traces[site.owner].graph)
     return isinstance(skip, fx.Node) and isinstance(branch, fx.Node) and (
-        skip in _ancestors(branch))
+        _fork(skip, branch) is not None)
 
 
 def _sites(surgery: Surgery, blocks: tuple[str, ...]) -> list[_Site]:
@@ -220,8 +282,7 @@ def _sites(surgery: Surgery, blocks: tuple[str, ...]) -> list[_Site]:
     def inside(owner: str) -> bool:
         return any(owner == b or owner.startswith(b + ".") for b in blocks)
 
-    sites = [_Site(r.module, r.node, r.skip) for r in surgery.inspection.residuals
-             if inside(r.module)]
+    sites = [_site(surgery, r) for r in surgery.inspection.residuals if inside(r.module)]
     for owner, mt in surgery.trace.traces.items():
         if not inside(owner):
             continue
@@ -230,6 +291,28 @@ def _sites(surgery: Surgery, blocks: tuple[str, ...]) -> list[_Site]:
                                                     AionResidual):
                 sites.append(_Site(owner, n.name, 0, str(n.target)))
     return sorted(sites, key=lambda s: _when(surgery, s.owner, s.node))
+
+
+def _site(surgery: Surgery, r: Any) -> _Site:
+    """A found residual as a site. A parallel block reported as one residual with `branches`
+    (its `node` the last add of the sum): where the skip is added last, the sum of the branches
+    is the branch; where it is added first (`x + attn + mlp`), the site is the add that takes
+    the skip, and the outer adds join it as further branch outputs (see `_parallel`)."""
+    skip_node = getattr(r, "skip_node", None)
+    if not getattr(r, "branches", ()) or skip_node is None:
+        return _Site(r.module, r.node, r.skip)
+    graph = surgery.trace.traces[r.module].graph
+    add = node_named(graph, r.node)
+    while isinstance(add, fx.Node) and _is_add(add):
+        names = [a.name if isinstance(a, fx.Node) else None for a in add.args[:2]]
+        if skip_node in names:
+            return _Site(r.module, add.name, names.index(skip_node))
+        inner = [a for a in add.args[:2] if isinstance(a, fx.Node) and _is_add(a)
+                 and any(x.name == skip_node for x in _ancestors(a) | {a})]
+        if not inner:
+            break
+        add = inner[0]
+    return _Site(r.module, r.node, r.skip)
 
 
 def _when(surgery: Surgery, owner: str, node: str) -> tuple:
@@ -255,3 +338,169 @@ def _stream(surgery: Surgery, owner: str) -> torch.Tensor:
     if not tensors:
         raise PassError(f"hyper: cannot tell the residual stream of {owner}")
     return tensors[0]
+
+
+def _operands(surgery: Surgery, site: _Site, graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
+    node = node_named(graph, site.node)
+    if site.aion is not None:
+        return node.args[0], node.args[1]
+    return node.args[site.skip], node.args[1 - site.skip]
+
+
+def _fork(skip: fx.Node, branch: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The value both the branch and the skip start from, and the shortcut nodes between it and
+    the skip (none when the skip itself feeds the branch). None: they share no tensor value."""
+    up = _ancestors(branch)
+    if skip in up:
+        return skip, []
+    common = (_ancestors(skip) | {skip}) & (up | {branch})
+    order = {n: i for i, n in enumerate(skip.graph.nodes)}
+    common = {n for n in common if n.op != "get_attr" and
+              (n.op == "placeholder" or any(a.op == "placeholder" for a in _ancestors(n)))}
+    if not common:
+        return None
+    fork = max(common, key=order.__getitem__)
+    down = _descendants(fork)
+    shortcut = [n for n in _ancestors(skip) | {skip} if n in down and n not in up]
+    return fork, sorted(shortcut, key=order.__getitem__)
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        for u in stack.pop().users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.add, torch.add)) or (
+        node.op == "call_method" and node.target in ("add", "__add__"))
+
+
+def _parallel(node: fx.Node, fork: fx.Node, shortcut: set[fx.Node]
+              ) -> tuple[list[fx.Node], list[fx.Node]]:
+    """A parallel block written `x + attn(ln(x)) + mlp(ln(x))`: the outer adds whose other
+    operand reads the stream but not the residual before it. Returns the add chain (the site's
+    add first) and those further branch outputs."""
+    chain, more = [node], []
+    while len(chain[-1].users) == 1:
+        outer = next(iter(chain[-1].users))
+        if not _is_add(outer) or len(outer.args) != 2 or outer.kwargs:
+            break
+        other = outer.args[1] if outer.args[0] is chain[-1] else outer.args[0]
+        if not isinstance(other, fx.Node) or other is fork or other in shortcut:
+            break
+        up = _ancestors(other)
+        if chain[-1] in up or fork not in up:
+            break
+        chain.append(outer)
+        more.append(other)
+    return chain, more
+
+
+def _plans(surgery: Surgery, sites: list[_Site]) -> list[_Plan]:
+    """Plan every site of a trunk; a parallel block's outer adds join the site they extend."""
+    plans: list[_Plan] = []
+    for site in sites:
+        mt = surgery.trace.traces[site.owner]
+        skip, branch = _operands(surgery, site, mt.graph)
+        fork, shortcut = _fork(skip, branch)  # type: ignore[misc]  # _is_local checked it
+        chain, more = _parallel(node_named(mt.graph, site.node), fork, set(shortcut))
+        shapes = node_shapes(surgery, site.owner)
+        axis, dim = _layout(surgery, site, mt, fork, chain[0], branch, shapes)
+        plans.append(_Plan(site, fork.name, skip.name, branch.name,
+                           tuple(n.name for n in shortcut), tuple(n.name for n in more),
+                           tuple(n.name for n in chain), axis, dim))
+    consumed = {(p.site.owner, c) for p in plans for c in p.chain[1:]}
+    plans = [p for p in plans if (p.site.owner, p.site.node) not in consumed]
+    return [p for p in plans if not any(_nested(surgery, p, q) for q in plans if q is not p)]
+
+
+def _nested(surgery: Surgery, inner: _Plan, outer: _Plan) -> bool:
+    """`inner`'s add runs inside `outer`'s branch (ConvNeXt-V2's GRN `γ·(x·n) + β + x` in a
+    block's MLP): a residual of the branch, not of the stream, which `outer` carries."""
+    graph = surgery.trace.traces[outer.site.owner].graph
+    owner = outer.site.owner
+    if inner.site.owner == owner:
+        node = node_named(graph, inner.site.node)
+    elif inner.site.owner.startswith(owner + "." if owner else ""):
+        rel = inner.site.owner[len(owner) + 1:] if owner else inner.site.owner
+        calls = [n for n in graph.nodes if n.op == "call_module"
+                 and (rel == n.target or rel.startswith(f"{n.target}."))]
+        if not calls:
+            return False
+        node = calls[0]
+    else:
+        return False
+    branches = [node_named(graph, b) for b in (outer.branch, *outer.more)]
+    up = set().union(*(_ancestors(b) | {b} for b in branches))
+    return node in up and node_named(graph, outer.fork) in _ancestors(node)
+
+
+def _layout(surgery: Surgery, site: _Site, mt: Any, fork: fx.Node, add: fx.Node,
+            branch: fx.Node, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+    """The feature axis at the add (-1 for last) and the stream's width on it at the fork.
+
+    Decided at each add from the branch's last layer whose layout is known (a Linear or
+    LayerNorm reads features last, a convolution or BatchNorm reads them on axis 1), followed
+    through the permutes and views between it and the add; where none is found, rank > 3
+    means channels first."""
+    out = shapes.get(add.name) or shapes.get(branch.name)
+    fork_shape = shapes.get(fork.name)
+    if out is None or fork_shape is None:  # no shapes: the block's first input decides
+        stream = _stream(surgery, site.owner)
+        axis = 1 if stream.dim() > 3 else stream.dim() - 1
+        return (-1 if axis == stream.dim() - 1 else axis), int(stream.shape[axis])
+    rank = len(out)
+    axis = feature_axis(mt.module, branch, shapes)
+    if axis is None or not 0 <= axis < rank:
+        axis = 1 if rank > 3 else rank - 1
+    if len(fork_shape) != rank:
+        raise PassError(f"hyper: the residual add {site.node} of {site.owner} adds a rank-"
+                        f"{rank} branch to a rank-{len(fork_shape)} stream, which the streams "
+                        f"cannot carry; exclude it with exclude={site.owner}")
+    return (-1 if axis == rank - 1 else axis), int(fork_shape[axis])
+
+
+def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
+    """In each graph the trunk edited, make shape code on folded streams see one stream's shape
+    (see `surgeon.graph.streams`); refuse ops that mix the streams along the batch."""
+    owners = list(dict.fromkeys(p.site.owner for p in trunk))
+    for owner in owners:
+        graph = surgery.graph(owner)
+        mine = [p for p in trunk if p.site.owner == owner]
+        seeds, blocked = set(), set()
+        if mine[0] is not trunk[0]:  # the stream arrives folded
+            fork = node_named(graph, mine[0].fork)  # a placeholder's descendant, never renamed
+            seeds |= {n for n in _ancestors(fork) | {fork} if n.op == "placeholder"}
+        for n in graph.nodes:
+            if n.op == "call_function" and n.target is expand_streams:
+                seeds.add(n)
+            elif n.op == "call_function" and n.target is reduce_streams:
+                blocked.add(n)
+            elif n.op == "call_method" and n.target == "width_connection":
+                blocked.add(n)
+                for u in n.users:
+                    (seeds if u.args[1] == 1 else blocked).add(u)
+            elif n.op == "call_method" and n.target == "depth_connection":
+                seeds.add(n)
+        folded = folded_values(graph, seeds, blocked)
+        tensors = set(node_shapes(surgery, owner))
+        bad = translate(graph, folded, streams, tensors)
+        bad += [n for n in graph.nodes if mixes_batch_in_list(n, folded)]
+        if bad:
+            where = source_line(bad[0].meta.get("stack_trace") or "") or bad[0].name
+            raise PassError(f"hyper: {owner} splits, joins or indexes the batch dimension of "
+                            f"the residual stream between its residual adds ({where}), which "
+                            f"would mix the streams; exclude it with exclude={owner}")
+
+
+def _coverage(surgery: Surgery, covered: int, trunks: int) -> str:
+    """'covers 8 of 8 residual adds in 1 trunk' for the model as inspected."""
+    total = len(surgery.inspection.residuals)
+    return (f"covers {covered} of {total} residual add{'s' * (total != 1)} in {trunks} "
+            f"trunk{'s' * (trunks != 1)}")

@@ -558,7 +558,8 @@ def _counts_line(ins: Inspection) -> str:
 
     return (
         f"counts: {_n(c['residuals'], 'residual add')}{kinds(c['residual_kinds'])}, "
-        f"{_n(c['norms'], 'norm')}{kinds(c['norm_kinds'])}, {_n(c['trunks'], 'trunk')}, "
+        f"{_n(c['norms'], 'norm')}{kinds(c['norm_kinds'])}, {_n(c['trunks'], 'trunk')} "
+        f"(carrying {c['residuals_in_trunks']} of the adds), "
         f"{_n(c['traced_modules'], 'traced module')}, {c['untraced_modules']} untraced"
     )
 

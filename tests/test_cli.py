@@ -34,7 +34,8 @@ def test_inspect_prints_tables_with_counts(inspect_text):
     assert "Residual trunks (1)\n" in out
     assert "  2       model.layers.0 ... model.layers.1\n" in out
     assert "Untraced modules (" in out
-    assert "counts: 4 residual adds (pre_norm 4), 5 norms (rms_norm 5), 1 trunk, " in out
+    assert ("counts: 4 residual adds (pre_norm 4), 5 norms (rms_norm 5), 1 trunk (carrying 4 of "
+            "the adds), ") in out
 
 
 def test_inspect_norm_rows(inspect_text):

@@ -45,7 +45,7 @@ class StreamTrunk(nn.Module):
         self.mixers, self.n, self.mode = nn.ModuleList(mixers), n, mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = expand_streams(x, self.n)  # (b·n, t, d)
+        h = expand_streams(x, self.n)  # (n·b, t, d)
         for mixer in self.mixers:
             h = mixer(h)
         return reduce_streams(h, self.n, self.mode)  # (b, t, d)
@@ -90,6 +90,16 @@ def test_mhc_paper_home_bias_is_near_identity_for_pre_norm_branches() -> None:
     assert streams.mixers[0].pre_bias[0].item() == 3.0
 
 
+def outer(h: torch.Tensor, n: int) -> torch.Tensor:
+    """lucidrains' fold `(b·n, ...)` (stream inner) → ours `(n·b, ...)` (stream outer)."""
+    return h.unflatten(0, (-1, n)).transpose(0, 1).flatten(0, 1)
+
+
+def inner(h: torch.Tensor, n: int) -> torch.Tensor:
+    """Ours `(n·b, ...)` → lucidrains' `(b·n, ...)`."""
+    return h.unflatten(0, (n, -1)).transpose(0, 1).flatten(0, 1)
+
+
 def lucidrains_pair(n: int, layer_index: int) -> tuple[nn.Module, nn.Module]:
     theirs = lucidrains.HyperConnections(n, dim=D, layer_index=layer_index)
     randomise(theirs)
@@ -103,11 +113,11 @@ def lucidrains_pair(n: int, layer_index: int) -> tuple[nn.Module, nn.Module]:
 def test_hc_parity_with_lucidrains(n: int, layer_index: int, shape: tuple[int, ...]) -> None:
     ours, theirs = lucidrains_pair(n, layer_index)
     h = torch.randn(2 * n, *shape)
-    input_ours, add_ours = ours(h)
+    input_ours, add_ours = ours(outer(h, n))
     input_theirs, add_theirs = theirs(h)
     torch.testing.assert_close(input_ours, input_theirs, rtol=1e-5, atol=1e-6)
     y = torch.randn_like(input_ours)
-    torch.testing.assert_close(add_ours(y), add_theirs(y), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inner(add_ours(y), n), add_theirs(y), rtol=1e-5, atol=1e-6)
 
 
 def test_whole_trunk_parity_with_lucidrains_sum_and_mean_reduce() -> None:
@@ -152,15 +162,15 @@ def test_hc_width_and_depth_closed_form() -> None:
         m.static_alpha[:, 0] = torch.tensor([0.2, 0.5, 0.3])
         m.static_alpha[:, 1:] = torch.eye(n)[perm]
         m.static_beta.copy_(torch.tensor([1.0, 0.5, -2.0]))
-    h = torch.randn(2 * n, 5, D)
-    hs = h.unflatten(0, (2, n))  # (b, n, t, d)
+    h = torch.randn(n * 2, 5, D)
+    hs = h.unflatten(0, (n, 2))  # (n, b, t, d)
     branch_input, residuals, beta = m.width_connection(h)
-    torch.testing.assert_close(branch_input, 0.2 * hs[:, 0] + 0.5 * hs[:, 1] + 0.3 * hs[:, 2])
+    torch.testing.assert_close(branch_input, 0.2 * hs[0] + 0.5 * hs[1] + 0.3 * hs[2])
     y = torch.randn(2, 5, D)
-    out = m.depth_connection(y, residuals, beta).unflatten(0, (2, n))
+    out = m.depth_connection(y, residuals, beta).unflatten(0, (n, 2))
     for t in range(n):
         source = int(perm.argsort()[t])  # stream s feeds residual t where perm[s] == t
-        torch.testing.assert_close(out[:, t], hs[:, source] + m.static_beta[t] * y)
+        torch.testing.assert_close(out[t], hs[source] + m.static_beta[t] * y)
 
 
 def test_mhc_residual_mixing_is_applied() -> None:
@@ -168,11 +178,12 @@ def test_mhc_residual_mixing_is_applied() -> None:
     m = ManifoldHyperConnections(n, D)
     with torch.no_grad():
         m.res_bias.copy_(torch.randn(n, n))
-    h = torch.randn(2 * n, 5, D)
-    hs = h.unflatten(0, (2, n))
+    h = torch.randn(n * 2, 5, D)
+    hs = h.unflatten(0, (n, 2))  # (n, b, t, d)
     _, residuals, _ = m.width_connection(h)
+    residuals = residuals.unflatten(0, (n, 2))
     mix = sinkhorn(m.res_bias.detach())  # projections are 0: the same matrix for every token
-    expected = torch.einsum("ij,bjtd->bitd", mix, hs)
+    expected = torch.einsum("ij,jbtd->ibtd", mix, hs)
     torch.testing.assert_close(residuals, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(residuals, hs, atol=1e-2)
 
@@ -202,8 +213,8 @@ def test_every_parameter_gets_a_finite_gradient() -> None:
 
 def test_reduce_modes_and_errors() -> None:
     h = torch.randn(6, 5, D)
-    torch.testing.assert_close(reduce_streams(h, 3), h.unflatten(0, (2, 3)).mean(1))
-    torch.testing.assert_close(reduce_streams(h, 3, "sum"), h.unflatten(0, (2, 3)).sum(1))
+    torch.testing.assert_close(reduce_streams(h, 3), h.unflatten(0, (3, 2)).mean(0))
+    torch.testing.assert_close(reduce_streams(h, 3, "sum"), h.unflatten(0, (3, 2)).sum(0))
     with pytest.raises(ValueError, match="mean"):
         reduce_streams(h, 3, "max")
     with pytest.raises(ValueError, match="at least 2"):

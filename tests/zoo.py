@@ -256,6 +256,184 @@ def tokens(vocab: int = 64, batch: int = 2, seq: int = 8) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
 
 
+# --- hyper ---
+# Layouts the hyper-connection streams must carry: shapes read off the stream and reshaped by
+# (class 1), (B, H, W, C) stages and NCHW blocks whose adds run on tokens (class 15), parallel
+# blocks (class 5), and transformers models of those families (MoE, ConvNeXt, Mamba, NeoX).
+
+
+class FlatMoELayer(nn.Module):
+    """Reads (b, t, d) off the stream, flattens tokens to (b·t, d) for a routed MLP residual,
+    views back by the shape read."""
+    def __init__(self, d=32):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.router = nn.Linear(d, 2)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(),
+                                                    nn.Linear(2 * d, d)) for _ in range(2)])
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        b, t, d = x.shape
+        flat = x.view(-1, d)  # (b·t, d)
+        g = self.ln2(flat)
+        w = self.router(g).softmax(-1)
+        y = w[:, :1] * self.experts[0](g) + w[:, 1:] * self.experts[1](g)
+        flat = flat + y
+        return flat.view(b, t, d)
+
+
+class FlatMoE(nn.Module):
+    def __init__(self, vocab=64, d=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList([FlatMoELayer(d) for _ in range(2)])
+        self.head = nn.Linear(d, vocab)
+    def forward(self, idx):
+        x = self.emb(idx)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class NHWCBlock(nn.Module):
+    """Swin-style (B, H, W, C) stream: windowed attention on (B·windows, ws², C) + MLP."""
+    def __init__(self, c=16, ws=4):
+        super().__init__()
+        self.ws = ws
+        self.norm1, self.norm2 = nn.LayerNorm(c), nn.LayerNorm(c)
+        self.qkv, self.proj = nn.Linear(c, 3*c), nn.Linear(c, c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2*c), nn.GELU(), nn.Linear(2*c, c))
+    def forward(self, x):  # (B, H, W, C)
+        B, H, W, C = x.shape
+        ws = self.ws
+        h = self.norm1(x).view(B, H // ws, ws, W // ws, ws, C)
+        h = h.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)  # (B·windows, ws², C)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        a = F.scaled_dot_product_attention(q, k, v)
+        a = self.proj(a).view(B, H//ws, W//ws, ws, ws, C).permute(0,1,3,2,4,5).reshape(B, H, W, C)
+        x = x + a
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerge(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.red = nn.LayerNorm(4*c), nn.Linear(4*c, 2*c, bias=False)
+    def forward(self, x):  # (B, H, W, C) -> (B, H/2, W/2, 2C)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.red(self.norm(x))
+
+
+class Stage(nn.Module):
+    def __init__(self, c, down):
+        super().__init__()
+        self.blocks = nn.Sequential(NHWCBlock(c), NHWCBlock(c))
+        self.down = PatchMerge(c) if down else nn.Identity()
+    def forward(self, x):
+        return self.down(self.blocks(x))
+
+
+class TinySwinNHWC(nn.Module):
+    """H = W = C = 16 at stage 0: a stream mixed along H would pass unnoticed by shapes."""
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 2, 2)
+        self.stages = nn.Sequential(Stage(16, True), Stage(32, False))
+        self.head = nn.Linear(32, classes)
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)  # (B, 16, 16, 16)
+        return self.head(self.stages(x).mean((1, 2)))
+
+
+class ConvTokenBlock(nn.Module):
+    """NCHW input, reads B = x.shape[0] before anything, a conv residual on NCHW, then
+    tokens (B, HW, C) with a pre-norm MLP residual, reshaped back with B."""
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c))
+        self.norm = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2*c), nn.GELU(), nn.Linear(2*c, c))
+    def forward(self, x):
+        B, C, H, W = x.shape
+        x = x + self.conv(x)
+        t = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        t = t + self.mlp(self.norm(t))
+        return t.transpose(1, 2).reshape(B, C, H, W)
+
+
+class TinyConvTokens(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(ConvTokenBlock(16), ConvTokenBlock(16))
+        self.fc = nn.Linear(16, classes)
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class ParallelBlock(nn.Module):
+    """x + attn(ln1(x)) + mlp(ln2(x)): attention and MLP both read the block's input."""
+    def __init__(self, d=32):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2*d), nn.GELU(), nn.Linear(2*d, d))
+    def forward(self, x, mask):
+        h = self.ln1(x)
+        return x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0] + self.mlp(self.ln2(x))
+
+
+class TinyParallel(nn.Module):
+    def __init__(self, vocab=64, d=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList([ParallelBlock(d) for _ in range(2)])
+        self.head = nn.Linear(d, vocab)
+    def forward(self, idx):
+        t = idx.shape[1]
+        mask = torch.triu(torch.full((t, t), float("-inf")), 1)
+        x = self.emb(idx)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.head(x)
+
+
+def hf_mixtral() -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64))
+
+
+def hf_convnext() -> nn.Module:
+    """ConvNeXt (channels-first stream, a permute to channels-last inside each block). Not a ZOO
+    row yet: `adyt` on its channels-first LayerNorm is issue 14 class 3 (another branch);
+    tests/test_hyper_layouts.py covers it for hyper."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    return ConvNextModel(ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32],
+                                        depths=[2, 2], image_size=32))
+
+
+def hf_mamba() -> nn.Module:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    return MambaForCausalLM(MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=2,
+                                        vocab_size=128, expand=2, conv_kernel=4))
+
+
+def hf_neox_parallel() -> nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=128, max_position_embeddings=64, use_parallel_residual=True))
+
+
 @dataclass
 class ZooCase:
     """A tiny model, an example, and what inspection must find in it."""
@@ -289,10 +467,27 @@ ZOO = [
     # T5: RMSNorm by behaviour behind a `self.weight.dtype` branch; encoder and decoder trunks.
     ZooCase("hf_t5", hf_t5, lambda: {"input_ids": tokens(128), "decoder_input_ids": tokens(128)},
             {"pre_norm": 10}, {"rms_norm": 12}, [2, 2]),
-    ZooCase("resnet", TinyResNet, lambda: (torch.randn(2, 3, 16, 16),), {"plain": 4}, {}, [2, 1],
+    # one trunk over both stages: the strided block joins it (hyper covers all 4 adds)
+    ZooCase("resnet", TinyResNet, lambda: (torch.randn(2, 3, 16, 16),), {"plain": 4}, {}, [2],
             {"layer1.0", "layer1.1", "layer2.0", "layer2.1"}),
     ZooCase("mixer", TinyMixer, lambda: (torch.randn(2, 3, 16, 16),), {"pre_norm": 4},
             {"layer_norm": 5}, [2], {"blocks.0", "blocks.1"}),
+    # --- hyper ---
+    ZooCase("flat_moe", FlatMoE, lambda: (tokens(64),), {"pre_norm": 4}, {"layer_norm": 4},
+            [2], {"layers.0", "layers.1"}),
+    ZooCase("swin_nhwc", TinySwinNHWC, lambda: (torch.randn(2, 3, 32, 32),), {"pre_norm": 8},
+            {"layer_norm": 9}, [2], {"stages.0.blocks.0", "stages.0.blocks.1",
+                                     "stages.1.blocks.0", "stages.1.blocks.1"}),
+    ZooCase("conv_tokens", TinyConvTokens, lambda: (torch.randn(2, 3, 8, 8),),
+            {"plain": 2, "pre_norm": 2}, {"layer_norm": 2}, [2], {"blocks.0", "blocks.1"}),
+    ZooCase("parallel", TinyParallel, lambda: (tokens(64),), {"pre_norm": 2},
+            {"layer_norm": 4}, [2], {"layers.0", "layers.1"}),
+    ZooCase("hf_mixtral", hf_mixtral, lambda: {"input_ids": tokens(128)}, {"pre_norm": 4},
+            {"rms_norm": 5}, [2], {"model.layers.0", "model.layers.1"}),
+    ZooCase("hf_mamba", hf_mamba, lambda: {"input_ids": tokens(128)}, {"pre_norm": 2},
+            {"rms_norm": 3}, [2], {"backbone.layers.0", "backbone.layers.1"}),
+    ZooCase("hf_neox_parallel", hf_neox_parallel, lambda: {"input_ids": tokens(128)},
+            {"pre_norm": 2}, {"layer_norm": 5}, [2], {"gpt_neox.layers.0", "gpt_neox.layers.1"}),
 ]
 
 # --- detect ---

@@ -779,9 +779,11 @@ def _ask_caller(an: _Analysis, name: str, skip_idx: int, branch_idxs: list[int],
 
 
 def _trunks(trace: ModelTrace, owners: set[str]) -> list[Trunk]:
-    """Chains of sibling modules holding residual adds, each keeping the stream's shape and each
-    one's output the next one's input. A chain of two or more blocks hides chains nested in its
-    blocks (T5's sub-layers); a lone block gives way to a chain nested in it (ResNet's stages)."""
+    """Chains of sibling modules holding residual adds, each one's output the next one's first
+    input. A member may change the stream's shape (a strided block, a stage that downsamples):
+    one trunk spans a staged network's stages, so hyper-connections cover its every block.
+    A chain of two or more blocks hides chains nested in its blocks (T5's sub-layers); a lone
+    block gives way to a chain nested in it."""
     calls = trace.calls
     candidates = set()
     for owner in owners:
@@ -792,14 +794,14 @@ def _trunks(trace: ModelTrace, owners: set[str]) -> list[Trunk]:
     for c in candidates:
         call = calls.get(c)
         if call is not None and call.out_ids and call.out_shape is not None \
-                and call.out_shape == call.in_shape:
+                and call.in_shape is not None and len(call.out_shape) == len(call.in_shape):
             groups.setdefault(c.rsplit(".", 1)[0] if "." in c else "", []).append(c)
     chains: list[list[str]] = []
     for members in groups.values():
         members.sort(key=lambda n: calls[n].order)
         chain = [members[0]]
         for prev, nxt in zip(members, members[1:]):
-            if calls[prev].out_ids[0] in calls[nxt].in_ids:
+            if calls[prev].out_ids[0] == calls[nxt].in_ids[0]:  # the stream goes on
                 chain.append(nxt)
             else:
                 chains.append(chain)

@@ -85,6 +85,12 @@ class Inspection:
     untraced: list[Untraced] = field(default_factory=list)
     traced: list[str] = field(default_factory=list)
 
+    def in_trunks(self) -> int:
+        """How many residual adds lie in a trunk's blocks: what hyper-connections carry."""
+        blocks = [b for t in self.trunks for b in t.blocks]
+        return sum(any(r.module == b or r.module.startswith(b + ".") for b in blocks)
+                   for r in self.residuals)
+
     def counts(self) -> dict[str, Any]:
         """Totals by kind, as printed under the CLI's tables."""
         by_kind: dict[str, int] = {}
@@ -100,6 +106,7 @@ class Inspection:
             "norms": len(self.norms),
             "norm_kinds": norm_kinds,
             "trunks": len(self.trunks),
+            "residuals_in_trunks": self.in_trunks(),
             "traced_modules": len(self.traced),
             "untraced_modules": len(self.untraced),
         }

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from surgeon.nn.hyper import HyperConnections, StreamMixer, mix_streams, unfold_streams
+from surgeon.nn.hyper import HyperConnections, StreamMixer, mix_streams
 from surgeon.nn.scalars import scalar_parameter
 
 
@@ -79,25 +79,23 @@ class ManifoldHyperConnections(StreamMixer):
         self.res_bias = nn.Parameter(6.0 * torch.eye(n) - 3.0)
 
     def coefficients(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`hs (b, n, p, d)` → fp32 `H_pre (b, p, n)`, `H_post (b, p, n)`, `H_res (b, p, n, n)`."""
+        """`hs (n, m, d)` → fp32 `H_pre (m, n)`, `H_post (m, n)`, `H_res (m, n, n)`."""
         n = self.num_streams
         x = hs.float()
-        rms = x.pow(2).mean(dim=(1, 3), keepdim=True).add(1e-6).rsqrt()  # (b, 1, p, 1)
-        x = x * rms * (self.gamma.unsqueeze(1) + 1)  # (b, n, p, d), normalised over n·d
+        rms = x.pow(2).mean(dim=(0, 2), keepdim=True).add(1e-6).rsqrt()  # (1, m, 1)
+        x = x * rms * (self.gamma.unsqueeze(1) + 1)  # (n, m, d), normalised over n·d
         proj = torch.cat([self.pre_proj, self.post_proj, self.res_proj], dim=-1)  # (n, d, 2n+n²)
-        logits = torch.einsum("bspd,sde->bpe", x, proj.float())  # one matmul: (b, p, 2n+n²)
+        logits = torch.einsum("smd,sde->me", x, proj.float())  # one matmul: (m, 2n+n²)
         pre, post, res = logits.split([n, n, n * n], dim=-1)
         h_pre = torch.sigmoid(self.pre_scale.reshape(()) * pre + self.pre_bias)
         h_post = 2 * torch.sigmoid(self.post_scale.reshape(()) * post + self.post_bias)
-        res = self.res_scale.reshape(()) * res.unflatten(-1, (n, n)) + self.res_bias  # (b, p, n, n)
+        res = self.res_scale.reshape(()) * res.unflatten(-1, (n, n)) + self.res_bias  # (m, n, n)
         return h_pre, h_post, sinkhorn(res, self.sinkhorn_iters)
 
-    def _width(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hs = unfold_streams(h, self.num_streams)  # (b, n, p, d)
-        h_pre, h_post, h_res = self.coefficients(hs)
+    def _width(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h_pre, h_post, h_res = self.coefficients(hs)  # hs: (n, m, d)
         branch_input, residuals = mix_streams(hs, h_pre.to(hs.dtype), h_res.to(hs.dtype))
-        return branch_input.reshape(-1, *h.shape[1:]), residuals, h_post.transpose(1, 2)
-
+        return branch_input, residuals, h_post.transpose(0, 1)  # (m, d), (n, m, d), (n, m)
 
 
 def hyper_connections(
