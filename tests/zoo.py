@@ -244,6 +244,14 @@ def hf_t5() -> nn.Module:
                                                d_kv=16, vocab_size=128))
 
 
+def hf_resnet() -> nn.Module:
+    """transformers' ResNet (basic blocks, ReLU after each add): an NCHW stream."""
+    from transformers import ResNetConfig, ResNetModel
+
+    return ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2],
+                                    layer_type="basic", num_channels=3))
+
+
 def encoder_norm_first() -> nn.Module:
     return EncoderStack(True)
 
