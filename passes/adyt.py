@@ -3,8 +3,9 @@
 The norm's effective gain and bias are read by probing it with a zero-mean, unit-variance input
 and its negation, so any parametrisation (Gemma's `x·(1 + w)`, a missing bias) comes out right;
 where the probe agrees with the stored `weight`, the stored tensor is copied exactly.
-Norms outside the residual trunk's blocks are "final" norms; norms narrower than the trunk's
-width (per-head q/k norms) are "qk" norms; both are selectable.
+Norms outside the residual trunk's blocks are "final" norms; norms whose output feeds attention's
+queries or keys through parameter-free ops (found by following the example's tensors, not by
+width: a hierarchical model's early stages are narrow too) are "qk" norms; both are selectable.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from surgeon.files.lazy import materialized
+from surgeon.graph.attention_inputs import qk_norm_modules
 from surgeon.graph.report import Norm
 from surgeon.graph.rewrite import Surgery
 from surgeon.nn.adyt import ADyT as ADyTModule
@@ -57,14 +59,13 @@ class ADyT(PassConfig):
     def run(self, surgery: Surgery) -> list[str]:
         norms = [n for n in surgery.inspection.norms if n.node is None and self.selects(n.module)]
         blocks = {b for t in surgery.inspection.trunks for b in t.blocks}
-        width = _trunk_width(norms)
+        qk = qk_norm_modules(surgery.model, [n.module for n in norms], surgery.run_example)
         roles = _roles(surgery)
         seen = _record_inputs(surgery, [n.module for n in norms]) if self.calibrate else {}
         new = []
         for norm in norms:
             inside = any(norm.module.startswith(b + ".") for b in blocks)
-            narrow = norm.shape is not None and width is not None and norm.shape[-1] < width
-            if narrow and not self.qk_norms or not inside and not self.final_norms:
+            if norm.module in qk and not self.qk_norms or not inside and not self.final_norms:
                 continue
             module = surgery.module(norm.module)
             if isinstance(module, ADyTModule):
@@ -140,11 +141,6 @@ def fit_alpha0_(adyt: ADyTModule, x: torch.Tensor, target: torch.Tensor) -> floa
     scale = 1.0 + adyt.lam / (adyt.eps + float(adyt.grad_norm_ema)) if adyt.adaptive else 1.0
     adyt.alpha0.fill_(alpha / scale)
     return alpha
-
-
-def _trunk_width(norms: list[Norm]) -> int | None:
-    widths = [n.shape[-1] for n in norms if n.shape]
-    return max(widths, key=widths.count) if widths else None
 
 
 def _roles(surgery: Surgery) -> dict[str, str]:

@@ -264,6 +264,56 @@ def tokens(vocab: int = 64, batch: int = 2, seq: int = 8) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
 
 
+# --- norms ---
+# A Swin-ish hierarchical transformer: stages of width 16 and 32 joined by a patch merge, so the
+# early stage's norms are narrower than the most common width without being q/k norms.
+
+
+class WindowBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        b, t, d = x.shape
+        qkv = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (b, h, t, d/h) each
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(y)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerge(nn.Module):
+    """(b, h·w, c) → (b, h·w/4, 2c): 2×2 neighbours concatenated, normalised, projected."""
+
+    def __init__(self, c: int, side: int) -> None:
+        super().__init__()
+        self.norm, self.reduction, self.side = nn.LayerNorm(4 * c), nn.Linear(4 * c, 2 * c), side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, c = x.shape
+        s = self.side
+        x = x.view(b, s // 2, 2, s // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, 4 * c)
+        return self.reduction(self.norm(x))
+
+
+class TinySwin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, 4)  # (b, 16, 4, 4) for a 16×16 image
+        self.stage1 = nn.Sequential(WindowBlock(16, 2), WindowBlock(16, 2))
+        self.merge = PatchMerge(16, 4)
+        self.stage2 = nn.Sequential(WindowBlock(32, 2), WindowBlock(32, 2))
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)  # (b, 16, 16)
+        return self.norm(self.stage2(self.merge(self.stage1(x))))
+
+
 @dataclass
 class ZooCase:
     """A tiny model, an example, and what inspection must find in it."""
@@ -301,4 +351,8 @@ ZOO = [
             {"layer1.0", "layer1.1", "layer2.0", "layer2.1"}),
     ZooCase("mixer", TinyMixer, lambda: (torch.randn(2, 3, 16, 16),), {"pre_norm": 4},
             {"layer_norm": 5}, [2], {"blocks.0", "blocks.1"}),
+    # --- norms ---
+    ZooCase("swin_ish", TinySwin, lambda: (torch.randn(2, 3, 16, 16),), {"pre_norm": 8},
+            {"layer_norm": 10}, [2, 2],
+            {"stage1.0", "stage1.1", "stage2.0", "stage2.1"}),
 ]
