@@ -23,18 +23,20 @@ from surgeon.graph.report import Norm
 from surgeon.graph.rewrite import Surgery
 from surgeon.nn.adyt import ADyT as ADyTModule
 from surgeon.nn.adyt import dyt_llama_alpha0
-from surgeon.recipe import PassConfig, bounded, register
+from surgeon.recipe import PassConfig, PassError, bounded, register
 
 
-def effective_affine(norm: nn.Module, d: int, eps: float | None) -> tuple[torch.Tensor, ...]:
-    """(gain, bias) of a last-dimension norm: `norm(x) = gain·x̂ + bias` for normalised x̂."""
+def effective_affine(norm: nn.Module, d: int, eps: float | None,
+                     layout: tuple[int, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """(gain, bias) of a norm over d features: `norm(x) = gain·x̂ + bias` for normalised x̂.
+    `layout` is the probe's shape for a channels-first norm (`(1, d, 1, 1)`); else `(1, d)`."""
     ref = next(iter(norm.parameters()), torch.empty(0))
     probe = torch.tensor([(-1.0) ** i for i in range(d)], dtype=torch.float64)
     probe = (probe - probe.mean()) / probe.std(unbiased=False)  # mean 0, variance 1
     dtype = ref.dtype if ref.is_floating_point() else torch.float32
-    x = probe.to(dtype=dtype, device=ref.device).unsqueeze(0)  # (1, d)
+    x = probe.to(dtype=dtype, device=ref.device).view(layout or (1, d))  # (1, d) or (1, d, 1, 1)
     with torch.no_grad():
-        up, down = norm(x)[0].double().cpu(), norm(-x)[0].double().cpu()
+        up, down = (norm(v).reshape(d).double().cpu() for v in (x, -x))
     gain = (up - down) / (2 * probe) * math.sqrt(1.0 + (eps or 0.0))
     return gain, (up + down) / 2
 
@@ -62,18 +64,21 @@ class ADyT(PassConfig):
         qk = qk_norm_modules(surgery.model, [n.module for n in norms], surgery.run_example)
         roles = _roles(surgery)
         seen = _record_inputs(surgery, [n.module for n in norms]) if self.calibrate else {}
-        new = []
+        todo = []
         for norm in norms:
             inside = any(norm.module.startswith(b + ".") for b in blocks)
             if norm.module in qk and not self.qk_norms or not inside and not self.final_norms:
                 continue
+            if not isinstance(surgery.module(norm.module), ADyTModule):
+                todo.append((norm, inside))
+        layouts = {norm.module: _layout(surgery, norm) for norm, _ in todo}  # refuse up front
+        new = []
+        for norm, inside in todo:
             module = surgery.module(norm.module)
-            if isinstance(module, ADyTModule):
-                continue
             role = roles.get(norm.module, "ffn" if inside else "final")
             d = norm.shape[-1] if norm.shape else None
             alpha0 = dyt_llama_alpha0(role, d or 0) if self.llama_init else self.alpha0
-            adyt = self._convert(module, norm, alpha0)
+            adyt = self._convert(module, norm, alpha0, layouts[norm.module])
             if norm.module in seen:
                 fit_alpha0_(adyt, *seen[norm.module])
             surgery.replace(norm.module, adyt)
@@ -83,12 +88,14 @@ class ADyT(PassConfig):
                 surgery.graph(parent)  # reinstall traced: the fast path reads norm weights itself
         return new
 
-    def _convert(self, module: nn.Module, norm: Norm, alpha0: float) -> ADyTModule:
+    def _convert(self, module: nn.Module, norm: Norm, alpha0: float,
+                 layout: tuple[int, ...] | None) -> ADyTModule:
         with materialized(module):  # the norm's weights may be on disk (surgeon convert)
-            adyt = ADyTModule.from_norm(module, alpha0=alpha0, adaptive=self.adaptive)
+            adyt = ADyTModule.from_norm(module, alpha0=alpha0, adaptive=self.adaptive,
+                                        channels_first=layout is not None)
             if norm.shape is None or len(norm.shape) != 1:
                 return adyt
-            gain, bias = effective_affine(module, norm.shape[0], norm.eps)
+            gain, bias = effective_affine(module, norm.shape[0], norm.eps, layout)
         with torch.no_grad():
             if not torch.allclose(adyt.weight.double(), gain, rtol=1e-3, atol=1e-5):
                 adyt.weight.copy_(gain)
@@ -96,6 +103,23 @@ class ADyT(PassConfig):
                                                             atol=1e-5):
                 adyt.bias.copy_(bias)
         return adyt
+
+
+def _layout(surgery: Surgery, norm: Norm) -> tuple[int, ...] | None:
+    """None for a norm over the last axis; the probe shape `(1, d, 1, ...)` for one over axis 1
+    of its input (a `LayerNorm2d`: permute, norm, permute back; or a norm over dim 1), read from
+    the norm's recorded call. Refuses a norm whose input has its features on neither axis."""
+    call = surgery.trace.calls.get(norm.module)
+    x = next((a for a in (call.args if call else ()) if isinstance(a, torch.Tensor)), None)
+    if x is None or norm.shape is None or len(norm.shape) != 1 or x.dim() < 2:
+        return None
+    d = norm.shape[0]
+    if x.shape[-1] == d:
+        return None
+    if x.dim() >= 3 and x.shape[1] == d:
+        return (1, d) + (1,) * (x.dim() - 2)
+    raise PassError(f"adyt: cannot tell which axis {norm.module} normalises (input "
+                    f"{tuple(x.shape)}, width {d}); skip it with exclude={norm.module!r}")
 
 
 # torch layers whose eval fast path reads their norms' weights and never calls the norm modules.
@@ -126,6 +150,8 @@ def fit_alpha0_(adyt: ADyTModule, x: torch.Tensor, target: torch.Tensor) -> floa
     """Set `adyt.alpha0` so that α(t) (as it is now) minimises the squared error to the norm's
     output on `x`: a log-spaced scan over the allowed α, refined once around the best."""
     x, target = x.float(), target.float()
+    if adyt.channels_first:  # (b, c, ...) → (b, ..., c): the weight broadcasts over the last axis
+        x, target = x.movedim(1, -1), target.movedim(1, -1)
     lo, hi = (adyt.alpha_min, adyt.alpha_max) if adyt.adaptive else (1e-3, 1e2)
 
     def error(alpha: torch.Tensor) -> torch.Tensor:  # alpha: (k,)

@@ -314,6 +314,69 @@ class TinySwin(nn.Module):
         return self.norm(self.stage2(self.merge(self.stage1(x))))
 
 
+# A ConvNeXt-ish conv net whose norms run on (b, c, h, w): timm's LayerNorm2d (permute, norm,
+# permute back) and the original ConvNeXt's channels-first LayerNorm (statistics over dim 1).
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's: `F.layer_norm` over the channels of an NCHW tensor, by a permute and back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w)
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """ConvNeXt's original `data_format="channels_first"` LayerNorm: statistics over dim 1."""
+
+    def __init__(self, c: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ConvNextBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw1, self.pw2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w)
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (b, h, w, c)
+        y = self.gamma * self.pw2(F.gelu(self.pw1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class TinyConvNext(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 4, 4), LayerNorm2d(16))
+        self.stage1 = nn.Sequential(ConvNextBlock(16), ConvNextBlock(16))
+        self.down = nn.Sequential(ChannelsFirstLayerNorm(16), nn.Conv2d(16, 32, 2, 2))
+        self.stage2 = nn.Sequential(ConvNextBlock(32), ConvNextBlock(32))
+        self.head_norm = nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head_norm(x.mean((2, 3)))
+
+
+def hf_convnext() -> nn.Module:
+    from transformers import ConvNextConfig, ConvNextModel
+
+    return ConvNextModel(ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[2, 2],
+                                        num_stages=2, patch_size=4, image_size=32))
+
+
 @dataclass
 class ZooCase:
     """A tiny model, an example, and what inspection must find in it."""
@@ -355,4 +418,9 @@ ZOO = [
     ZooCase("swin_ish", TinySwin, lambda: (torch.randn(2, 3, 16, 16),), {"pre_norm": 8},
             {"layer_norm": 10}, [2, 2],
             {"stage1.0", "stage1.1", "stage2.0", "stage2.1"}),
+    ZooCase("convnext_ish", TinyConvNext, lambda: (torch.randn(2, 3, 32, 32),), {"plain": 4},
+            {"layer_norm": 7}, [2, 2], {"stage1.0", "stage1.1", "stage2.0", "stage2.1"}),
+    ZooCase("hf_convnext", hf_convnext, lambda: (torch.randn(2, 3, 32, 32),), {"plain": 4},
+            {"layer_norm": 7}, [2, 2],
+            {f"encoder.stages.{i}.layers.{j}" for i in (0, 1) for j in (0, 1)}),
 ]
