@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from surgeon.files.lazy import materialized
 from surgeon.graph.attention_inputs import qk_norm_modules
+from surgeon.graph.find import norm_input, strip_casts
 from surgeon.graph.report import Norm
-from surgeon.graph.rewrite import Surgery
+from surgeon.graph.rewrite import Surgery, node_named
 from surgeon.nn.adyt import ADyT as ADyTModule
 from surgeon.nn.adyt import dyt_llama_alpha0
 from surgeon.recipe import PassConfig, PassError, bounded, register
@@ -86,6 +89,43 @@ class ADyT(PassConfig):
             parent = norm.module.rpartition(".")[0]
             if isinstance(surgery.module(parent), _FAST_PATH) and parent in surgery.trace.traces:
                 surgery.graph(parent)  # reinstall traced: the fast path reads norm weights itself
+        new += self._functional(surgery, blocks)
+        return new
+
+    def _functional(self, surgery: Surgery, blocks: set[str]) -> list[str]:
+        """Norms computed in a larger module's forward (`F.layer_norm`, an inline
+        `x·rsqrt(mean(x²) + eps)·w`): the norm's sub-graph, gain and bias included, becomes a
+        call of an ADyT module that holds the norm's own gain and bias parameters (shared, so
+        their names stay)."""
+        norms = [n for n in surgery.inspection.norms if n.node is not None
+                 and self.selects(n.module) and n.module in surgery.trace.traces]
+        spans = []
+        for norm in norms:
+            inside = any(norm.module == b or norm.module.startswith(b + ".") for b in blocks)
+            if inside or self.final_norms:
+                spans.append((norm, _span(surgery, norm)))  # refuses before anything changes
+        new = []
+        for norm, (x, chain, weight, bias, d) in spans:
+            graph = surgery.graph(norm.module)
+            adyt = ADyTModule(d, alpha0=self.alpha0, bias=bias is not None,
+                              adaptive=self.adaptive)
+            ref = weight if weight is not None else bias
+            if ref is not None:
+                adyt.to(device=ref.device, dtype=ref.dtype)
+                adyt.alpha0.data = adyt.alpha0.data.float()
+                adyt.grad_norm_ema.data = adyt.grad_norm_ema.data.float()
+            if weight is not None:
+                adyt.weight = weight  # the norm's own parameters: shared, not copied
+            if bias is not None:
+                adyt.bias = bias
+            target = surgery.add_module(norm.module, "adyt", adyt)
+            with graph.inserting_before(chain[0]):
+                call = graph.call_module(target, (x,))
+            for n in chain:  # every reader of the norm (AION's x_norm too) reads the ADyT
+                for user in [u for u in n.users if u not in chain]:
+                    user.replace_input_with(n, call)
+            _erase_dead(graph, chain[-1], x)
+            new.append(f"{norm.module}.{target}")
         return new
 
     def _convert(self, module: nn.Module, norm: Norm, alpha0: float,
@@ -120,6 +160,84 @@ def _layout(surgery: Surgery, norm: Norm) -> tuple[int, ...] | None:
         return (1, d) + (1,) * (x.dim() - 2)
     raise PassError(f"adyt: cannot tell which axis {norm.module} normalises (input "
                     f"{tuple(x.shape)}, width {d}); skip it with exclude={norm.module!r}")
+
+
+def _span(surgery: Surgery, norm: Norm) -> tuple:
+    """(input, last node, gain, bias, width) of the functional norm `norm`: the norm node, then
+    casts, a multiply by a parameter (the gain) and an add of one (the bias)."""
+    owner = surgery.module(norm.module)
+    graph = surgery.graph(norm.module)
+    node = node_named(graph, str(norm.node))
+    x = norm_input(node, owner)
+    weight = bias = None
+    args = list(node.args) + [None] * 4
+    if node.target in (F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm):
+        weight = _param(owner, node.kwargs.get("weight", args[2]))
+        if node.target in (F.layer_norm, torch.layer_norm):
+            bias = _param(owner, node.kwargs.get("bias", args[3]))
+    chain = [node]
+    while True:  # casts, then `· gain`, then `+ bias`, each by the one user that continues
+        step = [(u, *_step(owner, chain[-1], u)) for u in chain[-1].users]
+        step = [s for s in step if s[1] == "cast" or s[1] == "mul" and weight is None and bias
+                is None or s[1] == "add" and bias is None]
+        if len(step) != 1:
+            break
+        user, what, param = step[0]
+        chain.append(user)
+        if what == "mul":
+            weight = param
+        elif what == "add":
+            bias = param
+            break
+    d = norm.shape[-1] if norm.shape else None
+    ref = weight if weight is not None else bias
+    if ref is not None:
+        d = ref.shape[-1] if ref.dim() == 1 else None
+    if not isinstance(x, fx.Node) or d is None or norm.shape and len(norm.shape) != 1:
+        raise PassError(f"adyt: cannot convert the norm {norm.node} in {norm.module or 'the model'}"
+                        f" (its width or input is unknown, or it spans several axes); skip it "
+                        f"with exclude={norm.module!r}")
+    return x, chain, weight, bias, d
+
+
+def _step(owner: nn.Module, value: fx.Node, user: fx.Node) -> tuple[str | None, object]:
+    """How `user` continues a norm whose output so far is `value`: ("cast", None), ("mul", the
+    gain), ("add", the bias), or (None, None)."""
+    if user.op not in ("call_function", "call_method"):
+        return None, None
+    if strip_casts(user) is value:
+        return "cast", None
+    others = [a for a in user.args if a is not value]
+    param = _param(owner, strip_casts(others[0])) if len(others) == 1 else None
+    name = getattr(user.target, "__name__", str(user.target)).strip("_")
+    if param is not None and name in ("mul", "add"):
+        return name, param
+    return None, None
+
+
+def _param(owner: nn.Module, value: object) -> nn.Parameter | None:
+    """The 1-D parameter a `get_attr` node reads, else None."""
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        try:
+            p = owner.get_parameter(str(value.target))
+        except AttributeError:
+            return None
+        return p if p.dim() == 1 else None
+    return None
+
+
+def _erase_dead(graph: fx.Graph, end: fx.Node, keep: fx.Node) -> None:
+    """Erase `end` and what only it used, back to (not including) `keep`. Parameter reads stay:
+    the traced module then keeps the norm's parameters under their own names."""
+    frontier, erased = [end], set()
+    while frontier:
+        n = frontier.pop()
+        if n is keep or n in erased or n.users or n.op in ("placeholder", "output", "get_attr"):
+            continue
+        erased.add(n)
+        inputs = list(n.all_input_nodes)
+        graph.erase_node(n)
+        frontier.extend(inputs)
 
 
 # torch layers whose eval fast path reads their norms' weights and never calls the norm modules.

@@ -377,6 +377,39 @@ def hf_convnext() -> nn.Module:
                                         num_stages=2, patch_size=4, image_size=32))
 
 
+# Norms written into a block's own forward: `F.layer_norm` with the block's own gain and bias,
+# and an inline RMSNorm `x·rsqrt(mean(x²) + eps)·w` (no norm submodule to swap).
+
+
+class FunctionalNormBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln_w, self.ln_b = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+        self.rms_w = nn.Parameter(torch.ones(d))
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        h = F.layer_norm(x, (x.shape[-1],), self.ln_w, self.ln_b, 1e-5)
+        x = x + self.fc1(h)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x + self.fc2(h.to(x.dtype) * self.rms_w)
+
+
+class FunctionalNormNet(nn.Module):
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, d)
+        self.blocks = nn.ModuleList(FunctionalNormBlock(d) for _ in range(2))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
 @dataclass
 class ZooCase:
     """A tiny model, an example, and what inspection must find in it."""
@@ -423,4 +456,6 @@ ZOO = [
     ZooCase("hf_convnext", hf_convnext, lambda: (torch.randn(2, 3, 32, 32),), {"plain": 4},
             {"layer_norm": 7}, [2, 2],
             {f"encoder.stages.{i}.layers.{j}" for i in (0, 1) for j in (0, 1)}),
+    ZooCase("functional_norms", FunctionalNormNet, lambda: (tokens(64),), {"pre_norm": 4},
+            {"layer_norm": 3, "rms_norm": 2}, [2], {"blocks.0", "blocks.1"}),
 ]
