@@ -10,7 +10,9 @@ width: a hierarchical model's early stages are narrow too) are "qk" norms; both 
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -75,6 +77,9 @@ class ADyT(PassConfig):
             if not isinstance(surgery.module(norm.module), ADyTModule):
                 todo.append((norm, inside))
         layouts = {norm.module: _layout(surgery, norm) for norm, _ in todo}  # refuse up front
+        gates = {norm.module: _gate_form(surgery, norm) for norm, _ in todo}
+        for norm, _ in todo:
+            _check_parent_reads(surgery, norm.module)
         new = []
         for norm, inside in todo:
             module = surgery.module(norm.module)
@@ -82,6 +87,7 @@ class ADyT(PassConfig):
             d = norm.shape[-1] if norm.shape else None
             alpha0 = dyt_llama_alpha0(role, d or 0) if self.llama_init else self.alpha0
             adyt = self._convert(module, norm, alpha0, layouts[norm.module])
+            adyt.gate = gates[norm.module]
             if norm.module in seen:
                 fit_alpha0_(adyt, *seen[norm.module])
             surgery.replace(norm.module, adyt)
@@ -143,6 +149,45 @@ class ADyT(PassConfig):
                                                             atol=1e-5):
                 adyt.bias.copy_(bias)
         return adyt
+
+
+def _check_parent_reads(surgery: Surgery, name: str) -> None:
+    """Refuse a norm whose parent's forward reads attributes of it that an ADyT lacks (Mamba2's
+    mixer hands `norm.weight` and `norm.variance_epsilon` to a fused kernel, which would
+    compute the RMSNorm itself and bypass any replacement)."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = surgery.module(parent_name)
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return
+    probe = ADyTModule(1)
+    for read in sorted(set(re.findall(rf"self\.{re.escape(attr)}\.(\w+)", source))):
+        if not hasattr(probe, read):
+            raise PassError(f"adyt: {parent_name or 'the model'} reads {name}.{read} itself (a "
+                            f"fused path that would bypass an ADyT); skip it with "
+                            f"exclude={name!r}")
+
+
+def _gate_form(surgery: Surgery, norm: Norm) -> str | None:
+    """For a norm called with a second tensor (a gate, Mamba2's MambaRMSNormGated), where the
+    gate multiplies: "before" (`norm(x·silu(g))`) or "after" (`norm(x)·silu(g)`), told by calling
+    the norm on its recorded inputs; refuses any other gate. None for an ungated norm."""
+    call = surgery.trace.calls.get(norm.module)
+    tensors = [a for a in (call.args if call else ()) if isinstance(a, torch.Tensor)]
+    tensors += [v for v in (call.kwargs.values() if call else ()) if isinstance(v, torch.Tensor)]
+    if len(tensors) < 2:
+        return None
+    x, g = tensors[0], tensors[1]
+    module = surgery.module(norm.module)
+    with torch.no_grad(), materialized(module):
+        out = module(x, g)
+        for form, want in (("before", lambda: module(x * F.silu(g))),
+                           ("after", lambda: module(x) * F.silu(g))):
+            if torch.allclose(out, want(), rtol=1e-4, atol=1e-5):
+                return form
+    raise PassError(f"adyt: {norm.module} is a gated norm whose gate is not x·silu(gate) before "
+                    f"or after the norm; skip it with exclude={norm.module!r}")
 
 
 def _layout(surgery: Surgery, norm: Norm) -> tuple[int, ...] | None:
