@@ -181,13 +181,16 @@ def _gate_form(surgery: Surgery, norm: Norm) -> str | None:
     x, g = tensors[0], tensors[1]
     module = surgery.module(norm.module)
     with torch.no_grad(), materialized(module):
-        out = module(x, g)
-        for form, want in (("before", lambda: module(x * F.silu(g))),
-                           ("after", lambda: module(x) * F.silu(g))):
-            if torch.allclose(out, want(), rtol=1e-4, atol=1e-5):
-                return form
-    raise PassError(f"adyt: {norm.module} is a gated norm whose gate is not x·silu(gate) before "
-                    f"or after the norm; skip it with exclude={norm.module!r}")
+        try:
+            out = module(x, g)
+            for form, want in (("before", lambda: module(x * F.silu(g))),
+                               ("after", lambda: module(x) * F.silu(g))):
+                if torch.allclose(out, want(), rtol=1e-4, atol=1e-5):
+                    return form
+        except (RuntimeError, TypeError, ValueError):  # not a (tensor, gate) -> tensor norm
+            pass
+    raise PassError(f"adyt: {norm.module} takes a second tensor that is not a gate x·silu(gate) "
+                    f"before or after the norm; skip it with exclude={norm.module!r}")
 
 
 def _layout(surgery: Surgery, norm: Norm) -> tuple[int, ...] | None:
