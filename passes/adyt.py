@@ -53,7 +53,7 @@ class ADyT(PassConfig):
 
     name: ClassVar[str] = "adyt"
     version: ClassVar[int] = 1
-    rewrites: ClassVar[str] = "LayerNorm/RMSNorm modules"
+    rewrites: ClassVar[str] = "LayerNorm/RMSNorm modules and functional norms"
 
     adaptive: bool = True
     alpha0: float = bounded(0.5, 0, 100, open_low=True)
@@ -76,7 +76,8 @@ class ADyT(PassConfig):
                 continue
             if not isinstance(surgery.module(norm.module), ADyTModule):
                 todo.append((norm, inside))
-        layouts = {norm.module: _layout(surgery, norm) for norm, _ in todo}  # refuse up front
+        spans = self._functional_spans(surgery, blocks)  # each check refuses up front
+        layouts = {norm.module: _layout(surgery, norm) for norm, _ in todo}
         gates = {norm.module: _gate_form(surgery, norm) for norm, _ in todo}
         for norm, _ in todo:
             _check_parent_reads(surgery, norm.module)
@@ -95,26 +96,32 @@ class ADyT(PassConfig):
             parent = norm.module.rpartition(".")[0]
             if isinstance(surgery.module(parent), _FAST_PATH) and parent in surgery.trace.traces:
                 surgery.graph(parent)  # reinstall traced: the fast path reads norm weights itself
-        new += self._functional(surgery, blocks)
+        new += self._functional(surgery, spans)
         return new
 
-    def _functional(self, surgery: Surgery, blocks: set[str]) -> list[str]:
-        """Norms computed in a larger module's forward (`F.layer_norm`, an inline
-        `x·rsqrt(mean(x²) + eps)·w`): the norm's sub-graph, gain and bias included, becomes a
-        call of an ADyT module that holds the norm's own gain and bias parameters (shared, so
-        their names stay)."""
+    def _functional_spans(self, surgery: Surgery, blocks: set[str]) -> list[tuple]:
+        """The functional norms in scope, each with its sub-graph (see `_span`, which refuses
+        one it cannot convert)."""
         norms = [n for n in surgery.inspection.norms if n.node is not None
                  and self.selects(n.module) and n.module in surgery.trace.traces]
         spans = []
         for norm in norms:
             inside = any(norm.module == b or norm.module.startswith(b + ".") for b in blocks)
             if inside or self.final_norms:
-                spans.append((norm, _span(surgery, norm)))  # refuses before anything changes
+                spans.append((norm, inside, _span(surgery, norm)))
+        return spans
+
+    def _functional(self, surgery: Surgery, spans: list[tuple]) -> list[str]:
+        """Norms computed in a larger module's forward (`F.layer_norm`, an inline
+        `x·rsqrt(mean(x²) + eps)·w`): the norm's sub-graph, gain and bias included, becomes a
+        call of an ADyT module that holds the norm's own gain and bias parameters (shared, so
+        their names stay)."""
         new = []
-        for norm, (x, chain, weight, bias, d) in spans:
+        for norm, inside, (x, chain, weight, bias, d) in spans:
             graph = surgery.graph(norm.module)
-            adyt = ADyTModule(d, alpha0=self.alpha0, bias=bias is not None,
-                              adaptive=self.adaptive)
+            role = "ffn" if inside else "final"
+            alpha0 = dyt_llama_alpha0(role, d) if self.llama_init else self.alpha0
+            adyt = ADyTModule(d, alpha0=alpha0, bias=bias is not None, adaptive=self.adaptive)
             ref = weight if weight is not None else bias
             if ref is not None:
                 adyt.to(device=ref.device, dtype=ref.dtype)
