@@ -3,36 +3,45 @@
 The norm's effective gain and bias are read by probing it with a zero-mean, unit-variance input
 and its negation, so any parametrisation (Gemma's `x·(1 + w)`, a missing bias) comes out right;
 where the probe agrees with the stored `weight`, the stored tensor is copied exactly.
-Norms outside the residual trunk's blocks are "final" norms; norms narrower than the trunk's
-width (per-head q/k norms) are "qk" norms; both are selectable.
+Norms outside the residual trunk's blocks are "final" norms; norms whose output feeds attention's
+queries or keys through parameter-free ops (found by following the example's tensors, not by
+width: a hierarchical model's early stages are narrow too) are "qk" norms; both are selectable.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from surgeon.files.lazy import materialized
+from surgeon.graph.attention_inputs import qk_norm_modules
+from surgeon.graph.find import norm_input, strip_casts
 from surgeon.graph.report import Norm
-from surgeon.graph.rewrite import Surgery
+from surgeon.graph.rewrite import Surgery, node_named
 from surgeon.nn.adyt import ADyT as ADyTModule
 from surgeon.nn.adyt import dyt_llama_alpha0
-from surgeon.recipe import PassConfig, bounded, register
+from surgeon.recipe import PassConfig, PassError, bounded, register
 
 
-def effective_affine(norm: nn.Module, d: int, eps: float | None) -> tuple[torch.Tensor, ...]:
-    """(gain, bias) of a last-dimension norm: `norm(x) = gain·x̂ + bias` for normalised x̂."""
+def effective_affine(norm: nn.Module, d: int, eps: float | None,
+                     layout: tuple[int, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """(gain, bias) of a norm over d features: `norm(x) = gain·x̂ + bias` for normalised x̂.
+    `layout` is the probe's shape for a channels-first norm (`(1, d, 1, 1)`); else `(1, d)`."""
     ref = next(iter(norm.parameters()), torch.empty(0))
     probe = torch.tensor([(-1.0) ** i for i in range(d)], dtype=torch.float64)
     probe = (probe - probe.mean()) / probe.std(unbiased=False)  # mean 0, variance 1
     dtype = ref.dtype if ref.is_floating_point() else torch.float32
-    x = probe.to(dtype=dtype, device=ref.device).unsqueeze(0)  # (1, d)
+    x = probe.to(dtype=dtype, device=ref.device).view(layout or (1, d))  # (1, d) or (1, d, 1, 1)
     with torch.no_grad():
-        up, down = norm(x)[0].double().cpu(), norm(-x)[0].double().cpu()
+        up, down = (norm(v).reshape(d).double().cpu() for v in (x, -x))
     gain = (up - down) / (2 * probe) * math.sqrt(1.0 + (eps or 0.0))
     return gain, (up + down) / 2
 
@@ -44,7 +53,7 @@ class ADyT(PassConfig):
 
     name: ClassVar[str] = "adyt"
     version: ClassVar[int] = 1
-    rewrites: ClassVar[str] = "LayerNorm/RMSNorm modules"
+    rewrites: ClassVar[str] = "LayerNorm/RMSNorm modules and functional norms"
 
     adaptive: bool = True
     alpha0: float = bounded(0.5, 0, 100, open_low=True)
@@ -57,22 +66,29 @@ class ADyT(PassConfig):
     def run(self, surgery: Surgery) -> list[str]:
         norms = [n for n in surgery.inspection.norms if n.node is None and self.selects(n.module)]
         blocks = {b for t in surgery.inspection.trunks for b in t.blocks}
-        width = _trunk_width(norms)
+        qk = qk_norm_modules(surgery.model, [n.module for n in norms], surgery.run_example)
         roles = _roles(surgery)
         seen = _record_inputs(surgery, [n.module for n in norms]) if self.calibrate else {}
-        new = []
+        todo = []
         for norm in norms:
             inside = any(norm.module.startswith(b + ".") for b in blocks)
-            narrow = norm.shape is not None and width is not None and norm.shape[-1] < width
-            if narrow and not self.qk_norms or not inside and not self.final_norms:
+            if norm.module in qk and not self.qk_norms or not inside and not self.final_norms:
                 continue
+            if not isinstance(surgery.module(norm.module), ADyTModule):
+                todo.append((norm, inside))
+        spans = self._functional_spans(surgery, blocks)  # each check refuses up front
+        layouts = {norm.module: _layout(surgery, norm) for norm, _ in todo}
+        gates = {norm.module: _gate_form(surgery, norm) for norm, _ in todo}
+        for norm, _ in todo:
+            _check_parent_reads(surgery, norm.module)
+        new = []
+        for norm, inside in todo:
             module = surgery.module(norm.module)
-            if isinstance(module, ADyTModule):
-                continue
             role = roles.get(norm.module, "ffn" if inside else "final")
             d = norm.shape[-1] if norm.shape else None
             alpha0 = dyt_llama_alpha0(role, d or 0) if self.llama_init else self.alpha0
-            adyt = self._convert(module, norm, alpha0)
+            adyt = self._convert(module, norm, alpha0, layouts[norm.module])
+            adyt.gate = gates[norm.module]
             if norm.module in seen:
                 fit_alpha0_(adyt, *seen[norm.module])
             surgery.replace(norm.module, adyt)
@@ -80,14 +96,59 @@ class ADyT(PassConfig):
             parent = norm.module.rpartition(".")[0]
             if isinstance(surgery.module(parent), _FAST_PATH) and parent in surgery.trace.traces:
                 surgery.graph(parent)  # reinstall traced: the fast path reads norm weights itself
+        new += self._functional(surgery, spans)
         return new
 
-    def _convert(self, module: nn.Module, norm: Norm, alpha0: float) -> ADyTModule:
+    def _functional_spans(self, surgery: Surgery, blocks: set[str]) -> list[tuple]:
+        """The functional norms in scope, each with its sub-graph (see `_span`, which refuses
+        one it cannot convert)."""
+        norms = [n for n in surgery.inspection.norms if n.node is not None
+                 and self.selects(n.module) and n.module in surgery.trace.traces]
+        spans = []
+        for norm in norms:
+            inside = any(norm.module == b or norm.module.startswith(b + ".") for b in blocks)
+            if inside or self.final_norms:
+                spans.append((norm, inside, _span(surgery, norm)))
+        return spans
+
+    def _functional(self, surgery: Surgery, spans: list[tuple]) -> list[str]:
+        """Norms computed in a larger module's forward (`F.layer_norm`, an inline
+        `x·rsqrt(mean(x²) + eps)·w`): the norm's sub-graph, gain and bias included, becomes a
+        call of an ADyT module that holds the norm's own gain and bias parameters (shared, so
+        their names stay)."""
+        new = []
+        for norm, inside, (x, chain, weight, bias, d) in spans:
+            graph = surgery.graph(norm.module)
+            role = "ffn" if inside else "final"
+            alpha0 = dyt_llama_alpha0(role, d) if self.llama_init else self.alpha0
+            adyt = ADyTModule(d, alpha0=alpha0, bias=bias is not None, adaptive=self.adaptive)
+            ref = weight if weight is not None else bias
+            if ref is not None:
+                adyt.to(device=ref.device, dtype=ref.dtype)
+                adyt.alpha0.data = adyt.alpha0.data.float()
+                adyt.grad_norm_ema.data = adyt.grad_norm_ema.data.float()
+            if weight is not None:
+                adyt.weight = weight  # the norm's own parameters: shared, not copied
+            if bias is not None:
+                adyt.bias = bias
+            target = surgery.add_module(norm.module, "adyt", adyt)
+            with graph.inserting_before(chain[0]):
+                call = graph.call_module(target, (x,))
+            for n in chain:  # every reader of the norm (AION's x_norm too) reads the ADyT
+                for user in [u for u in n.users if u not in chain]:
+                    user.replace_input_with(n, call)
+            _erase_dead(graph, chain[-1], x)
+            new.append(f"{norm.module}.{target}")
+        return new
+
+    def _convert(self, module: nn.Module, norm: Norm, alpha0: float,
+                 layout: tuple[int, ...] | None) -> ADyTModule:
         with materialized(module):  # the norm's weights may be on disk (surgeon convert)
-            adyt = ADyTModule.from_norm(module, alpha0=alpha0, adaptive=self.adaptive)
+            adyt = ADyTModule.from_norm(module, alpha0=alpha0, adaptive=self.adaptive,
+                                        channels_first=layout is not None)
             if norm.shape is None or len(norm.shape) != 1:
                 return adyt
-            gain, bias = effective_affine(module, norm.shape[0], norm.eps)
+            gain, bias = effective_affine(module, norm.shape[0], norm.eps, layout)
         with torch.no_grad():
             if not torch.allclose(adyt.weight.double(), gain, rtol=1e-3, atol=1e-5):
                 adyt.weight.copy_(gain)
@@ -95,6 +156,143 @@ class ADyT(PassConfig):
                                                             atol=1e-5):
                 adyt.bias.copy_(bias)
         return adyt
+
+
+def _check_parent_reads(surgery: Surgery, name: str) -> None:
+    """Refuse a norm whose parent's forward reads attributes of it that an ADyT lacks (Mamba2's
+    mixer hands `norm.weight` and `norm.variance_epsilon` to a fused kernel, which would
+    compute the RMSNorm itself and bypass any replacement)."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = surgery.module(parent_name)
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return
+    probe = ADyTModule(1)
+    for read in sorted(set(re.findall(rf"self\.{re.escape(attr)}\.(\w+)", source))):
+        if not hasattr(probe, read):
+            raise PassError(f"adyt: {parent_name or 'the model'} reads {name}.{read} itself (a "
+                            f"fused path that would bypass an ADyT); skip it with "
+                            f"exclude={name!r}")
+
+
+def _gate_form(surgery: Surgery, norm: Norm) -> str | None:
+    """For a norm called with a second tensor (a gate, Mamba2's MambaRMSNormGated), where the
+    gate multiplies: "before" (`norm(x·silu(g))`) or "after" (`norm(x)·silu(g)`), told by calling
+    the norm on its recorded inputs; refuses any other gate. None for an ungated norm."""
+    call = surgery.trace.calls.get(norm.module)
+    tensors = [a for a in (call.args if call else ()) if isinstance(a, torch.Tensor)]
+    tensors += [v for v in (call.kwargs.values() if call else ()) if isinstance(v, torch.Tensor)]
+    if len(tensors) < 2:
+        return None
+    x, g = tensors[0], tensors[1]
+    module = surgery.module(norm.module)
+    with torch.no_grad(), materialized(module):
+        try:
+            out = module(x, g)
+            for form, want in (("before", lambda: module(x * F.silu(g))),
+                               ("after", lambda: module(x) * F.silu(g))):
+                if torch.allclose(out, want(), rtol=1e-4, atol=1e-5):
+                    return form
+        except (RuntimeError, TypeError, ValueError):  # not a (tensor, gate) -> tensor norm
+            pass
+    raise PassError(f"adyt: {norm.module} takes a second tensor that is not a gate x·silu(gate) "
+                    f"before or after the norm; skip it with exclude={norm.module!r}")
+
+
+def _layout(surgery: Surgery, norm: Norm) -> tuple[int, ...] | None:
+    """None for a norm over the last axis; the probe shape `(1, d, 1, ...)` for one over axis 1
+    of its input (a `LayerNorm2d`: permute, norm, permute back; or a norm over dim 1), read from
+    the norm's recorded call. Refuses a norm whose input has its features on neither axis."""
+    call = surgery.trace.calls.get(norm.module)
+    x = next((a for a in (call.args if call else ()) if isinstance(a, torch.Tensor)), None)
+    if x is None or norm.shape is None or len(norm.shape) != 1 or x.dim() < 2:
+        return None
+    d = norm.shape[0]
+    if x.shape[-1] == d:
+        return None
+    if x.dim() >= 3 and x.shape[1] == d:
+        return (1, d) + (1,) * (x.dim() - 2)
+    raise PassError(f"adyt: cannot tell which axis {norm.module} normalises (input "
+                    f"{tuple(x.shape)}, width {d}); skip it with exclude={norm.module!r}")
+
+
+def _span(surgery: Surgery, norm: Norm) -> tuple:
+    """(input, last node, gain, bias, width) of the functional norm `norm`: the norm node, then
+    casts, a multiply by a parameter (the gain) and an add of one (the bias)."""
+    owner = surgery.module(norm.module)
+    graph = surgery.graph(norm.module)
+    node = node_named(graph, str(norm.node))
+    x = norm_input(node, owner)
+    weight = bias = None
+    args = list(node.args) + [None] * 4
+    if node.target in (F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm):
+        weight = _param(owner, node.kwargs.get("weight", args[2]))
+        if node.target in (F.layer_norm, torch.layer_norm):
+            bias = _param(owner, node.kwargs.get("bias", args[3]))
+    chain = [node]
+    while True:  # casts, then `· gain`, then `+ bias`, each by the one user that continues
+        step = [(u, *_step(owner, chain[-1], u)) for u in chain[-1].users]
+        step = [s for s in step if s[1] == "cast" or s[1] == "mul" and weight is None and bias
+                is None or s[1] == "add" and bias is None]
+        if len(step) != 1:
+            break
+        user, what, param = step[0]
+        chain.append(user)
+        if what == "mul":
+            weight = param
+        elif what == "add":
+            bias = param
+            break
+    d = norm.shape[-1] if norm.shape else None
+    ref = weight if weight is not None else bias
+    if ref is not None:
+        d = ref.shape[-1] if ref.dim() == 1 else None
+    if not isinstance(x, fx.Node) or d is None or norm.shape and len(norm.shape) != 1:
+        raise PassError(f"adyt: cannot convert the norm {norm.node} in {norm.module or 'the model'}"
+                        f" (its width or input is unknown, or it spans several axes); skip it "
+                        f"with exclude={norm.module!r}")
+    return x, chain, weight, bias, d
+
+
+def _step(owner: nn.Module, value: fx.Node, user: fx.Node) -> tuple[str | None, object]:
+    """How `user` continues a norm whose output so far is `value`: ("cast", None), ("mul", the
+    gain), ("add", the bias), or (None, None)."""
+    if user.op not in ("call_function", "call_method"):
+        return None, None
+    if strip_casts(user) is value:
+        return "cast", None
+    others = [a for a in user.args if a is not value]
+    param = _param(owner, strip_casts(others[0])) if len(others) == 1 else None
+    name = getattr(user.target, "__name__", str(user.target)).strip("_")
+    if param is not None and name in ("mul", "add"):
+        return name, param
+    return None, None
+
+
+def _param(owner: nn.Module, value: object) -> nn.Parameter | None:
+    """The 1-D parameter a `get_attr` node reads, else None."""
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        try:
+            p = owner.get_parameter(str(value.target))
+        except AttributeError:
+            return None
+        return p if p.dim() == 1 else None
+    return None
+
+
+def _erase_dead(graph: fx.Graph, end: fx.Node, keep: fx.Node) -> None:
+    """Erase `end` and what only it used, back to (not including) `keep`. Parameter reads stay:
+    the traced module then keeps the norm's parameters under their own names."""
+    frontier, erased = [end], set()
+    while frontier:
+        n = frontier.pop()
+        if n is keep or n in erased or n.users or n.op in ("placeholder", "output", "get_attr"):
+            continue
+        erased.add(n)
+        inputs = list(n.all_input_nodes)
+        graph.erase_node(n)
+        frontier.extend(inputs)
 
 
 # torch layers whose eval fast path reads their norms' weights and never calls the norm modules.
@@ -125,6 +323,8 @@ def fit_alpha0_(adyt: ADyTModule, x: torch.Tensor, target: torch.Tensor) -> floa
     """Set `adyt.alpha0` so that α(t) (as it is now) minimises the squared error to the norm's
     output on `x`: a log-spaced scan over the allowed α, refined once around the best."""
     x, target = x.float(), target.float()
+    if adyt.channels_first:  # (b, c, ...) → (b, ..., c): the weight broadcasts over the last axis
+        x, target = x.movedim(1, -1), target.movedim(1, -1)
     lo, hi = (adyt.alpha_min, adyt.alpha_max) if adyt.adaptive else (1e-3, 1e2)
 
     def error(alpha: torch.Tensor) -> torch.Tensor:  # alpha: (k,)
@@ -140,11 +340,6 @@ def fit_alpha0_(adyt: ADyTModule, x: torch.Tensor, target: torch.Tensor) -> floa
     scale = 1.0 + adyt.lam / (adyt.eps + float(adyt.grad_norm_ema)) if adyt.adaptive else 1.0
     adyt.alpha0.fill_(alpha / scale)
     return alpha
-
-
-def _trunk_width(norms: list[Norm]) -> int | None:
-    widths = [n.shape[-1] for n in norms if n.shape]
-    return max(widths, key=widths.count) if widths else None
 
 
 def _roles(surgery: Surgery) -> dict[str, str]:

@@ -1,9 +1,11 @@
 """Residual adds → `AionResidual`: `x + f(x)` becomes `aion(x, f(x), x_norm)`.
 
 `x_norm` is the norm output the branch started from (pre-norm residuals), so the ratio is the
-one AION defines. With `preserve=True` (the default, `aion` preset) every new module is seeded
-with its branch's ratio on the example and α set to exactly 1, so the converted model computes
-what the original did.
+one AION defines. Energies are taken over the features: the last axis, or axis 1 where the
+graph shows a channels-first stream (a conv net's `(b, c, h, w)`). With `preserve=True` (the
+default, `aion` preset) every new module is seeded with its branch's ratio on the example (all
+at α = 1, so each sees the original activations) and α set to exactly 1, so the converted model
+computes what the original did.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from surgeon.graph.channels import feature_axis
 from surgeon.graph.rewrite import Surgery, node_named
 from surgeon.nn.aion import AionResidual
 from surgeon.recipe import PassConfig, PassError, bounded, register
@@ -90,6 +93,8 @@ class AION(PassConfig):
             module = AionResidual.from_preset(
                 self.preset, num_layers=max(1, len(residuals) // 2),
                 ema_gamma=self.ema_gamma, epsilon=self.epsilon)
+            # energies over the stream's features: axis 1 for (b, c, h, w) streams, not the width
+            module.channel_first = feature_axis(surgery.trace, r.module, branch) == "first"
             target = surgery.add_module(r.module, f"aion_{k}", module)
             with graph.inserting_before(add):
                 call = graph.call_module(target, args)
@@ -110,6 +115,8 @@ class AION(PassConfig):
                 ratios.setdefault(name, module.batch_ratio(*args))
             return hook
 
+        for module in modules.values():  # α = 1 first, so that each module records the ratio
+            module.preserve_()  # of the original model's activations, not of upstream α0 = 0.1
         handles = [m.register_forward_pre_hook(recorder(n)) for n, m in modules.items()]
         try:
             surgery.run_example()

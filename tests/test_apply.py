@@ -22,9 +22,7 @@ from surgeon.recipe import PassError, parse_pass
 COMBOS = [("aion",), ("adyt",), ("hyper",), ("hyper:mhc=true",), ("aion", "adyt"),
           ("adyt", "aion"), ("aion", "hyper", "adyt"), ("adyt", "aion", "hyper:streams=2")]
 # Models hyper-connections refuse (none today; a row here expects the PassError).
-# hf_resnet: its Identity / projection shortcuts are found in the block but the skip comes from
-# outside hyper's view (hyper refuses; issue 14 class 16, hyper's side).
-NO_HYPER: set[str] = {"hf_resnet"}
+NO_HYPER: set[str] = set()
 
 
 def output_sum(model: torch.nn.Module, example: tuple | dict) -> torch.Tensor:
@@ -54,10 +52,7 @@ def expected_new(case: ZooCase, name: str) -> int:
 
 
 # The slowest model to trace (an encoder-decoder, caches copied per call) takes fewer rows.
-FEWER = {"hf_t5": [("hyper:mhc=true",), ("adyt", "aion"), ("aion", "hyper", "adyt")],
-         # AION's energies over the last axis of an NCHW stream (issue 14 class 13) leave α0
-         # near 1e6 here, so its rows wait for channel-wise energies
-         "hf_resnet": [("hyper",), ("hyper:mhc=true",)]}
+FEWER = {"hf_t5": [("hyper:mhc=true",), ("adyt", "aion"), ("aion", "hyper", "adyt")]}
 PARALLEL = {"parallel", "hf_neox_parallel"}  # attention and MLP added to one input together
 ROWS = [pytest.param(case, combo, id=f"{case.name}-{'+'.join(combo)}")
         for case in ZOO for combo in FEWER.get(case.name, COMBOS)]

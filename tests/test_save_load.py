@@ -36,8 +36,8 @@ def base_of(case: ZooCase, model: torch.nn.Module) -> str | None:
 COMBOS = [("aion", "adyt"), ("aion", "hyper", "adyt"), ("hyper:mhc=true",)]
 ROWS = [pytest.param(case, combo, id=f"{case.name}-{'+'.join(combo)}")
         for case in ZOO for combo in COMBOS
-        if combo == COMBOS[0] or case.name not in ("hf_t5", "hf_resnet")]
-# hf_t5 is the slowest model: one row; hyper refuses hf_resnet (see test_apply.NO_HYPER)
+        if combo == COMBOS[0] or case.name != "hf_t5"]
+# hf_t5 is the slowest model: one row
 
 
 @pytest.mark.parametrize("case, combo", ROWS)

@@ -409,16 +409,6 @@ def hf_mixtral() -> nn.Module:
         max_position_embeddings=64))
 
 
-def hf_convnext() -> nn.Module:
-    """ConvNeXt (channels-first stream, a permute to channels-last inside each block). Not a ZOO
-    row yet: `adyt` on its channels-first LayerNorm is issue 14 class 3 (another branch);
-    tests/test_hyper_layouts.py covers it for hyper."""
-    from transformers import ConvNextConfig, ConvNextModel
-
-    return ConvNextModel(ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32],
-                                        depths=[2, 2], image_size=32))
-
-
 def hf_mamba() -> nn.Module:
     from transformers import MambaConfig, MambaForCausalLM
 
@@ -432,6 +422,152 @@ def hf_neox_parallel() -> nn.Module:
     return GPTNeoXForCausalLM(GPTNeoXConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         vocab_size=128, max_position_embeddings=64, use_parallel_residual=True))
+
+
+# --- norms ---
+# A Swin-ish hierarchical transformer: stages of width 16 and 32 joined by a patch merge, so the
+# early stage's norms are narrower than the most common width without being q/k norms.
+
+
+class WindowBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        b, t, d = x.shape
+        qkv = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (b, h, t, d/h) each
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(y)
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenPatchMerge(nn.Module):
+    """(b, h·w, c) → (b, h·w/4, 2c): 2×2 neighbours concatenated, normalised, projected."""
+
+    def __init__(self, c: int, side: int) -> None:
+        super().__init__()
+        self.norm, self.reduction, self.side = nn.LayerNorm(4 * c), nn.Linear(4 * c, 2 * c), side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, c = x.shape
+        s = self.side
+        x = x.view(b, s // 2, 2, s // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, 4 * c)
+        return self.reduction(self.norm(x))
+
+
+class TinySwin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, 4)  # (b, 16, 4, 4) for a 16×16 image
+        self.stage1 = nn.Sequential(WindowBlock(16, 2), WindowBlock(16, 2))
+        self.merge = TokenPatchMerge(16, 4)
+        self.stage2 = nn.Sequential(WindowBlock(32, 2), WindowBlock(32, 2))
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)  # (b, 16, 16)
+        return self.norm(self.stage2(self.merge(self.stage1(x))))
+
+
+# A ConvNeXt-ish conv net whose norms run on (b, c, h, w): timm's LayerNorm2d (permute, norm,
+# permute back) and the original ConvNeXt's channels-first LayerNorm (statistics over dim 1).
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's: `F.layer_norm` over the channels of an NCHW tensor, by a permute and back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w)
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """ConvNeXt's original `data_format="channels_first"` LayerNorm: statistics over dim 1."""
+
+    def __init__(self, c: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ConvNextBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw1, self.pw2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w)
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (b, h, w, c)
+        y = self.gamma * self.pw2(F.gelu(self.pw1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class TinyConvNext(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 4, 4), LayerNorm2d(16))
+        self.stage1 = nn.Sequential(ConvNextBlock(16), ConvNextBlock(16))
+        self.down = nn.Sequential(ChannelsFirstLayerNorm(16), nn.Conv2d(16, 32, 2, 2))
+        self.stage2 = nn.Sequential(ConvNextBlock(32), ConvNextBlock(32))
+        self.head_norm = nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head_norm(x.mean((2, 3)))
+
+
+def hf_convnext() -> nn.Module:
+    from transformers import ConvNextConfig, ConvNextModel
+
+    return ConvNextModel(ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[2, 2],
+                                        num_stages=2, patch_size=4, image_size=32))
+
+
+# Norms written into a block's own forward: `F.layer_norm` with the block's own gain and bias,
+# and an inline RMSNorm `x·rsqrt(mean(x²) + eps)·w` (no norm submodule to swap).
+
+
+class FunctionalNormBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln_w, self.ln_b = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+        self.rms_w = nn.Parameter(torch.ones(d))
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        h = F.layer_norm(x, (x.shape[-1],), self.ln_w, self.ln_b, 1e-5)
+        x = x + self.fc1(h)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x + self.fc2(h.to(x.dtype) * self.rms_w)
+
+
+class FunctionalNormNet(nn.Module):
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, d)
+        self.blocks = nn.ModuleList(FunctionalNormBlock(d) for _ in range(2))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
 
 
 @dataclass
@@ -488,6 +624,17 @@ ZOO = [
             {"rms_norm": 3}, [2], {"backbone.layers.0", "backbone.layers.1"}),
     ZooCase("hf_neox_parallel", hf_neox_parallel, lambda: {"input_ids": tokens(128)},
             {"pre_norm": 2}, {"layer_norm": 5}, [2], {"gpt_neox.layers.0", "gpt_neox.layers.1"}),
+    # --- norms ---
+    ZooCase("swin_ish", TinySwin, lambda: (torch.randn(2, 3, 16, 16),), {"pre_norm": 8},
+            {"layer_norm": 10}, [2, 2],
+            {"stage1.0", "stage1.1", "stage2.0", "stage2.1"}),
+    ZooCase("convnext_ish", TinyConvNext, lambda: (torch.randn(2, 3, 32, 32),), {"plain": 4},
+            {"layer_norm": 7}, [2, 2], {"stage1.0", "stage1.1", "stage2.0", "stage2.1"}),
+    ZooCase("hf_convnext", hf_convnext, lambda: (torch.randn(2, 3, 32, 32),), {"plain": 4},
+            {"layer_norm": 7}, [2],  # one trunk: the two stages, across the downsampling
+            {f"encoder.stages.{i}.layers.{j}" for i in (0, 1) for j in (0, 1)}),
+    ZooCase("functional_norms", FunctionalNormNet, lambda: (tokens(64),), {"pre_norm": 4},
+            {"layer_norm": 3, "rms_norm": 2}, [2], {"blocks.0", "blocks.1"}),
 ]
 
 # --- detect ---
@@ -618,7 +765,7 @@ def hf_cohere() -> nn.Module:
 
 DETECT_ZOO = [
     ZooCase("hf_resnet", hf_resnet, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)},
-            {"plain": 4}, {}, [2, 1]),
+            {"plain": 4}, {}, [2]),  # one trunk: the two stages, across the downsampling
     ZooCase("repvgg", TinyRepVGG, lambda: (torch.randn(2, 3, 8, 8),), {"plain": 1}, {}, [1],
             {"blocks.2"}),
     ZooCase("looped_shared", LoopedShared, lambda: (torch.randn(2, 5, 16),), {"pre_norm": 1},

@@ -279,6 +279,14 @@ def _norm_node(n: fx.Node, module: nn.Module, params: set[str],
     return None
 
 
+def norm_input(n: fx.Node, module: nn.Module) -> Any:
+    """The value the functional or hand-written norm at node `n` of `module`'s graph normalises
+    (casts stripped), or None if `n` computes no norm."""
+    params = {name for name, _ in module.named_parameters()}
+    found = _norm_node(n, module, params, {})
+    return found.input if found is not None else None
+
+
 def _scale_core(node: Any, fn: str) -> tuple[fx.Node, float | None] | None:
     """`rsqrt(var + eps)` (or `sqrt`): returns (var, eps)."""
     if not isinstance(node, fx.Node) or op_name(node) != fn or not node.args:
@@ -428,6 +436,7 @@ def _class_norm_kind(module: nn.Module) -> str | None:
         if isinstance(module, cls):
             return kind
     name = type(module).__name__.lower()
+    name = name.removesuffix("gated")  # Mamba2's MambaRMSNormGated: norm(x·silu(gate))
     if name.endswith("rmsnorm"):
         return "rms_norm"
     if name.endswith("layernorm"):

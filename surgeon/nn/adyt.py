@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from surgeon.nn.scalars import promote_scalars, scalar_parameter
@@ -55,7 +56,8 @@ class InwardClamp(torch.autograd.Function):
 
 
 class ADyT(nn.Module):
-    """Adaptive dynamic tanh over the last `len(normalized_shape)` dimensions."""
+    """Adaptive dynamic tanh over the last `len(normalized_shape)` dimensions, or over axis 1
+    with `channels_first=True` (the stand-in for a `LayerNorm2d` on `(b, c, h, w)`)."""
 
     _surgeon_atomic = True  # tracing treats it as a leaf: passes never rewrite it again
 
@@ -71,6 +73,8 @@ class ADyT(nn.Module):
         eps: float = 1e-6,
         alpha_min: float = 0.1,
         alpha_max: float = 2.0,
+        channels_first: bool = False,
+        gate: str | None = None,
     ) -> None:
         super().__init__()
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
@@ -86,6 +90,13 @@ class ADyT(nn.Module):
         self.adaptive = adaptive
         self.lam, self.smoothing, self.eps = lam, smoothing, eps
         self.alpha_min, self.alpha_max = alpha_min, alpha_max
+        if channels_first and len(self.normalized_shape) != 1:
+            raise ValueError("channels_first needs a 1-D normalized_shape (the channels)")
+        self.channels_first = channels_first
+        if gate not in (None, "before", "after"):
+            raise ValueError(f"gate must be None, 'before' or 'after', got {gate!r}")
+        # a gated norm's stand-in (Mamba2's norm(x·silu(gate))): where the gate multiplies
+        self.gate = gate
         self._attachment: Any = None  # weakref to the `surgeon.attach` handle, if any
 
     @classmethod
@@ -122,8 +133,20 @@ class ADyT(nn.Module):
         scale = 1.0 + self.lam / (self.eps + self.grad_norm_ema)  # ()
         return InwardClamp.apply(alpha0 * scale, self.alpha_min, self.alpha_max)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.tanh(self.alpha() * x)  # (..., *normalized_shape), x's dtype
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        if gate is not None and self.gate is None:
+            raise TypeError("this ADyT takes no gate (it stands in for an ungated norm)")
+        if gate is not None and self.gate == "before":
+            x = x * F.silu(gate)  # DyT of the gated input, as the norm normalised it
+        y = self._dyt(x)
+        return y * F.silu(gate) if gate is not None and self.gate == "after" else y
+
+    def _dyt(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.alpha() * x)  # (..., *normalized_shape) or (b, c, ...), x's dtype
+        if self.channels_first:
+            trail = (1,) * (x.dim() - 2)
+            y = y * self.weight.view(-1, *trail)  # (c, 1, ..., 1)
+            return y if self.bias is None else y + self.bias.view(-1, *trail)
         y = y * self.weight
         return y if self.bias is None else y + self.bias
 
@@ -133,4 +156,6 @@ class ADyT(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "adaptive" if self.adaptive else "DyT"
-        return f"{self.normalized_shape}, {kind}, bias={self.bias is not None}"
+        layout = ", channels_first" if self.channels_first else ""
+        layout += f", gate={self.gate}" if self.gate else ""
+        return f"{self.normalized_shape}, {kind}, bias={self.bias is not None}{layout}"

@@ -1,7 +1,8 @@
 """AION adaptive residual: `out = x + α·y`, `α = alpha0 / (1 + beta·r_s)`.
 
 `r` is the branch's energy ratio, the mean over tokens of `E[y] / (E[x_norm] + ε)` with
-`E[t] = mean(t², -1)` taken in fp32, and `r_s` its EMA (`ratio_ema`, starting at 1.0).
+`E[t] = mean(t², -1)` taken in fp32 (over axis 1, the channels, where the pass set
+`channel_first`), and `r_s` its EMA (`ratio_ema`, starting at 1.0).
 
 A drop-in replacement for `aion_torch.AionResidual`: the same constructor, `forward(x, y,
 x_norm, return_stats=False)`, the same `ValueError`s for empty or mismatched inputs, and the same
@@ -27,9 +28,10 @@ from surgeon.nn.scalars import promote_scalars, scalar_parameter
 PRESETS = ("aion", "deepnorm", "preln", "rezero")
 
 
-def energy(t: torch.Tensor) -> torch.Tensor:
-    """`E[t] = mean(t², -1)` accumulated in fp32 whatever t's dtype: shape `t[..., 0]`."""
-    return t.float().pow(2).mean(-1)
+def energy(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """`E[t] = mean(t², dim)` accumulated in fp32 whatever t's dtype: `dim` is the feature
+    axis (-1, or 1 for channels-first `(b, c, h, w)` streams); the rest are tokens."""
+    return t.float().pow(2).mean(dim)
 
 
 class AionResidual(nn.Module):
@@ -78,6 +80,9 @@ class AionResidual(nn.Module):
         self.preset = "aion"
         # Whether training tracks the ratio; the fixed-β presets switch it off (α = alpha0).
         self.adaptive = True
+        # Channels-first streams `(b, c, ...)` (conv nets): energies over axis 1, the channels,
+        # not over the image width (set by the aion pass, which reads the layout from the graph).
+        self.channel_first = False
         # Set by `surgeon.attach`: this module's row of a shared (L, 2) tensor (a view, so that
         # compiled blocks don't specialise on the row number); the forward adds (Σ ratio,
         # token count) to it and the EMA moves once per optimizer step.
@@ -174,7 +179,9 @@ class AionResidual(nn.Module):
                     self.step_count.add_(1)
             return alpha * y, alpha, None
         # per-token ratio E[y] / (E[x_norm] + ε), fp32: (...,)
-        per_token = energy(y) / (energy(x if x_norm is None else x_norm) + self.epsilon)
+        dim = 1 if self.channel_first else -1
+        x_in = x if x_norm is None else x_norm
+        per_token = energy(y, dim) / (energy(x_in, dim) + self.epsilon)  # (b, ...) tokens
         ratio = per_token.mean()  # () batch ratio, in the graph: α's gradient reaches y
         gamma = self._gamma
         ratio_s = gamma * self.ratio_ema + (1.0 - gamma) * ratio
@@ -208,7 +215,8 @@ class AionResidual(nn.Module):
         """The ratio `r` this module computes for one batch (fp32 scalar, detached)."""
         with torch.no_grad():
             x_in = x if x_norm is None else x_norm
-            return (energy(y) / (energy(x_in) + self.epsilon)).mean()
+            dim = 1 if self.channel_first else -1
+            return (energy(y, dim) / (energy(x_in, dim) + self.epsilon)).mean()
 
     @torch.no_grad()
     def reset_optional_state_(self, names: tuple[str, ...] = optional_state) -> AionResidual:
