@@ -45,25 +45,48 @@ def branch_outputs(trace: ModelTrace, residuals: list, block: str) -> list[str]:
             continue
         graph = trace.traces[r.module].graph
         add = next(n for n in graph.nodes if n.name == r.node)
-        # a parallel block's site has several branches (`r.branches`), an ordinary add one
+        # a parallel block's site has several branches (`r.branches`), an ordinary add one;
+        # a branch that is itself a sum is followed term by term
         outputs = ([n for n in graph.nodes if n.name in r.branches] if r.branches
                    else [add.args[1 - r.skip]])
         for output in outputs:
-            name = _producer(trace, r.module, output)
-            if name is None:
+            names = _producers(trace, r.module, output)
+            if names is None:
                 raise BranchError(f"cannot trace the residual branch of {r.module} ({r.source}) "
                                   "back to a parameterised module; use another --init")
-            if name not in found:
-                found.append(name)
+            found.extend(n for n in names if n not in found)
     if not found:
         raise BranchError(f"no residual adds found in {block}; --init zero needs a block with "
                           "residual branches")
     return found
 
 
+_ADDS = {operator.add, torch.add}
+
+
+def _producers(trace: ModelTrace, owner: str, node: object) -> list[str] | None:
+    """The modules producing `node`: a sum of branches (a parallel block's attn(x) + mlp(x),
+    GPT-NeoX, GPT-J, Phi) is zero when each term is, so each term is followed on its own."""
+    if isinstance(node, fx.Node) and (node.op == "call_function" and node.target in _ADDS or
+                                      node.op == "call_method" and node.target == "add"):
+        found: list[str] = []
+        for term in node.args[:2]:
+            names = _producers(trace, owner, term)
+            if names is None:
+                return None
+            found.extend(n for n in names if n not in found)
+        return found
+    name = _producer(trace, owner, node)
+    return None if name is None else [name]
+
+
 def _producer(trace: ModelTrace, owner: str, node: object) -> str | None:
     """The module (qualified name) producing `node` in `owner`'s graph, through zero-to-zero ops."""
     while isinstance(node, fx.Node):
+        if node.op == "call_function" and node.target in _ADDS or (
+                node.op == "call_method" and node.target == "add"):
+            names = _producers(trace, owner, node)
+            return names[0] if names and len(names) == 1 else None
         if node.op == "call_module":
             name = f"{owner}.{node.target}" if owner else str(node.target)
             module = trace.model.get_submodule(name)
