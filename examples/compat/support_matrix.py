@@ -39,13 +39,14 @@ TINY = dict(hidden_size=32, d_model=32, n_embd=32, intermediate_size=64, d_ff=64
             num_attention_heads=4, n_head=4, num_heads=4, encoder_attention_heads=4,
             decoder_attention_heads=4, num_key_value_heads=2, vocab_size=128,
             max_position_embeddings=64, n_positions=64, head_dim=8, d_kv=8, image_size=32,
-            patch_size=8, num_channels=3, num_labels=4, embedding_size=32)
+            patch_size=8, num_channels=3, num_labels=4, embedding_size=32, rotary_dim=8)
 
 # (name, family, model_type, task, extra config kwargs)
 CORPUS: list[tuple[str, str, str, str, dict]] = [
+    ("gpt_neo", "decoder", "gpt_neo", "causal", {"attention_types": [[["global", "local"], 1]]}),
     *[(m, "decoder", m, "causal", {}) for m in [
         "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
-        "gpt2", "gpt_neo", "gpt_neox", "gptj", "falcon", "bloom", "opt", "mpt", "stablelm",
+        "gpt2", "gpt_neox", "gptj", "falcon", "bloom", "opt", "mpt", "stablelm",
         "starcoder2", "olmo", "olmo2", "cohere", "granite", "glm", "helium", "smollm3",
         "exaone4", "ministral", "codegen", "biogpt", "xglm", "persimmon", "nemotron", "arcee"]],
     *[(m, "moe", m, "causal", {"num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4,
@@ -97,6 +98,12 @@ def tiny_config(model_type: str, extra: dict):
     for c in subs:
         for k, v in {**TINY, **extra}.items():
             if hasattr(c, k) and not isinstance(getattr(c, k), (list, tuple, dict)):
+                try:
+                    setattr(c, k, v)
+                except (AttributeError, TypeError, ValueError):
+                    pass  # a derived property (e.g. head_dim): it follows from the others
+        for k, v in extra.items():
+            if isinstance(v, list) and hasattr(c, k):
                 setattr(c, k, v)
         for k in ("depths", "hidden_sizes", "embed_dim", "num_heads", "layer_types",
                   "block_types", "num_attention_heads"):
@@ -285,7 +292,9 @@ def run_row(name: str, family: str, model_type: str, task: str, extra: dict) -> 
         if task in LM_TASKS or task == "seq2seq":
             def do_generate():
                 ids = torch.randint(2, 100, (1, 4))
-                out = conv.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+                extra_ids = {"decoder_start_token_id": 0} if task == "seq2seq" else {}
+                out = conv.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                    **extra_ids)
                 if out.shape[-1] < 4:
                     raise RuntimeError(f"generate returned shape {tuple(out.shape)}")
                 return {"shape": list(out.shape)}
