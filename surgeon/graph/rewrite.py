@@ -43,22 +43,27 @@ def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(owner) if owner else model), attr
 
 
+_CLASSES: dict[type, type] = {}
+
+
 def checkpointing_class(original: nn.Module) -> type[TracedModule]:
-    """The class a rewritten module gets: `TracedModule`, plus the original class when it is a
-    transformers `GradientCheckpointingLayer`, so HF's gradient checkpointing switch and its
-    output recorders still find it (TracedModule's forward does the checkpointing itself)."""
+    """The class a rewritten module gets: a subclass of `TracedModule` and of the original
+    class, so `isinstance` checks (HF's gradient checkpointing switch, its output recorders),
+    class attributes, properties and methods that callers read keep working (TracedModule's
+    forward comes first, and does HF's checkpointing itself). Plain `TracedModule` where the
+    original class cannot be a base (a metaclass or layout conflict)."""
     cls = type(original)
     if isinstance(original, TracedModule):
         return type(original).__mro__[1]  # the class under GraphModule's per-instance one
-    for base in cls.__mro__:
-        if base.__name__ == "GradientCheckpointingLayer":
-            # A subclass of the original layer class too, so transformers' output recorders
-            # (`output_hidden_states`, matched by isinstance) still find the layer. The shim
-            # keeps the original's __init__ out of GraphModule's.
+    if cls not in _CLASSES:
+        # The shim keeps the original's __init__ out of GraphModule's.
+        try:
             shim = type(cls.__name__, (cls,), {"__init__": _module_init,
                                                "__module__": cls.__module__})
-            return type(f"Traced{cls.__name__}", (TracedModule, shim), {})
-    return TracedModule
+            _CLASSES[cls] = type(f"Traced{cls.__name__}", (TracedModule, shim), {})
+        except TypeError:
+            _CLASSES[cls] = TracedModule
+    return _CLASSES[cls]
 
 
 def _module_init(self: nn.Module, *args: object, **kwargs: object) -> None:
@@ -74,6 +79,9 @@ class Surgery:
     trace: ModelTrace = field(init=False)
     inspection: Inspection = field(init=False)
     graphs: dict[str, fx.Graph] = field(default_factory=dict)
+    # the modules committed or replaced so far, and the one a pass last worked on (for errors)
+    changed: list[str] = field(default_factory=list)
+    touching: str | None = None
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -94,6 +102,7 @@ class Surgery:
 
     def graph(self, name: str) -> fx.Graph:
         """The editable graph of module `name` (a private copy, made on first use)."""
+        self.touching = name
         if name not in self.graphs:
             self.graphs[name] = copy_graph(self.trace.traces[name].graph)
         return self.graphs[name]
@@ -101,6 +110,7 @@ class Surgery:
     def add_module(self, owner: str, base: str, module: nn.Module) -> str:
         """Attach `module` to module `owner` under a free attribute name starting with `base`;
         returns the attribute name (the `call_module` target in owner's graph)."""
+        self.touching = owner
         holder = self.module(owner)
         attr, k = base, 1
         while hasattr(holder, attr):
@@ -155,6 +165,8 @@ class Surgery:
 
     def replace(self, name: str, new: nn.Module) -> None:
         """Put `new` where module `name` is."""
+        self.touching = name
+        self.changed.append(name)
         parent, attr = parent_of(self.model, name)
         setattr(parent, attr, new)
 
@@ -162,11 +174,17 @@ class Surgery:
         """Install every edited graph as a TracedModule in its module's place."""
         done = []
         for name, graph in self.graphs.items():
+            self.touching = name
             graph.lint()
             original = self.module(name)
             spec = self.trace.traces[name].shared.spec
             cls = checkpointing_class(original)
-            replacement = cls(original, graph, spec, name)
+            try:
+                replacement = cls(original, graph, spec, name)
+            except (AttributeError, TypeError):
+                if cls is TracedModule:  # the original class's own descriptors got in the way
+                    raise
+                replacement = TracedModule(original, graph, spec, name)
             # what the module needs to trace itself again for another call (see TracedModule)
             replacement._surgeon_source = module_source(original, self.trace.traces[name].graph)
             replacement.train(original.training)

@@ -770,6 +770,30 @@ def module_source(original: nn.Module, base: fx.Graph) -> ModuleSource:
     return ModuleSource(type(original), attrs, graph)
 
 
+# Instance entries a rewritten module must not take from the module it replaces: its own
+# forward, and graphs cached for the original's graph (which a new graph makes stale).
+_NOT_ADOPTED = frozenset(("forward", "_surgeon_specs"))
+
+
+def keep_original(module: nn.Module, root: nn.Module) -> None:
+    """Give `module` (a GraphModule built over `root`) everything of `root` that its graph does
+    not call: GraphModule copies only the submodules and parameters its nodes name. Children,
+    parameters and buffers come back as the same objects in `root`'s order (so state_dict keys
+    stay), and every plain instance attribute that other code may read stays readable
+    (ModernBERT's encoder reads `layer.attention_type`)."""
+    for slot in ("_modules", "_parameters", "_buffers"):
+        mine, theirs = module.__dict__[slot], root.__dict__.get(slot, {})
+        merged = {**theirs, **{k: v for k, v in mine.items() if k not in theirs}}
+        mine.clear()
+        mine.update(merged)
+    module._non_persistent_buffers_set |= set(root.__dict__.get("_non_persistent_buffers_set",
+                                                               ()))
+    for k, v in root.__dict__.items():
+        if k not in module.__dict__ and k not in _NOT_ADOPTED \
+                and not k.startswith(("_forward", "_backward")):
+            module.__dict__[k] = v
+
+
 class TracedModule(fx.GraphModule):
     """A GraphModule that keeps the traced module's call signature and checks specialised
     arguments at every call. Parameter and submodule names are the original module's.
@@ -781,6 +805,7 @@ class TracedModule(fx.GraphModule):
 
     def __init__(self, root: nn.Module, graph: fx.Graph, spec: CallSpec, name: str = "") -> None:
         super().__init__(root, graph, class_name=type(root).__name__)
+        keep_original(self, root)
         self._call_spec = spec
         self._surgeon_name = name or type(root).__name__
 
@@ -792,6 +817,7 @@ class TracedModule(fx.GraphModule):
     def _deepcopy_init(self) -> Callable[..., None]:
         def init(res: fx.GraphModule, fake_mod: nn.Module, graph: fx.Graph) -> None:
             fx.GraphModule.__init__(res, fake_mod, graph, class_name=type(self).__name__)
+            keep_original(res, fake_mod)
             for attr in self._KEPT:
                 if attr in fake_mod.__dict__:
                     setattr(res, attr, fake_mod.__dict__[attr])
