@@ -234,3 +234,23 @@ def test_traced_module_keeps_class_and_attributes() -> None:
     copied = __import__("copy").deepcopy(model)
     assert copied.transformer.h[0].tag == "global"
     assert isinstance(copied.transformer.h[0].spare, torch.nn.Linear)
+
+
+def test_cli_exclude(tmp_path: Any) -> None:
+    """`surgeon convert --exclude PATTERN` keeps every pass off those modules, and the
+    checkpoint reloads with them excluded."""
+    import json
+    from pathlib import Path
+
+    from cli_runner import run
+
+    src = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
+    out = tmp_path / "out"
+    result = run("convert", str(src), str(out), "-p", "aion", "--exclude", "model.layers.0",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["passes"][0]["modules"] == 2  # of 4 residual adds, those of layer 1
+    loaded = surgeon.load(out)
+    names = [n for n, m in loaded.named_modules() if isinstance(m, AionResidual)]
+    assert len(names) == 2 and all(n.startswith("model.layers.1.") for n in names)
