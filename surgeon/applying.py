@@ -248,6 +248,10 @@ def _blaming(model: nn.Module, surgery: Surgery | None, pass_name: str, what: st
     changed."""
     try:
         yield
+    except ModuleError as e:
+        if e.pass_name or not pass_name:
+            raise
+        raise ModuleError(e.module, e.module_class, e.reason, e.exclude, pass_name) from e
     except SurgeonError as e:
         if also is None or not isinstance(e, also) or surgery is None or not pass_name:
             raise

@@ -143,7 +143,7 @@ def test_buffers_a_forward_wrote_are_restored(monkeypatch: pytest.MonkeyPatch) -
     real = rewrite.Surgery.commit
 
     def commit_then_train(self: rewrite.Surgery) -> list[str]:
-        done = real(self)
+        real(self)
         self.model.train()
         run_example(self.model, self.example)  # writes running stats
         raise Injected("after a train-mode run")

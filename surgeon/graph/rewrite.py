@@ -9,6 +9,7 @@ original's place in its parent. A module replaced whole (a norm) goes in with `r
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from surgeon.errors import ModuleError, SpecializationError
 from surgeon.graph.find import caller_inputs, inspect_trace
 from surgeon.graph.report import Inspection
 from surgeon.graph.tracing import (
@@ -23,9 +25,11 @@ from surgeon.graph.tracing import (
     TracedModule,
     as_recorded,
     module_source,
+    reapply_edits,
     run_example,
     trace_model,
 )
+from surgeon.graph.undo import snapshot
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -96,6 +100,33 @@ class Surgery:
         computed as tracing records it (torch's fused attention fast path off)."""
         with as_recorded(self.model), torch.no_grad():
             return run_example(self.model, self.example)
+
+    def skipped_in_training(self, names: list[str]) -> list[str]:
+        """Those of modules `names` that the model's train-mode forward may not call although
+        eval calls them: LayerDrop-style random layer skipping (`if self.training and
+        torch.rand([]) < p: continue`). One train-mode run on the example with `torch.rand`
+        and `random.random` giving 0 (so every such branch skips), no gradients, buffers and
+        modes put back afterwards."""
+        wanted = {id(self.module(n)): n for n in names}
+        seen: set[str] = set()
+        hooks = [self.module(n).register_forward_pre_hook(
+            lambda m, a, _n=n: seen.add(_n)) for n in names]
+        saved = snapshot(self.model)
+        rand, rnd = torch.rand, random.random
+        try:
+            torch.rand = lambda *a, **k: torch.zeros(*a, **k)  # type: ignore[assignment]
+            random.random = lambda: 0.0  # type: ignore[assignment]
+            self.model.train()
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                run_example(self.model, self.example)
+        except Exception:
+            return []  # the forward does not run this way: nothing learnt
+        finally:
+            torch.rand, random.random = rand, rnd  # type: ignore[assignment]
+            for h in hooks:
+                h.remove()
+            saved.restore()
+        return [n for n in wanted.values() if n not in seen]
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name) if name else self.model
@@ -185,6 +216,16 @@ class Surgery:
                 if cls is TracedModule:  # the original class's own descriptors got in the way
                     raise
                 replacement = TracedModule(original, graph, spec, name)
+            train = self.trace.traces[name].shared.train_graph
+            if train is not None:  # the forward takes another path in train mode
+                try:
+                    replacement.set_train_graph(
+                        reapply_edits(self.trace.traces[name].graph, graph, train))
+                except SpecializationError as e:
+                    raise ModuleError(
+                        name, type(original).__name__,
+                        f"its forward takes another path in train mode, where the edits "
+                        f"cannot be carried over ({e})") from None
             # what the module needs to trace itself again for another call (see TracedModule)
             replacement._surgeon_source = module_source(original, self.trace.traces[name].graph)
             replacement.train(original.training)

@@ -35,6 +35,7 @@ import logging
 import math
 import operator
 import os
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ from torch.fx.proxy import ParameterProxy
 
 from surgeon.errors import ExampleError, SpecializationError, TracingError
 from surgeon.files.lazy import materialized
+from surgeon.graph.undo import snapshot
 
 # ---------------------------------------------------------------------------------------------
 # Structures: our own tiny pytree. Only exact tuple/list/dict are containers; everything else is a
@@ -646,6 +648,38 @@ def _verify(shared: SharedGraph, module: nn.Module, spec: CallSpec, call: Call,
     return f"the traced graph does not reproduce the recorded call: {bad}" if bad else None
 
 
+def verify_train(graph: fx.Graph, module: nn.Module, spec: CallSpec, call: Call,
+                 seeds: tuple[int, ...] = (0, 1)) -> str | None:
+    """Run `module`'s train-mode `graph` and its eager forward in train mode on the recorded
+    call, each from the same random state (dropout draws the same masks when the same ops run
+    in the same order), and compare. Buffers a train-mode forward writes (BatchNorm's running
+    statistics) and every module's mode are put back afterwards."""
+    forward = compile_graph(graph)
+    saved = snapshot(module)
+    state = random.getstate()
+    try:
+        module.train()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), _hooks_off(module):
+            for seed in seeds:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                want = module(*_clone(call.args), **_clone(call.kwargs))
+                torch.manual_seed(seed)
+                random.seed(seed)
+                with materialized(module, graph):
+                    got = forward(module, *_flat_inputs(spec, call))
+                bad = _mismatch(got, want)
+                if bad is not None:
+                    return f"in train mode the traced graph does not reproduce the forward: {bad}"
+    except Exception as e:
+        return (f"in train mode the traced graph or the forward fails: {type(e).__name__}: "
+                f"{_first_line(e)}")
+    finally:
+        random.setstate(state)
+        saved.restore()
+    return None
+
+
 @contextlib.contextmanager
 def _replaying(module: nn.Module, children: dict[str, Call]) -> Iterator[None]:
     """While verifying `module`'s graph, a child called with exactly the arguments recorded for
@@ -707,6 +741,7 @@ class SharedGraph:
     reads: dict[str, Any]  # instance attributes the forward read, with their values
     mode_dependent: bool  # the forward reads `self.training` and its graph differs by mode
     first: str  # qualified name of the module it was traced on
+    train_graph: fx.Graph | None = None  # the train-mode graph, where mode_dependent
 
 
 @dataclass
@@ -772,7 +807,7 @@ def module_source(original: nn.Module, base: fx.Graph) -> ModuleSource:
 
 # Instance entries a rewritten module must not take from the module it replaces: its own
 # forward, and graphs cached for the original's graph (which a new graph makes stale).
-_NOT_ADOPTED = frozenset(("forward", "_surgeon_specs"))
+_NOT_ADOPTED = frozenset(("forward", "_surgeon_specs", "_train_graph", "_train_forward"))
 
 
 def keep_original(module: nn.Module, root: nn.Module) -> None:
@@ -812,7 +847,14 @@ class TracedModule(fx.GraphModule):
     # What `copy.deepcopy` must carry over: GraphModule's deepcopy rebuilds through
     # `GraphModule.__init__`, which knows nothing of them.
     _KEPT = ("_call_spec", "_surgeon_name", "_surgeon_source", "training",
-             "gradient_checkpointing", "_gradient_checkpointing_func")
+             "gradient_checkpointing", "_gradient_checkpointing_func", "_train_graph",
+             "_train_forward")
+
+    def set_train_graph(self, graph: fx.Graph) -> None:
+        """The graph to run in train mode, where the forward takes another path there
+        (`F.dropout(training=self.training)`); `graph` is then the eval-mode one."""
+        self._train_graph = graph
+        self._train_forward = compile_graph(graph)
 
     def _deepcopy_init(self) -> Callable[..., None]:
         def init(res: fx.GraphModule, fake_mod: nn.Module, graph: fx.Graph) -> None:
@@ -842,12 +884,17 @@ class TracedModule(fx.GraphModule):
 
     def _checked_forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self._call_spec.match(args, kwargs)
+        train = self.__dict__.get("_train_forward")
         if flat is not None:
+            if train is not None and self.training:
+                return train(self, *flat)
             return self._flat_forward(*flat)
-        for spec, forward in self.__dict__.get("_surgeon_specs", ()):
-            flat = spec.match(args, kwargs)
-            if flat is not None:
-                return forward(self, *flat)
+        mode = self.training if train is not None else None
+        for spec, forward, traced_mode in self.__dict__.get("_surgeon_specs", ()):
+            if traced_mode is mode or traced_mode == mode:
+                flat = spec.match(args, kwargs)
+                if flat is not None:
+                    return forward(self, *flat)
         return self._respecialised(args, kwargs)
 
     @torch._dynamo.disable
@@ -855,8 +902,9 @@ class TracedModule(fx.GraphModule):
         """Trace a new graph for a call no cached graph accepts, cache it and run it (eagerly:
         under torch.compile this is a graph break, once per new call spec)."""
         miss = self._call_spec.mismatch(self._surgeon_name, args, kwargs)
-        specs: list[tuple[CallSpec, Callable[..., Any]]] = self.__dict__.setdefault(
-            "_surgeon_specs", [])
+        specs: list[tuple[CallSpec, Callable[..., Any], bool | None]] = \
+            self.__dict__.setdefault("_surgeon_specs", [])
+        mode = self.training if "_train_forward" in self.__dict__ else None
         source = self.__dict__.get("_surgeon_source")
         if not isinstance(source, ModuleSource):
             raise SpecializationError(miss)
@@ -865,14 +913,14 @@ class TracedModule(fx.GraphModule):
                 f"{miss}; {self._surgeon_name} already holds {RESPECIALISE_LIMIT} graphs for "
                 "other calls (surgeon.graph.tracing.RESPECIALISE_LIMIT)")
         try:
-            spec, graph = respecialise(self, source, args, kwargs)
+            spec, graph = respecialise(self, source, args, kwargs, bool(mode))
         except Exception as e:
             reason = (str(e) if isinstance(e, SpecializationError)
                       else f"{type(e).__name__}: {_first_line(e)}")
             raise SpecializationError(
                 f"{miss}; tracing it again for this call failed: {reason}") from None
         forward = compile_graph(graph)
-        specs.append((spec, forward))
+        specs.append((spec, forward, mode))
         _log.info("surgeon: %s traced again for a call with arguments %s (%d graph(s) cached)",
                   self._surgeon_name, _spec_text(spec.spec), len(specs) + 1)
         return forward(self, *spec.inputs(self._surgeon_name, args, kwargs))
@@ -897,8 +945,8 @@ def _hooks_off(module: nn.Module) -> Iterator[None]:
             m.__dict__[n] = v
 
 
-def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs: dict
-                 ) -> tuple[CallSpec, fx.Graph]:
+def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs: dict,
+                 training: bool = False) -> tuple[CallSpec, fx.Graph]:
     """Trace the original forward of rewritten `module` for the call `(args, kwargs)`, verify it
     reproduces an eager run of that forward, and re-apply the passes' edits to it. The original
     runs on a view that has the original's attributes and `module`'s own children and
@@ -914,11 +962,14 @@ def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs
         with as_recorded(view):
             spec = _generalise_flags("", view, make_call_spec(source.cls, calls[""]), calls,
                                      numbers=True)
-            shared = _new_graph("", view, spec, calls[""], calls)
+            shared = _new_graph("", view, spec, calls[""], calls, training)
             bad = _verify(shared, view, spec, calls[""], _recorded_children(view, "", calls))
+        if bad is None and training and shared.train_graph is not None:
+            bad = verify_train(shared.train_graph, view, spec, calls[""])
     if bad is not None:
         raise SpecializationError(bad)
-    graph = reapply_edits(source.base, module.graph, shared.graph)
+    new = shared.train_graph if training and shared.train_graph is not None else shared.graph
+    graph = reapply_edits(source.base, module.graph, new)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             try:
@@ -1133,6 +1184,8 @@ def _trace_module(name: str, module: nn.Module, call: Call, calls: dict[str, Cal
             return
         result.graphs_traced += 1
         bad = _verify(shared, module, attempt, call, children)
+        if bad is None and shared.train_graph is not None:
+            bad = verify_train(shared.train_graph, module, attempt, call)
         if bad is None:
             break
         if attempt is spec:
@@ -1195,22 +1248,34 @@ def _generalise_flags(name: str, module: nn.Module, spec: CallSpec,
 
 
 def _new_graph(name: str, module: nn.Module, spec: CallSpec, call: Call,
-               calls: dict[str, Call]) -> SharedGraph:
+               calls: dict[str, Call], training: bool = False) -> SharedGraph:
+    """Trace `module` for `spec` in eval mode (in train mode with `training`, for a module
+    rewritten already), and, when its forward reads `self.training`, in the other mode too:
+    a graph that differs by mode (`F.dropout(training=self.training)`, `if self.training:`) is
+    kept as `train_graph`, so a rewritten module runs the right one in each mode. A forward
+    that cannot be traced in train mode (a branch on `torch.rand`, LayerDrop in the module
+    itself) is not traced at all."""
     reads = _ReadLog()
     was_training = module.training
+    train_graph = None
     try:
-        module.training = False
+        module.training = training
         graph = _trace_once(module, name, spec, calls, reads)
-        mode_dependent = False
         if "training" in reads.names:
-            module.training = True
-            train_graph = _trace_once(module, name, spec, calls, _ReadLog())
-            mode_dependent = (train_graph.python_code("self").src
-                              != graph.python_code("self").src)
+            module.training = not training
+            try:
+                other = _trace_once(module, name, spec, calls, _ReadLog())
+            except Exception as e:
+                mode = "eval" if training else "train"
+                raise TracingError(f"in {mode} mode its forward cannot be traced: "
+                                   f"{type(e).__name__}: {_first_line(e)}{_where(e)}") from e
+            if other.python_code("self").src != graph.python_code("self").src:
+                train_graph = graph if training else other
+                graph = other if training else graph
     finally:
         module.training = was_training
     return SharedGraph(graph, spec, compile_graph(graph), _instance_reads(module, reads.names),
-                       mode_dependent, name)
+                       train_graph is not None, name, train_graph)
 
 
 def trace_model(model: nn.Module, example: tuple | dict, *, share_graphs: bool = True
@@ -1230,8 +1295,9 @@ def trace_model(model: nn.Module, example: tuple | dict, *, share_graphs: bool =
                 continue
             if isinstance(module, TracedModule):  # rewritten earlier: its graph is the truth
                 graph = module.graph
-                shared = SharedGraph(graph, module._call_spec, compile_graph(graph), {}, False,
-                                     name)
+                train = module.__dict__.get("_train_graph")
+                shared = SharedGraph(graph, module._call_spec, compile_graph(graph), {},
+                                     train is not None, name, train)
                 result.traces[name] = ModuleTrace(name, module, shared)
                 continue
             if isinstance(module, fx.GraphModule):
