@@ -304,6 +304,41 @@ class LayerDropNet(nn.Module):
         return self.norm(h)
 
 
+class WindowBlock(nn.Module):
+    """Swin-style: tokens padded to a multiple of the window (`if t % window`), mixed within
+    windows, cropped back; and a shape check that picks a branch (`if x.shape[1] > window`)."""
+
+    def __init__(self, d: int, window: int = 4) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mix = nn.Linear(window, window)
+        self.mlp = MlpBlock(d, 2 * d)
+        self.window = window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        b, t, d = x.shape[0], x.shape[1], x.shape[2]
+        h = self.norm1(x)
+        if t % self.window != 0:
+            h = F.pad(h, (0, 0, 0, self.window - t % self.window))
+        w = h.reshape(b, -1, self.window, d).transpose(2, 3)  # (b, t/w, d, w)
+        h = self.mix(w).transpose(2, 3).reshape(b, -1, d)[:, :t]
+        x = x + h
+        if x.shape[1] > self.window:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class WindowNet(nn.Module):
+    def __init__(self, d: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.blocks = nn.Sequential(*[WindowBlock(d) for _ in range(depth)])
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self.embed(x)))
+
+
 @dataclass
 class ZooCase:
     """A tiny model, an example, and what inspection must find in it."""
@@ -346,4 +381,6 @@ ZOO = [
             {"pre_norm": 3, "post_norm": 1}, {"layer_norm": 5}, [2], {"layers.0", "layers.1"}),
     ZooCase("layerdrop", LayerDropNet, lambda: (torch.randn(2, 8, 8),), {"pre_norm": 2},
             {"layer_norm": 3}, [2], {"layers.0", "layers.1"}),
+    ZooCase("window_pad", WindowNet, lambda: (torch.randn(2, 10, 8),), {"pre_norm": 4},
+            {"layer_norm": 5}, [2], {"blocks.0", "blocks.1"}),
 ]

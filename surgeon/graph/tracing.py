@@ -454,11 +454,32 @@ class _Tracer(fx.Tracer):
     """Traces one module; every submodule it calls becomes a `call_module` leaf whose output has
     the structure of that submodule's recorded output."""
 
-    def __init__(self, root_name: str, calls: dict[str, Call]) -> None:
+    def __init__(self, root_name: str, calls: dict[str, Call],
+                 inputs: Callable[[], list[Any]] | None = None) -> None:
         super().__init__(autowrap_modules=(math,), param_shapes_constant=True)
         self.record_stack_traces = True
         self.root_name = root_name
         self.calls = calls
+        self.inputs = inputs  # gives the recorded call's flat graph inputs, for `to_bool`
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """An `if` on a value computed from shapes (`if x.shape[1] % window != 0: pad`) takes
+        the branch the recorded call took, and the graph guards on it: a later call for which
+        the condition comes out otherwise raises `ShapeGuardMiss` there, and a rewritten
+        module traces itself again for it. A condition on tensor values stays untraceable."""
+        if self.inputs is None:
+            return super().to_bool(obj)
+        try:
+            value = _Concrete(self).value(obj.node)
+        except _NotShapes:
+            return super().to_bool(obj)
+        if isinstance(value, torch.Tensor) or not isinstance(value, (bool, int)):
+            return super().to_bool(obj)
+        taken = bool(value)
+        where = obj.node.stack_trace.strip().splitlines()[-1].strip() if obj.node.stack_trace \
+            else obj.node.name
+        self.create_proxy("call_function", shape_guard, (obj, taken, where), {})
+        return taken
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
@@ -477,6 +498,68 @@ class _Tracer(fx.Tracer):
         if call is None or not call.out_ids:
             return proxy
         return _structure_like(proxy, call.output)
+
+
+class ShapeGuardMiss(SpecializationError):
+    """A call for which a branch on shapes goes the other way than in the traced call."""
+
+
+def shape_guard(condition: Any, taken: bool, where: str) -> None:
+    """The guard `to_bool` puts in a graph where the forward branched on shapes."""
+    if bool(condition) != taken:
+        raise ShapeGuardMiss(f"the branch on shapes at {where} goes the other way for this call")
+
+
+class _NotShapes(Exception):
+    """A value that is not computed from the recorded call's shapes alone."""
+
+
+_SHAPE_ATTRS = frozenset(("shape", "ndim", "dtype", "device", "is_cuda", "requires_grad"))
+_SHAPE_METHODS = frozenset(("size", "dim", "numel", "ndimension", "get_device"))
+
+
+class _Concrete:
+    """The value a node of a graph being traced had in the recorded call, where it is
+    computed from shapes: graph inputs, children's recorded outputs and parameters, through
+    ops whose only way from a tensor to a number is a shape accessor."""
+
+    def __init__(self, tracer: _Tracer) -> None:
+        self.tracer = tracer
+        placeholders = [n for n in tracer.graph.nodes if n.op == "placeholder"]
+        self.values: dict[fx.Node, Any] = dict(zip(placeholders, tracer.inputs()
+                                                   if tracer.inputs is not None else []))
+
+    def value(self, node: fx.Node) -> Any:
+        if node in self.values:
+            return self.values[node]
+        args = fx.node.map_arg(node.args, self.value)
+        kwargs = fx.node.map_arg(node.kwargs, self.value)
+        if node.op == "call_module":
+            full = (f"{self.tracer.root_name}.{node.target}" if self.tracer.root_name
+                    else node.target)
+            call = self.tracer.calls.get(full)
+            if call is None or not call.out_ids:
+                raise _NotShapes(node.name)
+            out = call.output
+        elif node.op == "get_attr":
+            out = _getattr_path(self.tracer.root, node.target)
+        elif node.op in ("call_function", "call_method"):
+            tensors_in = any(isinstance(a, torch.Tensor) for a in flatten((args, kwargs))[0])
+            try:
+                with torch.no_grad():
+                    out = (getattr(args[0], node.target)(*args[1:], **kwargs)
+                           if node.op == "call_method" else node.target(*args, **kwargs))
+            except Exception as e:
+                raise _NotShapes(node.name) from e
+            accessor = (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
+                node.target is getattr and len(args) > 1 and args[1] in _SHAPE_ATTRS) or (
+                node.target is len)
+            if tensors_in and not isinstance(out, torch.Tensor) and not accessor:
+                raise _NotShapes(node.name)  # a number read from tensor data (`.item()`)
+        else:
+            raise _NotShapes(node.name)
+        self.values[node] = out
+        return out
 
 
 def _structure_like(proxy: fx.Proxy, value: Any) -> Any:
@@ -537,7 +620,7 @@ def _trace_once(module: nn.Module, name: str, spec: CallSpec, calls: dict[str, C
                                           "__module__": cls.__module__})
     module.__class__ = stand_in
     try:
-        graph = _Tracer(name, calls).trace(module)
+        graph = _Tracer(name, calls, lambda: _flat_inputs(spec, calls[name])).trace(module)
     finally:
         module.__class__ = cls
     _tidy(graph)
@@ -885,16 +968,22 @@ class TracedModule(fx.GraphModule):
     def _checked_forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self._call_spec.match(args, kwargs)
         train = self.__dict__.get("_train_forward")
-        if flat is not None:
-            if train is not None and self.training:
-                return train(self, *flat)
-            return self._flat_forward(*flat)
+        try:
+            if flat is not None:
+                if train is not None and self.training:
+                    return train(self, *flat)
+                return self._flat_forward(*flat)
+        except ShapeGuardMiss:  # a branch on shapes goes the other way: another graph
+            pass
         mode = self.training if train is not None else None
         for spec, forward, traced_mode in self.__dict__.get("_surgeon_specs", ()):
             if traced_mode is mode or traced_mode == mode:
                 flat = spec.match(args, kwargs)
                 if flat is not None:
-                    return forward(self, *flat)
+                    try:
+                        return forward(self, *flat)
+                    except ShapeGuardMiss:
+                        continue
         return self._respecialised(args, kwargs)
 
     @torch._dynamo.disable
@@ -1100,9 +1189,15 @@ def reapply_edits(base: fx.Graph, edited: fx.Graph, new: fx.Graph) -> fx.Graph:
             target, args, kwargs = merged(e.name)
             env_e[e.name] = env_n[e.name] = emit(e, target, args, kwargs)
         elif e.name in b_nodes:
-            raise SpecializationError(
-                f"tracing the new call does not produce {e.name}, which the rewritten graph "
-                "keeps (the forward takes another path for this call)")
+            # the new call takes another path (a branch on shapes not taken): a node the
+            # passes left as it was is simply not there; what they added that reads it
+            # fails in `look`
+            if _arg_text(b_nodes[e.name].args) != _arg_text(e.args) or \
+                    _arg_text(b_nodes[e.name].kwargs) != _arg_text(e.kwargs):
+                raise SpecializationError(
+                    f"tracing the new call does not produce {e.name}, which a pass rewrote "
+                    "(the forward takes another path for this call)")
+            continue
         else:
             env_e[e.name] = emit(e, e.target, from_e(e.args), from_e(e.kwargs))
     flush(None)
