@@ -82,7 +82,7 @@ POINTS = {
     "final_run": (rewrite.Surgery, "run_example", 2),
 }
 ROWS = [(case, point) for case in ("nanogpt", "hf_gpt2", "hf_bert", "resnet", "mixer",
-                                   "encoder_post_norm")
+                                   "encoder_post_norm", "layerdrop", "window_pad")
         for point in POINTS]
 
 
