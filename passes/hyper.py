@@ -23,7 +23,9 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.fx as fx
 
+from surgeon.errors import ModuleError
 from surgeon.files.budget import require_memory
+from surgeon.graph.blame import fold
 from surgeon.graph.find import source_line
 from surgeon.graph.layout import feature_axis, node_shapes
 from surgeon.graph.rewrite import Surgery, node_named
@@ -112,19 +114,27 @@ class HyperConnections(PassConfig):
             trunks = self._trunks(surgery)
         self._check_memory(surgery, trunks)
         plans: list[list[_Plan]] = []
-        refused: list[str] = []
+        refused: list[tuple[str, tuple[str, ...], str]] = []
         for trunk in trunks:
             sites = _sites(surgery, trunk.blocks)
             if not sites:
                 continue
+            skipped = surgery.skipped_in_training(list(trunk.blocks))
+            if skipped:
+                refused.append((skipped[0], trunk.blocks, "is skipped at random in train mode "
+                                "(LayerDrop), and hyper-connections need every block of its "
+                                "trunk to run (set the model's layerdrop to 0)"))
+                continue
             if any(not _is_local(surgery, s) for s in sites):
-                refused.append(f"the residual adds of {trunk.blocks[0]} take their skip from "
-                               "the calling module (BERT-style post-norm), which "
-                               "hyper-connections cannot wrap yet")
+                refused.append((trunk.blocks[0], trunk.blocks, "its residual adds take their "
+                                "skip from the calling module (BERT-style post-norm), which "
+                                "hyper-connections cannot wrap yet"))
                 continue
             plans.append(_plans(surgery, sites))
         if refused and not plans:
-            raise PassError(f"hyper: {refused[0]}; exclude it with exclude=...")
+            name, blocks, reason = refused[0]
+            raise ModuleError(name, type(surgery.module(name)).__name__, reason, fold(blocks),
+                              self.name)
         added: list[tuple[str, str]] = []
         try:
             new = self._rewrite_trunks(surgery, plans, added)

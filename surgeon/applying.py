@@ -12,21 +12,25 @@ example is compared with the original's: `model.surgeon_drift` lists max |Δ| an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from surgeon.errors import ExampleError, NoEffectWarning
+from surgeon.errors import ExampleError, ModuleError, NoEffectWarning, SurgeonError
+from surgeon.graph.blame import culprit, error_line
 from surgeon.graph.example_inputs import example_for
 from surgeon.graph.find import inspect_trace
 from surgeon.graph.report import Inspection
 from surgeon.graph.rewrite import Surgery
 from surgeon.graph.tracing import ModelTrace, flatten, trace_model
+from surgeon.graph.undo import snapshot
 from surgeon.recipe import PassConfig, PassError, parse_pass
 
 
@@ -156,18 +160,40 @@ def _check_order(done: list[dict[str, Any]], configs: list[PassConfig]) -> None:
 
 
 def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
-          example: tuple | dict | None = None, *, calibrate: bool = False) -> nn.Module:
+          example: tuple | dict | None = None, *, calibrate: bool = False,
+          exclude: Sequence[str] = ()) -> nn.Module:
     """Rewrite `model` in place with `passes` (configs, names like `"aion"`, or
     `"name:key=value,..."`) and return it; see the module docstring. `calibrate=True` turns on
-    the passes' calibration on the example (ADyT fits each α0 to shrink its drift)."""
+    the passes' calibration on the example (ADyT fits each α0 to shrink its drift).
+    `exclude` holds fnmatch patterns of module names that no pass touches (added to each
+    pass's own `exclude`).
+
+    All or nothing: on any error (also KeyboardInterrupt) the model is put back exactly as it
+    was (the same module and parameter objects, buffers, attributes) before the error rises;
+    an error in a module names it, its class and the `exclude=` that would skip it."""
     if not isinstance(model, nn.Module):
         raise PassError(f"surgeon.apply expects an nn.Module, got {type(model).__name__}")
+    if isinstance(exclude, str):
+        exclude = (exclude,)
     if isinstance(passes, (str, PassConfig)):
         passes = [passes]
     configs = [parse_pass(p) for p in passes]
     if calibrate:
         configs = [dataclasses.replace(c, calibrate=True) if hasattr(c, "calibrate") else c
                    for c in configs]
+    if exclude:
+        configs = [dataclasses.replace(c, exclude=tuple(c.exclude) + tuple(
+            p for p in exclude if p not in c.exclude)) for c in configs]
+    saved = snapshot(model)
+    try:
+        return _apply(model, configs, example)
+    except BaseException:
+        saved.restore()
+        raise
+
+
+def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | None
+           ) -> nn.Module:
     if not hasattr(model, "_surgeon_example"):
         model._surgeon_example = example  # what surgeon.save records (None: the default one)
     example = example_for(model, example)
@@ -177,10 +203,13 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
     reports: list[Drift] = list(getattr(model, "surgeon_drift", []))
     pending: tuple[PassConfig, list[str], torch.Tensor] | None = None
     current: torch.Tensor | None = None
+    surgery: Surgery | None = None
     for config in configs:
         if config.to_json() in done:
             continue
-        surgery = Surgery(model, example)
+        with _blaming(model, surgery, pending[0].name if pending else "",
+                      "fails on the example after this pass", ExampleError):
+            surgery = Surgery(model, example)
         # Tracing ran the model once: its output is the one before this pass and after the last.
         current = output_vector(_recorded_output(surgery))
         if reference is None:
@@ -188,16 +217,19 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
         if pending is not None:
             reports.append(drift(reference, current, pending[0].name, len(pending[1]),
                                  pending[2], pending[0].preserves()))
-        new = config.run(surgery)
-        if not new:
-            warnings.warn(no_effect(config, surgery), NoEffectWarning, stacklevel=2)
-        surgery.commit()
-        config.after_commit(surgery, new)
+        with _blaming(model, surgery, config.name, "rewriting it failed", touched=True):
+            new = config.run(surgery)
+            if not new:
+                warnings.warn(no_effect(config, surgery), NoEffectWarning, stacklevel=3)
+            surgery.commit()
+        with _blaming(model, surgery, config.name, "fails on the example after this pass"):
+            config.after_commit(surgery, new)
         done.append(config.to_json())
         pending = (config, new, current)
         model._surgeon_manifest = getattr(model, "_surgeon_manifest", []) + new
-    if pending is not None:
-        current = output_vector(surgery.run_example())
+    if pending is not None and surgery is not None:
+        with _blaming(model, surgery, pending[0].name, "fails on the example after this pass"):
+            current = output_vector(surgery.run_example())
         reports.append(drift(reference, current, pending[0].name, len(pending[1]), pending[2],
                              pending[0].preserves()))
     model._surgeon_passes = done
@@ -205,3 +237,39 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
     if current is not None:
         model._surgeon_output = current  # what surgeon.json records for `surgeon verify`
     return model
+
+
+@contextlib.contextmanager
+def _blaming(model: nn.Module, surgery: Surgery | None, pass_name: str, what: str,
+             also: type[Exception] | None = None, touched: bool = False) -> Iterator[None]:
+    """Turn an error that is not a surgeon error (or is an `also` one, raised by running a
+    model a pass rewrote) into a `ModuleError` naming the module it came from: the module the
+    pass was working on (`touched`), else the innermost running module that `surgery`
+    changed."""
+    try:
+        yield
+    except ModuleError as e:
+        if e.pass_name or not pass_name:
+            raise
+        raise ModuleError(e.module, e.module_class, e.reason, e.exclude, pass_name) from e
+    except SurgeonError as e:
+        if also is None or not isinstance(e, also) or surgery is None or not pass_name:
+            raise
+        raise _module_error(model, surgery, e.__cause__ or e, pass_name, what, touched) from e
+    except Exception as e:
+        if surgery is None:
+            raise
+        raise _module_error(model, surgery, e, pass_name, what, touched) from e
+
+
+def _module_error(model: nn.Module, surgery: Surgery, e: BaseException, pass_name: str,
+                  what: str, touched: bool) -> ModuleError:
+    if touched and surgery.touching is not None:
+        name, patterns = surgery.touching, (surgery.touching,)
+    else:
+        name, patterns = culprit(e, model, surgery.changed)
+    try:
+        cls = type(model.get_submodule(name)).__name__
+    except AttributeError:
+        cls = "?"
+    return ModuleError(name, cls, f"{what}: {error_line(e)}", patterns, pass_name)

@@ -165,6 +165,9 @@ def inspect_cmd(src: str, as_json: bool, revision: str | None, example: str | No
 @click.option("-p", "--pass", "passes", multiple=True, required=True,
               metavar="NAME[:key=value,...]",
               help="A pass to apply, in order (repeatable): aion, hyper:streams=4, adyt, ...")
+@click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
+              help="Module names no pass touches (fnmatch, repeatable): 'encoder.layer.3', "
+                   "'*.attn'. A refusal names the one to give.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a hub model.")
 @click.option("--weights", default=None, metavar="FILE.safetensors",
               help="The weights of a 'package.module:factory' SRC.")
@@ -181,7 +184,8 @@ def inspect_cmd(src: str, as_json: bool, revision: str | None, example: str | No
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @trust_option
-def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | None,
+def convert_cmd(src: str, dst: str, passes: tuple[str, ...], exclude: tuple[str, ...],
+                revision: str | None,
                 weights: str | None, example: str | None, max_shard_size: str, overwrite: bool,
                 allow_pickle: bool, push: str | None, private: bool, quiet: bool,
                 as_json: bool, trust_remote_code: bool) -> None:
@@ -197,7 +201,7 @@ def convert_cmd(src: str, dst: str, passes: tuple[str, ...], revision: str | Non
     result = convert(src, dst, list(passes), revision=revision, weights=weights,
                      example=example, max_shard_size=max_shard_size, overwrite=overwrite,
                      allow_pickle=allow_pickle, progress=progress,
-                     trust_remote_code=trust_remote_code)
+                     trust_remote_code=trust_remote_code, exclude=exclude)
     if push:
         from surgeon.files.hub import push_to_hub
         from surgeon.files.source import public_name  # the commit is public: no local path

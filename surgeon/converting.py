@@ -73,7 +73,8 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
             example: str | tuple | dict | None = None,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
             allow_pickle: bool = False, progress: bool = False,
-            trust_remote_code: bool = False) -> Conversion:
+            trust_remote_code: bool = False, exclude: tuple[str, ...] | list[str] = ()
+            ) -> Conversion:
     """Convert the model `src` (a local HF directory, a hub id, or `package.module:factory` with
     `weights=FILE.safetensors`) with `passes` and write it to the directory `dst`.
 
@@ -82,7 +83,8 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
     `overwrite`. `progress` shows tqdm bars on stderr. A directory's or hub repo's own code
     (`auto_map` in its config) runs only with `trust_remote_code`; a factory `src` and an
     `example` function are the caller's own and run either way. Files written record `src` by
-    its name (a hub id, a factory, a directory's name), never a local absolute path. Every
+    its name (a hub id, a factory, a directory's name), never a local absolute path. `exclude`
+    (fnmatch patterns of module names) keeps every pass off those modules. Every
     user mistake raises a
     `SurgeonError` before anything is written, and nothing is left behind.
     """
@@ -115,7 +117,7 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
     lazy = source.lazy if source.lazy is not None else contextlib.nullcontext()
     with torch.random.fork_rng(devices=[]), torch.no_grad(), lazy:
         torch.manual_seed(SEED)
-        apply(model, configs, example)
+        apply(model, configs, example, exclude=tuple(exclude))
     rewritten = time.perf_counter()
 
     tensors = tensors_to_write(model, source.lazy)

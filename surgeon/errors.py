@@ -57,3 +57,20 @@ class SurgeonWarning(UserWarning):
 class NoEffectWarning(SurgeonWarning):
     """A pass changed nothing: its `include=` / `exclude=` select no module of the model, or
     nothing in its scope is what it rewrites (as Composer's algorithms warn)."""
+
+
+class ModuleError(SurgeonError):
+    """A module could not be traced, verified or rewritten, or a rewritten module fails on the
+    example. Names the module, its class, the reason (the first line of the torch error, where
+    there was one) and the `exclude=` patterns that would skip it; `surgeon.apply` raises it
+    with the model left exactly as it was."""
+
+    def __init__(self, module: str, module_class: str, reason: str,
+                 exclude: tuple[str, ...] = (), pass_name: str = "") -> None:
+        self.module, self.module_class, self.reason = module, module_class, reason
+        self.exclude, self.pass_name = exclude or (module,), pass_name
+        patterns = ", ".join(repr(p) for p in self.exclude)
+        flags = " ".join(f"--exclude {p!r}" for p in self.exclude)
+        where = f"pass {pass_name!r}: " if pass_name else ""
+        super().__init__(f"{where}{module or '<root>'} ({module_class}): {reason}; the model is "
+                         f"unchanged; to skip it pass exclude=[{patterns}] (CLI: {flags})")

@@ -568,6 +568,87 @@ class FunctionalNormNet(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+# --- apply ---
+# ModernBERT (transformers): its encoder reads `layer.attention_type` of every layer (class 2).
+# A LayerDrop net: blocks whose graph differs by mode (`F.dropout(training=self.training)`)
+# under a parent that skips layers at random in train mode (class 9). A Swin-style block that
+# pads its tokens to a multiple of the window behind `if` on shapes (class 17).
+
+
+def hf_modernbert() -> nn.Module:
+    from transformers import ModernBertConfig, ModernBertModel
+
+    return ModernBertModel(ModernBertConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=128, max_position_embeddings=64, global_attn_every_n_layers=2,
+        local_attention=8, pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2,
+        sep_token_id=1))
+
+
+class DropBlock(nn.Module):
+    """Pre-norm MLP block whose dropout is functional: its graph differs in train mode."""
+
+    def __init__(self, d: int, p: float = 0.1) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2, self.p = nn.LayerNorm(d), nn.Linear(d, 2 * d), \
+            nn.Linear(2 * d, d), p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        h = self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return x + F.dropout(h, p=self.p, training=self.training)
+
+
+class LayerDropNet(nn.Module):
+    """Blocks skipped at random in train mode, as transformers' `layerdrop` does."""
+
+    def __init__(self, d: int = 32, layers: int = 2, layerdrop: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.layers = nn.ModuleList([DropBlock(d) for _ in range(layers)])
+        self.norm, self.layerdrop = nn.LayerNorm(d), layerdrop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)  # (b, t, d)
+        for layer in self.layers:
+            if self.training and torch.rand([]) < self.layerdrop:
+                continue
+            h = layer(h)
+        return self.norm(h)
+
+
+class PaddedWindowBlock(nn.Module):
+    """Swin-style: tokens padded to a multiple of the window (`if t % window`), mixed within
+    windows, cropped back; and a shape check that picks a branch (`if x.shape[1] > window`)."""
+
+    def __init__(self, d: int, window: int = 4) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mix = nn.Linear(window, window)
+        self.mlp = MlpBlock(d, 2 * d)
+        self.window = window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        b, t, d = x.shape[0], x.shape[1], x.shape[2]
+        h = self.norm1(x)
+        if t % self.window != 0:
+            h = F.pad(h, (0, 0, 0, self.window - t % self.window))
+        w = h.reshape(b, -1, self.window, d).transpose(2, 3)  # (b, t/w, d, w)
+        h = self.mix(w).transpose(2, 3).reshape(b, -1, d)[:, :t]
+        x = x + h
+        if x.shape[1] > self.window:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class WindowNet(nn.Module):
+    def __init__(self, d: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.blocks = nn.Sequential(*[PaddedWindowBlock(d) for _ in range(depth)])
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self.embed(x)))
 
 
 @dataclass
@@ -635,6 +716,13 @@ ZOO = [
             {f"encoder.stages.{i}.layers.{j}" for i in (0, 1) for j in (0, 1)}),
     ZooCase("functional_norms", FunctionalNormNet, lambda: (tokens(64),), {"pre_norm": 4},
             {"layer_norm": 3, "rms_norm": 2}, [2], {"blocks.0", "blocks.1"}),
+    # --- apply ---
+    ZooCase("hf_modernbert", hf_modernbert, lambda: {"input_ids": tokens(128)},
+            {"pre_norm": 3, "post_norm": 1}, {"layer_norm": 5}, [2], {"layers.0", "layers.1"}),
+    ZooCase("layerdrop", LayerDropNet, lambda: (torch.randn(2, 8, 8),), {"pre_norm": 2},
+            {"layer_norm": 3}, [2], {"layers.0", "layers.1"}),
+    ZooCase("window_pad", WindowNet, lambda: (torch.randn(2, 10, 8),), {"pre_norm": 4},
+            {"layer_norm": 5}, [2], {"blocks.0", "blocks.1"}),
 ]
 
 # --- detect ---

@@ -9,6 +9,7 @@ original's place in its parent. A module replaced whole (a norm) goes in with `r
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from surgeon.errors import ModuleError, SpecializationError
 from surgeon.graph.find import caller_inputs, inspect_trace
 from surgeon.graph.report import Inspection
 from surgeon.graph.tracing import (
@@ -23,9 +25,11 @@ from surgeon.graph.tracing import (
     TracedModule,
     as_recorded,
     module_source,
+    reapply_edits,
     run_example,
     trace_model,
 )
+from surgeon.graph.undo import snapshot
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -43,22 +47,27 @@ def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(owner) if owner else model), attr
 
 
+_CLASSES: dict[type, type] = {}
+
+
 def checkpointing_class(original: nn.Module) -> type[TracedModule]:
-    """The class a rewritten module gets: `TracedModule`, plus the original class when it is a
-    transformers `GradientCheckpointingLayer`, so HF's gradient checkpointing switch and its
-    output recorders still find it (TracedModule's forward does the checkpointing itself)."""
+    """The class a rewritten module gets: a subclass of `TracedModule` and of the original
+    class, so `isinstance` checks (HF's gradient checkpointing switch, its output recorders),
+    class attributes, properties and methods that callers read keep working (TracedModule's
+    forward comes first, and does HF's checkpointing itself). Plain `TracedModule` where the
+    original class cannot be a base (a metaclass or layout conflict)."""
     cls = type(original)
     if isinstance(original, TracedModule):
         return type(original).__mro__[1]  # the class under GraphModule's per-instance one
-    for base in cls.__mro__:
-        if base.__name__ == "GradientCheckpointingLayer":
-            # A subclass of the original layer class too, so transformers' output recorders
-            # (`output_hidden_states`, matched by isinstance) still find the layer. The shim
-            # keeps the original's __init__ out of GraphModule's.
+    if cls not in _CLASSES:
+        # The shim keeps the original's __init__ out of GraphModule's.
+        try:
             shim = type(cls.__name__, (cls,), {"__init__": _module_init,
                                                "__module__": cls.__module__})
-            return type(f"Traced{cls.__name__}", (TracedModule, shim), {})
-    return TracedModule
+            _CLASSES[cls] = type(f"Traced{cls.__name__}", (TracedModule, shim), {})
+        except TypeError:
+            _CLASSES[cls] = TracedModule
+    return _CLASSES[cls]
 
 
 def _module_init(self: nn.Module, *args: object, **kwargs: object) -> None:
@@ -74,6 +83,9 @@ class Surgery:
     trace: ModelTrace = field(init=False)
     inspection: Inspection = field(init=False)
     graphs: dict[str, fx.Graph] = field(default_factory=dict)
+    # the modules committed or replaced so far, and the one a pass last worked on (for errors)
+    changed: list[str] = field(default_factory=list)
+    touching: str | None = None
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -89,11 +101,40 @@ class Surgery:
         with as_recorded(self.model), torch.no_grad():
             return run_example(self.model, self.example)
 
+    def skipped_in_training(self, names: list[str]) -> list[str]:
+        """Those of modules `names` that the model's train-mode forward may not call although
+        eval calls them: LayerDrop-style random layer skipping (`if self.training and
+        torch.rand([]) < p: continue`). One train-mode run on the example with `torch.rand`
+        and `random.random` giving 0 (so every such branch skips), no gradients, buffers and
+        modes put back afterwards."""
+        wanted = {id(self.module(n)): n for n in names}
+        seen: set[str] = set()
+        hooks = [self.module(n).register_forward_pre_hook(
+            lambda m, a, _n=n: seen.add(_n)) for n in names]
+        saved = snapshot(self.model)
+        rand, rnd = torch.rand, random.random
+        try:
+            torch.rand = lambda *a, **k: torch.zeros(*a, **k)  # type: ignore[assignment]
+            random.random = lambda: 0.0  # type: ignore[assignment]
+            self.model.train()
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                run_example(self.model, self.example)
+        except Exception:
+            return []  # the forward does not run this way: nothing learnt
+        finally:
+            torch.rand, random.random = rand, rnd  # type: ignore[assignment]
+            for h in hooks:
+                h.remove()
+            saved.restore()
+        return [n for n in wanted.values() if n not in seen]
+
     def module(self, name: str) -> nn.Module:
+        self.touching = name  # what an error in the pass is about
         return self.model.get_submodule(name) if name else self.model
 
     def graph(self, name: str) -> fx.Graph:
         """The editable graph of module `name` (a private copy, made on first use)."""
+        self.touching = name
         if name not in self.graphs:
             self.graphs[name] = copy_graph(self.trace.traces[name].graph)
         return self.graphs[name]
@@ -101,6 +142,7 @@ class Surgery:
     def add_module(self, owner: str, base: str, module: nn.Module) -> str:
         """Attach `module` to module `owner` under a free attribute name starting with `base`;
         returns the attribute name (the `call_module` target in owner's graph)."""
+        self.touching = owner
         holder = self.module(owner)
         attr, k = base, 1
         while hasattr(holder, attr):
@@ -155,6 +197,8 @@ class Surgery:
 
     def replace(self, name: str, new: nn.Module) -> None:
         """Put `new` where module `name` is."""
+        self.touching = name
+        self.changed.append(name)
         parent, attr = parent_of(self.model, name)
         setattr(parent, attr, new)
 
@@ -162,11 +206,27 @@ class Surgery:
         """Install every edited graph as a TracedModule in its module's place."""
         done = []
         for name, graph in self.graphs.items():
+            self.touching = name
             graph.lint()
             original = self.module(name)
             spec = self.trace.traces[name].shared.spec
             cls = checkpointing_class(original)
-            replacement = cls(original, graph, spec, name)
+            try:
+                replacement = cls(original, graph, spec, name)
+            except (AttributeError, TypeError):
+                if cls is TracedModule:  # the original class's own descriptors got in the way
+                    raise
+                replacement = TracedModule(original, graph, spec, name)
+            train = self.trace.traces[name].shared.train_graph
+            if train is not None:  # the forward takes another path in train mode
+                try:
+                    replacement.set_train_graph(
+                        reapply_edits(self.trace.traces[name].graph, graph, train))
+                except SpecializationError as e:
+                    raise ModuleError(
+                        name, type(original).__name__,
+                        f"its forward takes another path in train mode, where the edits "
+                        f"cannot be carried over ({e})") from None
             # what the module needs to trace itself again for another call (see TracedModule)
             replacement._surgeon_source = module_source(original, self.trace.traces[name].graph)
             replacement.train(original.training)

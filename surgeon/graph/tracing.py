@@ -35,6 +35,7 @@ import logging
 import math
 import operator
 import os
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ from torch.fx.proxy import ParameterProxy
 
 from surgeon.errors import ExampleError, SpecializationError, TracingError
 from surgeon.files.lazy import materialized
+from surgeon.graph.undo import snapshot
 
 # ---------------------------------------------------------------------------------------------
 # Structures: our own tiny pytree. Only exact tuple/list/dict are containers; everything else is a
@@ -455,11 +457,32 @@ class _Tracer(fx.Tracer):
     """Traces one module; every submodule it calls becomes a `call_module` leaf whose output has
     the structure of that submodule's recorded output."""
 
-    def __init__(self, root_name: str, calls: dict[str, Call]) -> None:
+    def __init__(self, root_name: str, calls: dict[str, Call],
+                 inputs: Callable[[], list[Any]] | None = None) -> None:
         super().__init__(autowrap_modules=(math,), param_shapes_constant=True)
         self.record_stack_traces = True
         self.root_name = root_name
         self.calls = calls
+        self.inputs = inputs  # gives the recorded call's flat graph inputs, for `to_bool`
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """An `if` on a value computed from shapes (`if x.shape[1] % window != 0: pad`) takes
+        the branch the recorded call took, and the graph guards on it: a later call for which
+        the condition comes out otherwise raises `ShapeGuardMiss` there, and a rewritten
+        module traces itself again for it. A condition on tensor values stays untraceable."""
+        if self.inputs is None:
+            return super().to_bool(obj)
+        try:
+            value = _Concrete(self).value(obj.node)
+        except _NotShapes:
+            return super().to_bool(obj)
+        if isinstance(value, torch.Tensor) or not isinstance(value, (bool, int)):
+            return super().to_bool(obj)
+        taken = bool(value)
+        where = obj.node.stack_trace.strip().splitlines()[-1].strip() if obj.node.stack_trace \
+            else obj.node.name
+        self.create_proxy("call_function", shape_guard, (obj, taken, where), {})
+        return taken
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
@@ -478,6 +501,68 @@ class _Tracer(fx.Tracer):
         if call is None or not call.out_ids:
             return proxy
         return _structure_like(proxy, call.output)
+
+
+class ShapeGuardMiss(SpecializationError):
+    """A call for which a branch on shapes goes the other way than in the traced call."""
+
+
+def shape_guard(condition: Any, taken: bool, where: str) -> None:
+    """The guard `to_bool` puts in a graph where the forward branched on shapes."""
+    if bool(condition) != taken:
+        raise ShapeGuardMiss(f"the branch on shapes at {where} goes the other way for this call")
+
+
+class _NotShapes(Exception):
+    """A value that is not computed from the recorded call's shapes alone."""
+
+
+_SHAPE_ATTRS = frozenset(("shape", "ndim", "dtype", "device", "is_cuda", "requires_grad"))
+_SHAPE_METHODS = frozenset(("size", "dim", "numel", "ndimension", "get_device"))
+
+
+class _Concrete:
+    """The value a node of a graph being traced had in the recorded call, where it is
+    computed from shapes: graph inputs, children's recorded outputs and parameters, through
+    ops whose only way from a tensor to a number is a shape accessor."""
+
+    def __init__(self, tracer: _Tracer) -> None:
+        self.tracer = tracer
+        placeholders = [n for n in tracer.graph.nodes if n.op == "placeholder"]
+        self.values: dict[fx.Node, Any] = dict(zip(placeholders, tracer.inputs()
+                                                   if tracer.inputs is not None else []))
+
+    def value(self, node: fx.Node) -> Any:
+        if node in self.values:
+            return self.values[node]
+        args = fx.node.map_arg(node.args, self.value)
+        kwargs = fx.node.map_arg(node.kwargs, self.value)
+        if node.op == "call_module":
+            full = (f"{self.tracer.root_name}.{node.target}" if self.tracer.root_name
+                    else node.target)
+            call = self.tracer.calls.get(full)
+            if call is None or not call.out_ids:
+                raise _NotShapes(node.name)
+            out = call.output
+        elif node.op == "get_attr":
+            out = _getattr_path(self.tracer.root, node.target)
+        elif node.op in ("call_function", "call_method"):
+            tensors_in = any(isinstance(a, torch.Tensor) for a in flatten((args, kwargs))[0])
+            try:
+                with torch.no_grad():
+                    out = (getattr(args[0], node.target)(*args[1:], **kwargs)
+                           if node.op == "call_method" else node.target(*args, **kwargs))
+            except Exception as e:
+                raise _NotShapes(node.name) from e
+            accessor = (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
+                node.target is getattr and len(args) > 1 and args[1] in _SHAPE_ATTRS) or (
+                node.target is len)
+            if tensors_in and not isinstance(out, torch.Tensor) and not accessor:
+                raise _NotShapes(node.name)  # a number read from tensor data (`.item()`)
+        else:
+            raise _NotShapes(node.name)
+        self.values[node] = out
+        return out
 
 
 def _structure_like(proxy: fx.Proxy, value: Any) -> Any:
@@ -538,7 +623,7 @@ def _trace_once(module: nn.Module, name: str, spec: CallSpec, calls: dict[str, C
                                           "__module__": cls.__module__})
     module.__class__ = stand_in
     try:
-        graph = _Tracer(name, calls).trace(module)
+        graph = _Tracer(name, calls, lambda: _flat_inputs(spec, calls[name])).trace(module)
     finally:
         module.__class__ = cls
     _tidy(graph)
@@ -649,6 +734,38 @@ def _verify(shared: SharedGraph, module: nn.Module, spec: CallSpec, call: Call,
     return f"the traced graph does not reproduce the recorded call: {bad}" if bad else None
 
 
+def verify_train(graph: fx.Graph, module: nn.Module, spec: CallSpec, call: Call,
+                 seeds: tuple[int, ...] = (0, 1)) -> str | None:
+    """Run `module`'s train-mode `graph` and its eager forward in train mode on the recorded
+    call, each from the same random state (dropout draws the same masks when the same ops run
+    in the same order), and compare. Buffers a train-mode forward writes (BatchNorm's running
+    statistics) and every module's mode are put back afterwards."""
+    forward = compile_graph(graph)
+    saved = snapshot(module)
+    state = random.getstate()
+    try:
+        module.train()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), _hooks_off(module):
+            for seed in seeds:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                want = module(*_clone(call.args), **_clone(call.kwargs))
+                torch.manual_seed(seed)
+                random.seed(seed)
+                with materialized(module, graph):
+                    got = forward(module, *_flat_inputs(spec, call))
+                bad = _mismatch(got, want)
+                if bad is not None:
+                    return f"in train mode the traced graph does not reproduce the forward: {bad}"
+    except Exception as e:
+        return (f"in train mode the traced graph or the forward fails: {type(e).__name__}: "
+                f"{_first_line(e)}")
+    finally:
+        random.setstate(state)
+        saved.restore()
+    return None
+
+
 @contextlib.contextmanager
 def _replaying(module: nn.Module, children: dict[str, Call]) -> Iterator[None]:
     """While verifying `module`'s graph, a child called with exactly the arguments recorded for
@@ -710,6 +827,7 @@ class SharedGraph:
     reads: dict[str, Any]  # instance attributes the forward read, with their values
     mode_dependent: bool  # the forward reads `self.training` and its graph differs by mode
     first: str  # qualified name of the module it was traced on
+    train_graph: fx.Graph | None = None  # the train-mode graph, where mode_dependent
 
 
 @dataclass
@@ -773,6 +891,30 @@ def module_source(original: nn.Module, base: fx.Graph) -> ModuleSource:
     return ModuleSource(type(original), attrs, graph)
 
 
+# Instance entries a rewritten module must not take from the module it replaces: its own
+# forward, and graphs cached for the original's graph (which a new graph makes stale).
+_NOT_ADOPTED = frozenset(("forward", "_surgeon_specs", "_train_graph", "_train_forward"))
+
+
+def keep_original(module: nn.Module, root: nn.Module) -> None:
+    """Give `module` (a GraphModule built over `root`) everything of `root` that its graph does
+    not call: GraphModule copies only the submodules and parameters its nodes name. Children,
+    parameters and buffers come back as the same objects in `root`'s order (so state_dict keys
+    stay), and every plain instance attribute that other code may read stays readable
+    (ModernBERT's encoder reads `layer.attention_type`)."""
+    for slot in ("_modules", "_parameters", "_buffers"):
+        mine, theirs = module.__dict__[slot], root.__dict__.get(slot, {})
+        merged = {**theirs, **{k: v for k, v in mine.items() if k not in theirs}}
+        mine.clear()
+        mine.update(merged)
+    module._non_persistent_buffers_set |= set(root.__dict__.get("_non_persistent_buffers_set",
+                                                               ()))
+    for k, v in root.__dict__.items():
+        if k not in module.__dict__ and k not in _NOT_ADOPTED \
+                and not k.startswith(("_forward", "_backward")):
+            module.__dict__[k] = v
+
+
 class TracedModule(fx.GraphModule):
     """A GraphModule that keeps the traced module's call signature and checks specialised
     arguments at every call. Parameter and submodule names are the original module's.
@@ -784,17 +926,26 @@ class TracedModule(fx.GraphModule):
 
     def __init__(self, root: nn.Module, graph: fx.Graph, spec: CallSpec, name: str = "") -> None:
         super().__init__(root, graph, class_name=type(root).__name__)
+        keep_original(self, root)
         self._call_spec = spec
         self._surgeon_name = name or type(root).__name__
 
     # What `copy.deepcopy` must carry over: GraphModule's deepcopy rebuilds through
     # `GraphModule.__init__`, which knows nothing of them.
     _KEPT = ("_call_spec", "_surgeon_name", "_surgeon_source", "training",
-             "gradient_checkpointing", "_gradient_checkpointing_func")
+             "gradient_checkpointing", "_gradient_checkpointing_func", "_train_graph",
+             "_train_forward")
+
+    def set_train_graph(self, graph: fx.Graph) -> None:
+        """The graph to run in train mode, where the forward takes another path there
+        (`F.dropout(training=self.training)`); `graph` is then the eval-mode one."""
+        self._train_graph = graph
+        self._train_forward = compile_graph(graph)
 
     def _deepcopy_init(self) -> Callable[..., None]:
         def init(res: fx.GraphModule, fake_mod: nn.Module, graph: fx.Graph) -> None:
             fx.GraphModule.__init__(res, fake_mod, graph, class_name=type(self).__name__)
+            keep_original(res, fake_mod)
             for attr in self._KEPT:
                 if attr in fake_mod.__dict__:
                     setattr(res, attr, fake_mod.__dict__[attr])
@@ -819,12 +970,23 @@ class TracedModule(fx.GraphModule):
 
     def _checked_forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self._call_spec.match(args, kwargs)
-        if flat is not None:
-            return self._flat_forward(*flat)
-        for spec, forward in self.__dict__.get("_surgeon_specs", ()):
-            flat = spec.match(args, kwargs)
+        train = self.__dict__.get("_train_forward")
+        try:
             if flat is not None:
-                return forward(self, *flat)
+                if train is not None and self.training:
+                    return train(self, *flat)
+                return self._flat_forward(*flat)
+        except ShapeGuardMiss:  # a branch on shapes goes the other way: another graph
+            pass
+        mode = self.training if train is not None else None
+        for spec, forward, traced_mode in self.__dict__.get("_surgeon_specs", ()):
+            if traced_mode is mode or traced_mode == mode:
+                flat = spec.match(args, kwargs)
+                if flat is not None:
+                    try:
+                        return forward(self, *flat)
+                    except ShapeGuardMiss:
+                        continue
         return self._respecialised(args, kwargs)
 
     @torch._dynamo.disable
@@ -832,8 +994,9 @@ class TracedModule(fx.GraphModule):
         """Trace a new graph for a call no cached graph accepts, cache it and run it (eagerly:
         under torch.compile this is a graph break, once per new call spec)."""
         miss = self._call_spec.mismatch(self._surgeon_name, args, kwargs)
-        specs: list[tuple[CallSpec, Callable[..., Any]]] = self.__dict__.setdefault(
-            "_surgeon_specs", [])
+        specs: list[tuple[CallSpec, Callable[..., Any], bool | None]] = \
+            self.__dict__.setdefault("_surgeon_specs", [])
+        mode = self.training if "_train_forward" in self.__dict__ else None
         source = self.__dict__.get("_surgeon_source")
         if not isinstance(source, ModuleSource):
             raise SpecializationError(miss)
@@ -842,14 +1005,14 @@ class TracedModule(fx.GraphModule):
                 f"{miss}; {self._surgeon_name} already holds {RESPECIALISE_LIMIT} graphs for "
                 "other calls (surgeon.graph.tracing.RESPECIALISE_LIMIT)")
         try:
-            spec, graph = respecialise(self, source, args, kwargs)
+            spec, graph = respecialise(self, source, args, kwargs, bool(mode))
         except Exception as e:
             reason = (str(e) if isinstance(e, SpecializationError)
                       else f"{type(e).__name__}: {_first_line(e)}")
             raise SpecializationError(
                 f"{miss}; tracing it again for this call failed: {reason}") from None
         forward = compile_graph(graph)
-        specs.append((spec, forward))
+        specs.append((spec, forward, mode))
         _log.info("surgeon: %s traced again for a call with arguments %s (%d graph(s) cached)",
                   self._surgeon_name, _spec_text(spec.spec), len(specs) + 1)
         return forward(self, *spec.inputs(self._surgeon_name, args, kwargs))
@@ -874,8 +1037,8 @@ def _hooks_off(module: nn.Module) -> Iterator[None]:
             m.__dict__[n] = v
 
 
-def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs: dict
-                 ) -> tuple[CallSpec, fx.Graph]:
+def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs: dict,
+                 training: bool = False) -> tuple[CallSpec, fx.Graph]:
     """Trace the original forward of rewritten `module` for the call `(args, kwargs)`, verify it
     reproduces an eager run of that forward, and re-apply the passes' edits to it. The original
     runs on a view that has the original's attributes and `module`'s own children and
@@ -891,11 +1054,14 @@ def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs
         with as_recorded(view):
             spec = _generalise_flags("", view, make_call_spec(source.cls, calls[""]), calls,
                                      numbers=True)
-            shared = _new_graph("", view, spec, calls[""], calls)
+            shared = _new_graph("", view, spec, calls[""], calls, training)
             bad = _verify(shared, view, spec, calls[""], _recorded_children(view, "", calls))
+        if bad is None and training and shared.train_graph is not None:
+            bad = verify_train(shared.train_graph, view, spec, calls[""])
     if bad is not None:
         raise SpecializationError(bad)
-    graph = reapply_edits(source.base, module.graph, shared.graph)
+    new = shared.train_graph if training and shared.train_graph is not None else shared.graph
+    graph = reapply_edits(source.base, module.graph, new)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             try:
@@ -1026,9 +1192,15 @@ def reapply_edits(base: fx.Graph, edited: fx.Graph, new: fx.Graph) -> fx.Graph:
             target, args, kwargs = merged(e.name)
             env_e[e.name] = env_n[e.name] = emit(e, target, args, kwargs)
         elif e.name in b_nodes:
-            raise SpecializationError(
-                f"tracing the new call does not produce {e.name}, which the rewritten graph "
-                "keeps (the forward takes another path for this call)")
+            # the new call takes another path (a branch on shapes not taken): a node the
+            # passes left as it was is simply not there; what they added that reads it
+            # fails in `look`
+            if _arg_text(b_nodes[e.name].args) != _arg_text(e.args) or \
+                    _arg_text(b_nodes[e.name].kwargs) != _arg_text(e.kwargs):
+                raise SpecializationError(
+                    f"tracing the new call does not produce {e.name}, which a pass rewrote "
+                    "(the forward takes another path for this call)")
+            continue
         else:
             env_e[e.name] = emit(e, e.target, from_e(e.args), from_e(e.kwargs))
     flush(None)
@@ -1110,6 +1282,8 @@ def _trace_module(name: str, module: nn.Module, call: Call, calls: dict[str, Cal
             return
         result.graphs_traced += 1
         bad = _verify(shared, module, attempt, call, children)
+        if bad is None and shared.train_graph is not None:
+            bad = verify_train(shared.train_graph, module, attempt, call)
         if bad is None:
             break
         if attempt is spec:
@@ -1172,22 +1346,34 @@ def _generalise_flags(name: str, module: nn.Module, spec: CallSpec,
 
 
 def _new_graph(name: str, module: nn.Module, spec: CallSpec, call: Call,
-               calls: dict[str, Call]) -> SharedGraph:
+               calls: dict[str, Call], training: bool = False) -> SharedGraph:
+    """Trace `module` for `spec` in eval mode (in train mode with `training`, for a module
+    rewritten already), and, when its forward reads `self.training`, in the other mode too:
+    a graph that differs by mode (`F.dropout(training=self.training)`, `if self.training:`) is
+    kept as `train_graph`, so a rewritten module runs the right one in each mode. A forward
+    that cannot be traced in train mode (a branch on `torch.rand`, LayerDrop in the module
+    itself) is not traced at all."""
     reads = _ReadLog()
     was_training = module.training
+    train_graph = None
     try:
-        module.training = False
+        module.training = training
         graph = _trace_once(module, name, spec, calls, reads)
-        mode_dependent = False
         if "training" in reads.names:
-            module.training = True
-            train_graph = _trace_once(module, name, spec, calls, _ReadLog())
-            mode_dependent = (train_graph.python_code("self").src
-                              != graph.python_code("self").src)
+            module.training = not training
+            try:
+                other = _trace_once(module, name, spec, calls, _ReadLog())
+            except Exception as e:
+                mode = "eval" if training else "train"
+                raise TracingError(f"in {mode} mode its forward cannot be traced: "
+                                   f"{type(e).__name__}: {_first_line(e)}{_where(e)}") from e
+            if other.python_code("self").src != graph.python_code("self").src:
+                train_graph = graph if training else other
+                graph = other if training else graph
     finally:
         module.training = was_training
     return SharedGraph(graph, spec, compile_graph(graph), _instance_reads(module, reads.names),
-                       mode_dependent, name)
+                       train_graph is not None, name, train_graph)
 
 
 def trace_model(model: nn.Module, example: tuple | dict, *, share_graphs: bool = True
@@ -1207,8 +1393,9 @@ def trace_model(model: nn.Module, example: tuple | dict, *, share_graphs: bool =
                 continue
             if isinstance(module, TracedModule):  # rewritten earlier: its graph is the truth
                 graph = module.graph
-                shared = SharedGraph(graph, module._call_spec, compile_graph(graph), {}, False,
-                                     name)
+                train = module.__dict__.get("_train_graph")
+                shared = SharedGraph(graph, module._call_spec, compile_graph(graph), {},
+                                     train is not None, name, train)
                 result.traces[name] = ModuleTrace(name, module, shared)
                 continue
             if isinstance(module, fx.GraphModule):
