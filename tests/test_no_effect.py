@@ -32,9 +32,9 @@ NO_EFFECT = [
      "pass 'hyper' changed nothing: exclude=* selects no module of LlamaForCausalLM "
      "(its modules are named like model, model.embed_tokens, model.layers); fix the patterns"),
     ("hf_llama", "adyt:include=model.layers.*|lm_head,exclude=*norm*",
-     "pass 'adyt' changed nothing: found no LayerNorm/RMSNorm modules in the modules of "
-     "LlamaForCausalLM that include=model.layers.*|lm_head exclude=*norm* selects; 2 modules "
-     "in scope could not be traced (`surgeon inspect` says why)"),
+     "pass 'adyt' changed nothing: found no LayerNorm/RMSNorm modules and functional norms in "
+     "the modules of LlamaForCausalLM that include=model.layers.*|lm_head exclude=*norm* "
+     "selects; 2 modules in scope could not be traced (`surgeon inspect` says why)"),
     ("nanogpt", "aion:include=transformer.h.0.attn",
      "pass 'aion' changed nothing: found no residual adds in the modules of NanoGPT that "
      "include=transformer.h.0.attn selects"),
@@ -45,8 +45,8 @@ NO_EFFECT = [
      "pass 'aion' changed nothing: found no residual adds in the modules of LlamaForCausalLM "
      "that include=model.layers.0.self_attn selects; 1 module in scope could not be traced "
      "(`surgeon inspect` says why)"),
-    ("resnet", "adyt", "pass 'adyt' changed nothing: found no LayerNorm/RMSNorm modules in "
-                       "TinyResNet"),
+    ("resnet", "adyt", "pass 'adyt' changed nothing: found no LayerNorm/RMSNorm modules and "
+                       "functional norms in TinyResNet"),
 ]
 
 
