@@ -57,20 +57,11 @@ PARALLEL = {"parallel", "hf_neox_parallel"}  # attention and MLP added to one in
 # Known defect from merging issue 14's branches: adyt run after hyper leaves one norm of a
 # hyper-wrapped block unconverted (e.g. Mixtral's model.layers.0.post_attention_layernorm).
 # strict: the rows fail loudly once it is fixed, so the mark must then go.
-ADYT_AFTER_HYPER = {"encoder_post_norm", "hf_bert", "hf_mixtral", "convnext_ish", "hf_convnext",
-                    "hf_modernbert", "hf_qwen2_moe"}
-ALL_THREE = ("aion", "hyper", "adyt")
 # hyper on ConvNeXt-style channels-first toy streams rounds (≤ 1e-6) where the others are exact
 HYPER_ROUNDS = {"convnext_ish": 1e-6}
 
 
-def _marks(case: ZooCase, combo: tuple[str, ...]) -> list:
-    if combo == ALL_THREE and case.name in ADYT_AFTER_HYPER:
-        return [pytest.mark.xfail(strict=True, reason="adyt after hyper misses a norm")]
-    return []
-
-
-ROWS = [pytest.param(case, combo, id=f"{case.name}-{'+'.join(combo)}", marks=_marks(case, combo))
+ROWS = [pytest.param(case, combo, id=f"{case.name}-{'+'.join(combo)}")
         for case in ZOO for combo in FEWER.get(case.name, COMBOS)]
 
 

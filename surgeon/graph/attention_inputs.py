@@ -32,6 +32,10 @@ class _Follow(TorchFunctionMode):
         self.tags: dict[int, set[str]] = {}
         self.alive: list[torch.Tensor] = []  # tagged tensors kept alive: ids stay unique
         self.found: set[str] = set()
+        self.weights: set[int] = set()  # ids of tensors computed from parameters only
+
+    def is_weight(self, x: Any) -> bool:
+        return isinstance(x, nn.Parameter) or id(x) in self.weights
 
     def tag(self, t: Any, names: set[str]) -> None:
         for x in tree_flatten(t)[0]:
@@ -50,7 +54,15 @@ class _Follow(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         flat = tree_flatten((args, kwargs))[0]
-        if not any(id(x) in self.tags for x in flat if isinstance(x, torch.Tensor)):
+        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+        if not any(id(x) in self.tags for x in tensors):
+            if tensors and all(self.is_weight(x) for x in tensors):
+                # a view, slice or cast of a weight (an expert's `w[i]`, a transposed
+                # mixing matrix) is still a weight
+                for x in tree_flatten(out)[0]:
+                    if isinstance(x, torch.Tensor):
+                        self.weights.add(id(x))
+                        self.alive.append(x)
             return out
         if func in _ATTENTION:
             q = args[0] if args else kwargs.get("query")
@@ -64,7 +76,7 @@ class _Follow(TorchFunctionMode):
             if len(operands) == 2 and all(id(x) in self.tags for x in operands):
                 self.found |= self.names(operands)
             return out
-        if any(isinstance(x, nn.Parameter) for x in flat):
+        if any(self.is_weight(x) for x in tensors):
             return out  # a projection (or a gain): what comes out is no longer the norm's
         self.tag(out, self.names(flat))
         return out
