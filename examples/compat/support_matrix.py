@@ -52,15 +52,25 @@ CORPUS: list[tuple[str, str, str, str, dict]] = [
     *[(m, "moe", m, "causal", {"num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4,
                                "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                "shared_expert_intermediate_size": 32}) for m in [
-        "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "granitemoe", "phimoe",
-        "dbrx", "jetmoe"]],
+        "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "jetmoe"]],
+    ("dbrx", "moe", "dbrx", "causal",  # its default attn_config lacks rope_theta and clip_qkv
+     {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+      "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+      "d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 64}),
+    ("deepseek_v3", "moe", "deepseek_v3", "causal",
+     {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+      "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "kv_lora_rank": 16,
+      "q_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}),
     *[(m, "ssm", m, "causal", {"state_size": 8, "expand": 2, "num_heads": 4, "n_groups": 1,
                                "conv_kernel": 4, "time_step_rank": 4}) for m in [
         "mamba", "mamba2", "falcon_mamba"]],
     *[(m, "hybrid", m, "causal", {}) for m in [
-        "jamba", "bamba", "falcon_h1", "zamba", "recurrent_gemma", "granitemoehybrid"]],
+        "jamba", "bamba", "falcon_h1", "zamba", "recurrent_gemma"]],
+    ("granitemoehybrid", "hybrid", "granitemoehybrid", "causal",
+     {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "mamba_n_groups": 1,
+      "mamba_chunk_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2}),
     *[(m, "encoder", m, "masked", {}) for m in [
-        "bert", "roberta", "albert", "distilbert", "electra", "deberta_v2", "deberta",
+        "bert", "roberta", "albert", "distilbert", "electra", "deberta-v2", "deberta",
         "modernbert", "xlm-roberta", "camembert", "mpnet", "funnel", "squeezebert", "ernie",
         "megatron-bert", "roformer", "nystromformer", "data2vec-text"]],
     *[(m, "enc-dec", m, "seq2seq", {}) for m in [
@@ -92,7 +102,9 @@ def first_line(e: BaseException | str) -> str:
 def tiny_config(model_type: str, extra: dict):
     from transformers import AutoConfig
 
-    cfg = AutoConfig.for_model(model_type)
+    # nested sub-configs (dicts) go to the constructor: some defaults cannot build a model
+    nested = {k: v for k, v in extra.items() if isinstance(v, dict)}
+    cfg = AutoConfig.for_model(model_type, **nested)
     subs = [cfg] + [getattr(cfg, k) for k in ("text_config", "vision_config", "audio_config")
                     if getattr(cfg, k, None) is not None and getattr(cfg, k) is not cfg]
     for c in subs:
@@ -116,7 +128,10 @@ def tiny_config(model_type: str, extra: dict):
                 elif k == "num_heads" or k == "num_attention_heads":
                     setattr(c, k, [1] * min(len(v), 2))
         if getattr(c, "layer_types", None):
-            c.layer_types = list(c.layer_types)[:2]
+            try:
+                c.layer_types = list(c.layer_types)[:2]
+            except AttributeError:
+                pass  # derived from other fields (SSMs, hybrids): it follows num_hidden_layers
     for k in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if getattr(cfg, k, None) is not None and isinstance(getattr(cfg, k), int):
             setattr(cfg, k, min(getattr(cfg, k), 1))
