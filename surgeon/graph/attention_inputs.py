@@ -10,6 +10,7 @@ and OLMo2's over the whole projection are both found.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,10 +33,13 @@ class _Follow(TorchFunctionMode):
         self.tags: dict[int, set[str]] = {}
         self.alive: list[torch.Tensor] = []  # tagged tensors kept alive: ids stay unique
         self.found: set[str] = set()
-        self.weights: set[int] = set()  # ids of tensors computed from parameters only
+        # tensors computed from parameters only, held weakly: a view of a parameter holds its
+        # base, and a lazily loaded model must be able to release its parameters mid-forward
+        self.weights: dict[int, weakref.ref] = {}
 
     def is_weight(self, x: Any) -> bool:
-        return isinstance(x, nn.Parameter) or id(x) in self.weights
+        ref = self.weights.get(id(x))
+        return isinstance(x, nn.Parameter) or ref is not None and ref() is x
 
     def tag(self, t: Any, names: set[str]) -> None:
         for x in tree_flatten(t)[0]:
@@ -60,9 +64,8 @@ class _Follow(TorchFunctionMode):
                 # a view, slice or cast of a weight (an expert's `w[i]`, a transposed
                 # mixing matrix) is still a weight
                 for x in tree_flatten(out)[0]:
-                    if isinstance(x, torch.Tensor):
-                        self.weights.add(id(x))
-                        self.alive.append(x)
+                    if isinstance(x, torch.Tensor) and not isinstance(x, nn.Parameter):
+                        self.weights[id(x)] = weakref.ref(x)
             return out
         if func in _ATTENTION:
             q = args[0] if args else kwargs.get("query")
