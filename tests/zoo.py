@@ -416,6 +416,14 @@ def hf_mamba() -> nn.Module:
                                         vocab_size=128, expand=2, conv_kernel=4))
 
 
+def hf_bloom() -> nn.Module:
+    """Bloom: attention and MLP add the residual themselves (`dropout_add(out, residual)` with the
+    skip passed in by the block) and attention returns a tuple."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=128))
+
+
 def hf_neox_parallel() -> nn.Module:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -866,3 +874,7 @@ DETECT_ZOO = [
     # serves tests/test_residual_sites.py)
 ]
 ZOO += DETECT_ZOO
+# a residual added inside the branch's own module, with the skip handed in by the caller
+ZOO.append(ZooCase("hf_bloom", hf_bloom, lambda: {"input_ids": tokens(128)}, {"pre_norm": 4},
+                   {"layer_norm": 6}, [2],
+                   {f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("self_attention", "mlp")}))

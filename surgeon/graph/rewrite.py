@@ -9,6 +9,7 @@ original's place in its parent. A module replaced whole (a norm) goes in with `r
 
 from __future__ import annotations
 
+import operator
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,14 +163,14 @@ class Surgery:
         caller, rel = found
         sub = self.graphs.get(child, child_trace.graph)
         output = next(n for n in sub.nodes if n.op == "output").args[0]
-        if not isinstance(output, fx.Node):
-            return False  # a structured output would need its getitems rewired
         graph = self.graph(caller)
         call = next((n for n in graph.nodes if n.op == "call_module" and n.target == rel), None)
         values = caller_inputs(child_trace, call) if call is not None else None
         placeholders = [n for n in sub.nodes if n.op == "placeholder"]
         if values is None or len(values) != len(placeholders):
             return False
+        if not isinstance(output, fx.Node) and not _indexed_only(call, output):
+            return False  # a structured output read other than by constant index
         env: dict[fx.Node, Any] = dict(zip(placeholders, values))
         with graph.inserting_before(call):
             for n in sub.nodes:
@@ -178,7 +179,16 @@ class Surgery:
                 env[n] = graph.node_copy(n, lambda x: env[x])
                 if n.op in ("call_module", "get_attr"):
                     env[n].target = f"{rel}.{n.target}"
-        call.replace_all_uses_with(env[output])
+        if isinstance(output, fx.Node):
+            call.replace_all_uses_with(env[output])
+        else:  # `out, weights = self.attn(...)`: each getitem reads the child's own value
+            for item in list(call.users):
+                value = fx.node.map_arg(output[item.args[1]], lambda x: env[x])
+                for user in list(item.users):
+                    user.args = fx.node.map_arg(user.args, lambda x: value if x is item else x)
+                    user.kwargs = fx.node.map_arg(user.kwargs,
+                                                  lambda x: value if x is item else x)
+                graph.erase_node(item)
         graph.erase_node(call)
         self.graphs.pop(child, None)
         return True
@@ -245,3 +255,10 @@ def node_named(graph: fx.Graph, name: str) -> fx.Node:
         if node.name == name:
             return node
     raise KeyError(name)
+
+
+def _indexed_only(call: fx.Node, output: Any) -> bool:
+    """Whether every use of `call` is `call[i]` for a constant i within the tuple `output`."""
+    return isinstance(output, (tuple, list)) and all(
+        u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2
+        and isinstance(u.args[1], int) and 0 <= u.args[1] < len(output) for u in call.users)
