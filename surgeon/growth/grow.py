@@ -295,12 +295,11 @@ def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_d
         return dict(members), [{"key": m, "from": s.key, "init": "copy"}
                                for m, s in members.items()]
     if init == "zero":
-        zeroed = _branch_members(blocks, source, base_dir, trust_remote_code)
+        zeroed = _branch_members(blocks, source, base_dir, members, trust_remote_code)
         fresh: dict[str, Stored | torch.Tensor] = {}
         for m, s in members.items():
-            hit = any(m.startswith(z + ".") for z in zeroed)
-            fresh[m] = torch.zeros(s.shape, dtype=s.dtype) if hit else s
-            rows.append({"key": m, "from": s.key, "init": "zero" if hit else "copy"})
+            fresh[m] = zeroed.get(m, s)
+            rows.append({"key": m, "from": s.key, "init": "zero" if m in zeroed else "copy"})
         return fresh, rows
     if init == "random":
         fresh = _random_block(blocks, source, base_dir, members, trust_remote_code)
@@ -315,42 +314,86 @@ def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_d
     return fresh, rows
 
 
-def _branch_members(blocks: Blocks, source: int, base_dir: Path,
-                    trust_remote_code: bool = False) -> list[str]:
-    """Member prefixes (relative to the block) of the modules writing its residual branches,
-    from the model traced with its weights on disk."""
+def _branch_members(blocks: Blocks, source: int, base_dir: Path, members: dict[str, Stored],
+                    trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """The new values of the members (relative to the block) that write its residual branches,
+    from the model traced with its weights on disk: the writers' parameters at their zero values
+    (`branches.branch_zeros`), under the checkpoint's names (a model whose experts are fused
+    reads a checkpoint that stores them one by one: the fused parameter's zeros land in each)."""
     from surgeon.files.source import open_source
+    from surgeon.files.weights import read_tensor
     from surgeon.graph.example_inputs import default_example
     from surgeon.graph.find import inspect_trace
     from surgeon.graph.tracing import trace_model
-    from surgeon.growth.branches import branch_outputs
+    from surgeon.growth.branches import branch_zeros
 
     opened = open_source(str(base_dir), trust_remote_code=trust_remote_code)
     block = f"{blocks.prefix}{source}"
     lazy = opened.lazy if opened.lazy is not None else contextlib.nullcontext()
     with torch.no_grad(), lazy:
         trace = trace_model(opened.model, default_example(opened.model))
-        names = branch_outputs(trace, inspect_trace(trace).residuals, block)
-    return [n[len(block) + 1:] for n in names]
+        fills = branch_zeros(trace, inspect_trace(trace).residuals, block)
+    module = opened.model.get_submodule(block)
+    # NaN marks "keep the stored value": it survives the checkpoint's renaming and re-fusing
+    marks = {f"{block}.{n}": torch.full(p.shape, fills.get(f"{block}.{n}", math.nan))
+             for n, p in module.named_parameters()}
+    stored = _checkpoint_names(opened.model, opened.lazy is None, marks, block, members)
+    out: dict[str, torch.Tensor] = {}
+    for m, mark in stored.items():
+        if mark.isnan().all():
+            continue
+        keep = mark.isnan()
+        value = mark if not keep.any() else torch.where(keep, read_tensor(members[m]).float(),
+                                                        mark)
+        out[m] = value.to(members[m].dtype).contiguous()
+    return out
+
+
+def _checkpoint_names(model: torch.nn.Module, renamed: bool, state: dict[str, torch.Tensor],
+                      block: str, members: dict[str, Stored]) -> dict[str, torch.Tensor]:
+    """`state` (the model's parameter names in `block`) under the checkpoint's member names.
+    A model that transformers loaded with renaming (`renamed`: its parameter names are not the
+    checkpoint's keys, e.g. experts fused into one 3-D parameter on load) gets the conversion
+    reverted as `save_pretrained` reverts it; raises `InsertionError` where the result is not
+    the source block's keys."""
+    if renamed and hasattr(model, "config"):
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    out = {k[len(block) + 1:]: v for k, v in state.items() if k.startswith(block + ".")}
+    extra = sorted(set(out) - set(members))
+    if extra:
+        raise InsertionError(f"{block} built from the config has {extra[0]!r}, which the "
+                             "checkpoint's block has not (the model names its parameters "
+                             "otherwise); use --init copy or extrapolate")
+    return out
 
 
 def _random_block(blocks: Blocks, source: int, base_dir: Path, members: dict[str, Stored],
                   trust_remote_code: bool = False) -> dict[str, Stored | torch.Tensor]:
     """A block initialised as the model initialises its own (transformers' `_init_weights`, else
-    each submodule's `reset_parameters`), seeded, in the checkpoint's dtypes."""
+    each submodule's `reset_parameters`), seeded, in the checkpoint's dtypes and under its names
+    (fused experts stored one by one are split as `save_pretrained` splits them)."""
     from surgeon.files.source import open_source
 
-    model = open_source(str(base_dir), trust_remote_code=trust_remote_code).model
-    block = copy.deepcopy(model.get_submodule(f"{blocks.prefix}{source}")).to_empty(device="cpu")
+    opened = open_source(str(base_dir), trust_remote_code=trust_remote_code)
+    model = opened.model
+    name = f"{blocks.prefix}{source}"
+    block = copy.deepcopy(model.get_submodule(name)).to_empty(device="cpu")
     init = getattr(model, "_init_weights", None)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(SEED)
+        for p in block.parameters():  # transformers skips what it marks as loaded
+            if hasattr(p, "_is_hf_initialized"):
+                p._is_hf_initialized = False
         for module in block.modules():
             if init is not None:
                 init(module)
             elif hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-    state = block.state_dict()
+    state = _checkpoint_names(model, opened.lazy is None,
+                              {f"{name}.{k}": v for k, v in block.state_dict().items()},
+                              name, members)
     missing = sorted(set(members) - set(state))
     if missing:
         raise InsertionError(f"a fresh {type(block).__name__} has no {missing[0]!r}; use another "
