@@ -49,6 +49,11 @@ _PRODUCT_METHODS = {"mul", "__mul__"}
 _ADDS = {operator.add, torch.add, operator.iadd}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 _ZERO_TO_ZERO_MODULES = (nn.Dropout, nn.Identity)
+# Tensors that start at zero, and scatters of a branch into one (an MoE's expert outputs summed
+# into `torch.zeros(...)` by `index_add`): zero when the base and the source are.
+_ZEROS_FUNCTIONS = {torch.zeros, torch.zeros_like}
+_ZEROS_METHODS = {"new_zeros", "zero_"}
+_SCATTERS = {"index_add", "index_add_", "scatter_add", "scatter_add_", "index_put", "index_put_"}
 
 
 class BranchError(SurgeonError):
@@ -162,6 +167,21 @@ def _producers(trace: ModelTrace, owner: str, node: object) -> list[str] | None:
                 if names is not None:
                     return names
             return None
+        if _is_call(node, _ZEROS_FUNCTIONS, _ZEROS_METHODS):
+            return []
+        if node.op == "call_method" and node.target in _SCATTERS or (
+                node.op == "call_function" and getattr(node.target, "__name__", "") in _SCATTERS):
+            at = 2 if "index_put" in str(node.target) else 3  # (base, dim, index, source)
+            source = node.args[at] if len(node.args) > at else next(
+                (node.kwargs[k] for k in ("source", "src", "values") if k in node.kwargs), None)
+            terms = [node.args[0], source]
+            found = []
+            for term in terms:
+                names = _producers(trace, owner, term)
+                if names is None:
+                    return None
+                found.extend(n for n in names if n not in found)
+            return found
         if node.op == "get_attr":
             name = f"{owner}.{node.target}" if owner else str(node.target)
             return [name] if name in dict(trace.model.named_parameters()) else None
@@ -190,9 +210,7 @@ def _module_producers(trace: ModelTrace, owner: str, node: fx.Node) -> list[str]
         first = output.args[0]
         while isinstance(first, (tuple, list)):  # (hidden, attn_weights) -> hidden
             first = first[0]
-        found = _producers(trace, name, first)
-        if found is not None:
-            return found
+        return _producers(trace, name, first)  # traced: no guessing from names
     last = _last_weighted(module, name)
     return None if last is None else [last]
 

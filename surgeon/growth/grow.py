@@ -330,9 +330,11 @@ def _branch_members(blocks: Blocks, source: int, base_dir: Path, members: dict[s
     opened = open_source(str(base_dir), trust_remote_code=trust_remote_code)
     block = f"{blocks.prefix}{source}"
     lazy = opened.lazy if opened.lazy is not None else contextlib.nullcontext()
+    example = default_example(opened.model)
     with torch.no_grad(), lazy:
-        trace = trace_model(opened.model, default_example(opened.model))
+        trace = trace_model(opened.model, example)
         fills = branch_zeros(trace, inspect_trace(trace).residuals, block)
+        check_identity(opened.model, block, fills, example)
     module = opened.model.get_submodule(block)
     # NaN marks "keep the stored value": it survives the checkpoint's renaming and re-fusing
     marks = {f"{block}.{n}": torch.full(p.shape, fills.get(f"{block}.{n}", math.nan))
@@ -347,6 +349,62 @@ def _branch_members(blocks: Blocks, source: int, base_dir: Path, members: dict[s
                                                         mark)
         out[m] = value.to(members[m].dtype).contiguous()
     return out
+
+
+def check_identity(model: torch.nn.Module, block: str, fills: dict[str, float],
+                   example: dict[str, torch.Tensor]) -> None:
+    """Run a copy of `block`, its parameters in `fills` (qualified names) set to their values,
+    on the inputs it gets in `model(**example)`, and raise `BranchError` unless it returns its
+    input: a graph walk that named the wrong writer (a router, a projection before a post-norm)
+    must refuse rather than write a block that changes the model. Where the block cannot be run
+    on its own (its inputs cannot be captured), the graph walk stands."""
+    from surgeon.files.lazy import materialized
+    from surgeon.growth.branches import BranchError
+
+    module = model.get_submodule(block)
+    seen: dict[str, Any] = {}
+
+    def capture(_: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        seen.setdefault("call", (args, kwargs))
+
+    handle = module.register_forward_hook(capture, with_kwargs=True)
+    try:
+        try:  # no cache: the block runs again below on the same inputs
+            model(**example, use_cache=False)
+        except TypeError:
+            model(**example)
+    except Exception:  # noqa: BLE001 - the trace ran this model; a second run is only a check
+        return
+    finally:
+        handle.remove()
+    if "call" not in seen:
+        return
+    args, kwargs = seen["call"]
+    with materialized(module):
+        probe = copy.deepcopy(module)
+    for sub in probe.modules():  # LazyWeights' hooks belong to the original
+        sub._forward_pre_hooks.clear()
+        sub._forward_hooks.clear()
+    for name, p in probe.named_parameters():
+        if f"{block}.{name}" in fills:
+            p.data.fill_(fills[f"{block}.{name}"])
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        return
+    try:
+        out = probe(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return
+    while isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:
+        return
+    delta = (out.float() - hidden.float()).abs().max().item()
+    if delta > 1e-6 * max(hidden.float().abs().max().item(), 1.0):
+        writers = ", ".join(sorted({n.rsplit(".", 1)[0] for n in fills}))
+        raise BranchError(f"zeroing what the graph says writes the residual branches of {block} "
+                          f"({writers}) leaves its output different from its input (max |Δ| "
+                          f"{delta:.3g}): its branches are not all found; use another --init")
 
 
 def _checkpoint_names(model: torch.nn.Module, renamed: bool, state: dict[str, torch.Tensor],
