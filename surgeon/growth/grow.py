@@ -133,6 +133,8 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
                              f"{found.count - 1} under {found.prefix!r}")
     _check_shapes(snaps, base, base_dir, found, source, init)
     widened, changed = widen_config(config, found, after, count, source) if config else (None, [])
+    if widened is not None:
+        check_grown_blocks(widened, found, after, count, source, trust_remote_code)
 
     out: dict[str, Stored | torch.Tensor] = {new: base[old] for old, new in moved.items()}
     fresh, rows = _new_blocks(init, found, source, base, base_dir, snaps, settings,
@@ -405,6 +407,63 @@ def check_identity(model: torch.nn.Module, block: str, fills: dict[str, float],
         raise BranchError(f"zeroing what the graph says writes the residual branches of {block} "
                           f"({writers}) leaves its output different from its input (max |Δ| "
                           f"{delta:.3g}): its branches are not all found; use another --init")
+
+
+def check_grown_blocks(widened: dict[str, Any], blocks: Blocks, after: int, count: int,
+                       source: int, trust_remote_code: bool = False) -> None:
+    """Build the grown model from the widened config (parameters on the meta device) and raise
+    `InsertionError` unless each new block has the source block's parameters: a config that
+    derives each block's kind from its index (Jamba's `attn_layer_period` / `attn_layer_offset`)
+    would build another kind of block there, and the checkpoint would not load. The error names
+    the `--source` blocks that would fit. A config transformers cannot build from the widened
+    entries is refused the same way; one built by a repository's own code is not checked."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    from surgeon.files.hf_config import decode_special_floats
+    from surgeon.files.lazy import parameters_on_meta
+
+    model_type = widened.get("model_type")
+    if widened.get("auto_map") or model_type not in transformers.CONFIG_MAPPING:
+        return
+    archs = widened.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        return
+    try:
+        with parameters_on_meta():
+            config = transformers.CONFIG_MAPPING[model_type].from_dict(
+                decode_special_floats(widened))
+            model = cls._from_config(config)
+    except Exception as e:  # noqa: BLE001 - what transformers says, in one line
+        text = " ".join(str(e).split())[:200]
+        raise InsertionError(f"the config widened to {blocks.count + count} blocks does not "
+                             f"build a {cls.__name__} ({type(e).__name__}: {text}); surgeon grow "
+                             "cannot deepen this config") from None
+
+    def kind(index: int) -> dict[str, tuple[int, ...]] | None:
+        try:
+            block = model.get_submodule(f"{blocks.prefix}{index}")
+        except AttributeError:
+            return None
+        return {n: tuple(p.shape) for n, p in block.named_parameters()}
+
+    shift = lambda i: i + count if i > after else i  # noqa: E731
+    wanted = kind(shift(source))
+    if wanted is None:
+        return  # the model names its blocks otherwise than the checkpoint
+    for index in new_indices(after, count):
+        built = kind(index)
+        if built is not None and built != wanted:
+            fits = [i for i in blocks.indices if kind(shift(i)) == built]
+            hint = (f"pass --source {fits[0]} (blocks like it: {fits})" if fits else
+                    "no block of the checkpoint is of that kind")
+            differs = sorted(set(built) ^ set(wanted))[0]
+            raise InsertionError(
+                f"the grown config builds block {index} unlike block {source} (the config "
+                f"derives each block's kind from its index: {differs!r} differs); {hint}, or "
+                "another --after")
 
 
 def _checkpoint_names(model: torch.nn.Module, renamed: bool, state: dict[str, torch.Tensor],

@@ -108,12 +108,13 @@ def check_insertion(blocks: Blocks, after: int, count: int) -> None:
 # Config entries that hold one value per block (transformers 5 declares no metadata for this;
 # these are the lists its configs validate against `num_hidden_layers`, or document so).
 PER_LAYER_KEYS = ("layer_types", "mlp_layer_types", "num_attention_heads_per_layer",
-                  "num_key_value_heads_per_layer", "no_rope_layers", "attention_layers")
+                  "num_key_value_heads_per_layer", "no_rope_layers", "attention_layers",
+                  "layers_block_type", "layer_rope_theta")
 # Per-block lists stored run-length encoded, `[[pattern, repeats], ...]` (GPT-Neo's
 # `attention_types`, from which the config derives `attention_layers` when loaded).
 RUN_LENGTH_KEYS = ("attention_types",)
 # Config entries that list block indices (the blocks that are dense, MoE, sliding...).
-LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "local_layer_ids")
+LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "local_layer_ids", "attn_layer_indices")
 # A per-block list whose values are block indices (the layer whose KV cache a layer reads).
 LAYER_SOURCE_KEYS = ("kv_source_layers",)
 # Depth entries that count one side of an encoder-decoder, and nested configs named for a part.
