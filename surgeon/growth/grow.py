@@ -442,12 +442,14 @@ def check_grown_blocks(widened: dict[str, Any], blocks: Blocks, after: int, coun
                              f"build a {cls.__name__} ({type(e).__name__}: {text}); surgeon grow "
                              "cannot deepen this config") from None
 
+    first = first_only(blocks)  # T5's relative_attention_bias: block 0's, wherever it comes from
+
     def kind(index: int) -> dict[str, tuple[int, ...]] | None:
         try:
             block = model.get_submodule(f"{blocks.prefix}{index}")
         except AttributeError:
             return None
-        return {n: tuple(p.shape) for n, p in block.named_parameters()}
+        return {n: tuple(p.shape) for n, p in block.named_parameters() if n not in first}
 
     shift = lambda i: i + count if i > after else i  # noqa: E731
     wanted = kind(shift(source))
