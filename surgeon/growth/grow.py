@@ -12,9 +12,17 @@ as:
   snapshots (the AIether report's Algorithm 1, `geometry.extrapolate`); per-tensor τ, κ, β, γ, η
   and ‖ΔW‖/‖W‖ go to `growth.json`;
 - `copy`: the source block byte for byte (progressive stacking);
-- `zero`: the source block with the projections that write its residual branches at zero, so the
-  grown model computes what the original did (`branches.branch_outputs`, from the traced graph);
+- `zero`: the source block with what last writes each residual branch at its zero value (an
+  output projection, a fused experts' `down_proj`, a post-norm's gain: `branches.branch_zeros`,
+  from the traced graph), so the grown model computes what the original did; the zeroed block is
+  run on its captured inputs and must return them (`check_identity`), else grow refuses;
 - `random`: a fresh block, initialised as the model initialises its own (`_init_weights`).
+
+Zero and random values are written under the checkpoint's names: a model whose experts
+transformers fuses on load (one 3-D parameter) gets them split back as `save_pretrained` does.
+The widened config is built on the meta device first, and each new block must be of the source
+block's kind (`check_grown_blocks`: a config that derives block kinds from indices is refused
+with the `--source` that fits).
 
 Like `surgeon convert`, every unchanged tensor is copied byte for byte, shards are cut at
 `max_shard_size`, the directory is written beside `dst` and renamed into place, and the same
