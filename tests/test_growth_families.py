@@ -74,6 +74,9 @@ FAMILIES = [  # (id, config, --source or None, the members zero growth zeroes)
     # hybrid: a Mamba-2 mixer block after an attention block (attn_layer_indices renumbered)
     ("bamba", lambda: T.BambaConfig(**SMALL, attn_layer_indices=[1], **MAMBA2),
      None, ["feed_forward.down_proj", "self_attn.o_proj"]),
+    # hybrid: attention and a Mamba-2 mixer side by side in every block, scaled by multipliers
+    ("falcon-h1", lambda: T.FalconH1Config(**SMALL, mamba_d_ssm=64, head_dim=8, **MAMBA2),
+     None, ["feed_forward.down_proj", "mamba.out_proj", "self_attn.o_proj"]),
     # hybrid whose block kinds follow attn_layer_period / offset: block 2 is a Mamba block with a
     # dense MLP, so it is grown from block 0
     ("jamba", lambda: T.JambaConfig(**SMALL, attn_layer_period=2, attn_layer_offset=1,
