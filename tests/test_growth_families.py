@@ -185,3 +185,22 @@ def test_a_wrong_writer_is_refused_by_running_the_block() -> None:
         with pytest.raises(BranchError, match="model.layers.1.*use another --init"):
             check_identity(model, "model.layers.1", {  # the MLP's input side: not its last write
                 at + "self_attn.o_proj.weight": 0.0, at + "mlp.up_proj.weight": 1.0}, example)
+
+
+def test_zero_growth_refuses_when_the_graph_walk_misses_a_branch(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """The identity check runs on the model read lazily from disk too (its weights on meta)."""
+    import surgeon
+    from surgeon.growth import branches
+    from surgeon.growth.branches import BranchError
+
+    _, src = _saved(lambda: T.LlamaConfig(**SMALL), tmp_path)
+    found = branches.branch_zeros
+
+    def missing_one(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return {k: v for k, v in found(*args, **kwargs).items() if "down_proj" not in k}
+
+    monkeypatch.setattr(branches, "branch_zeros", missing_one)
+    with pytest.raises(BranchError, match="leaves its output different from its input"):
+        surgeon.grow(src, tmp_path / "grown", init="zero")
+    assert not (tmp_path / "grown").exists()
