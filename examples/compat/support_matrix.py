@@ -117,7 +117,10 @@ def tiny_config(model_type: str, extra: dict):
                 elif k == "num_heads" or k == "num_attention_heads":
                     setattr(c, k, [1] * min(len(v), 2))
         if getattr(c, "layer_types", None):
-            c.layer_types = list(c.layer_types)[:2]
+            try:
+                c.layer_types = list(c.layer_types)[:2]
+            except AttributeError:
+                pass  # a property derived from the depth (Jamba's attn_layer_period / offset)
     for k in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if getattr(cfg, k, None) is not None and isinstance(getattr(cfg, k), int):
             setattr(cfg, k, min(getattr(cfg, k), 1))
