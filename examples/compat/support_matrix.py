@@ -45,7 +45,8 @@ TINY = dict(hidden_size=32, d_model=32, n_embd=32, intermediate_size=64, d_ff=64
 
 # (name, family, model_type, task, extra config kwargs)
 CORPUS: list[tuple[str, str, str, str, dict]] = [
-    ("gpt_neo", "decoder", "gpt_neo", "causal", {"attention_types": [[["global", "local"], 1]]}),
+    ("gpt_neo", "decoder", "gpt_neo", "causal", {"attention_types": [[["global", "local"], 1]],
+                                              "attention_layers": ["global", "local"]}),
     *[(m, "decoder", m, "causal", {}) for m in [
         "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
         "gpt2", "gpt_neox", "gptj", "falcon", "bloom", "opt", "mpt", "stablelm",

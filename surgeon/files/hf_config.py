@@ -81,10 +81,27 @@ def _check_fields(data: dict[str, Any], config_file: Path, prefix: str,
                        "knows (silu, gelu, relu, ...)", error)
 
 
+_FLOAT_TAGS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def decode_special_floats(obj: Any) -> Any:
+    """`obj` with transformers' tags for floats JSON cannot hold (`{"__float__": "Infinity"}`,
+    which `save_pretrained` writes for Mamba-2's `time_step_limit` (0, inf)) as those floats,
+    as transformers reads them back."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and isinstance(obj["__float__"], str) and obj[
+                "__float__"] in _FLOAT_TAGS:
+            return _FLOAT_TAGS[obj["__float__"]]
+        return {k: decode_special_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_special_floats(v) for v in obj]
+    return obj
+
+
 def read_config_json(config_file: str | os.PathLike,
                      error: type[SurgeonError] = SourceError) -> dict[str, Any]:
-    """The JSON object in `config_file`; anything else (bad JSON, deep nesting, a huge integer,
-    not an object) is one line."""
+    """The JSON object in `config_file`, special floats decoded (`decode_special_floats`);
+    anything else (bad JSON, deep nesting, a huge integer, not an object) is one line."""
     config_file = Path(config_file)
     try:
         data = json.loads(config_file.read_text())
@@ -95,7 +112,7 @@ def read_config_json(config_file: str | os.PathLike,
     if not isinstance(data, dict):
         raise error(f"cannot read {config_file}: it holds a JSON {type(data).__name__}, not an "
                     "object")
-    return data
+    return decode_special_floats(data)
 
 
 def check_config_file(config_file: str | os.PathLike,

@@ -147,7 +147,9 @@ def read_base_config(path: Path) -> Any:
 
 
 def _read(file: Path) -> Any:
+    from surgeon.files.hf_config import decode_special_floats
+
     try:
-        return json.loads(file.read_text())
+        return decode_special_floats(json.loads(file.read_text()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise RemoteCodeError(f"cannot read {file}: {e}") from e

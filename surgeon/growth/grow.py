@@ -12,9 +12,17 @@ as:
   snapshots (the AIether report's Algorithm 1, `geometry.extrapolate`); per-tensor τ, κ, β, γ, η
   and ‖ΔW‖/‖W‖ go to `growth.json`;
 - `copy`: the source block byte for byte (progressive stacking);
-- `zero`: the source block with the projections that write its residual branches at zero, so the
-  grown model computes what the original did (`branches.branch_outputs`, from the traced graph);
+- `zero`: the source block with what last writes each residual branch at its zero value (an
+  output projection, a fused experts' `down_proj`, a post-norm's gain: `branches.branch_zeros`,
+  from the traced graph), so the grown model computes what the original did; the zeroed block is
+  run on its captured inputs and must return them (`check_identity`), else grow refuses;
 - `random`: a fresh block, initialised as the model initialises its own (`_init_weights`).
+
+Zero and random values are written under the checkpoint's names: a model whose experts
+transformers fuses on load (one 3-D parameter) gets them split back as `save_pretrained` does.
+The widened config is built on the meta device first, and each new block must be of the source
+block's kind (`check_grown_blocks`: a config that derives block kinds from indices is refused
+with the `--source` that fits).
 
 Like `surgeon convert`, every unchanged tensor is copied byte for byte, shards are cut at
 `max_shard_size`, the directory is written beside `dst` and renamed into place, and the same
@@ -133,6 +141,8 @@ def grow(snapdir: str | os.PathLike, dst: str | os.PathLike, *, after: int | Non
                              f"{found.count - 1} under {found.prefix!r}")
     _check_shapes(snaps, base, base_dir, found, source, init)
     widened, changed = widen_config(config, found, after, count, source) if config else (None, [])
+    if widened is not None:
+        check_grown_blocks(widened, found, after, count, source, trust_remote_code)
 
     out: dict[str, Stored | torch.Tensor] = {new: base[old] for old, new in moved.items()}
     fresh, rows = _new_blocks(init, found, source, base, base_dir, snaps, settings,
@@ -295,12 +305,11 @@ def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_d
         return dict(members), [{"key": m, "from": s.key, "init": "copy"}
                                for m, s in members.items()]
     if init == "zero":
-        zeroed = _branch_members(blocks, source, base_dir, trust_remote_code)
+        zeroed = _branch_members(blocks, source, base_dir, members, trust_remote_code)
         fresh: dict[str, Stored | torch.Tensor] = {}
         for m, s in members.items():
-            hit = any(m.startswith(z + ".") for z in zeroed)
-            fresh[m] = torch.zeros(s.shape, dtype=s.dtype) if hit else s
-            rows.append({"key": m, "from": s.key, "init": "zero" if hit else "copy"})
+            fresh[m] = zeroed.get(m, s)
+            rows.append({"key": m, "from": s.key, "init": "zero" if m in zeroed else "copy"})
         return fresh, rows
     if init == "random":
         fresh = _random_block(blocks, source, base_dir, members, trust_remote_code)
@@ -315,42 +324,203 @@ def _new_blocks(init: str, blocks: Blocks, source: int, base: Checkpoint, base_d
     return fresh, rows
 
 
-def _branch_members(blocks: Blocks, source: int, base_dir: Path,
-                    trust_remote_code: bool = False) -> list[str]:
-    """Member prefixes (relative to the block) of the modules writing its residual branches,
-    from the model traced with its weights on disk."""
+def _branch_members(blocks: Blocks, source: int, base_dir: Path, members: dict[str, Stored],
+                    trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """The new values of the members (relative to the block) that write its residual branches,
+    from the model traced with its weights on disk: the writers' parameters at their zero values
+    (`branches.branch_zeros`), under the checkpoint's names (a model whose experts are fused
+    reads a checkpoint that stores them one by one: the fused parameter's zeros land in each)."""
     from surgeon.files.source import open_source
+    from surgeon.files.weights import read_tensor
     from surgeon.graph.example_inputs import default_example
     from surgeon.graph.find import inspect_trace
     from surgeon.graph.tracing import trace_model
-    from surgeon.growth.branches import branch_outputs
+    from surgeon.growth.branches import branch_zeros
 
     opened = open_source(str(base_dir), trust_remote_code=trust_remote_code)
     block = f"{blocks.prefix}{source}"
     lazy = opened.lazy if opened.lazy is not None else contextlib.nullcontext()
+    example = default_example(opened.model)
     with torch.no_grad(), lazy:
-        trace = trace_model(opened.model, default_example(opened.model))
-        names = branch_outputs(trace, inspect_trace(trace).residuals, block)
-    return [n[len(block) + 1:] for n in names]
+        trace = trace_model(opened.model, example)
+        fills = branch_zeros(trace, inspect_trace(trace).residuals, block)
+        check_identity(opened.model, block, fills, example)
+    module = opened.model.get_submodule(block)
+    # NaN marks "keep the stored value": it survives the checkpoint's renaming and re-fusing
+    marks = {f"{block}.{n}": torch.full(p.shape, fills.get(f"{block}.{n}", math.nan))
+             for n, p in module.named_parameters()}
+    stored = _checkpoint_names(opened.model, opened.lazy is None, marks, block, members)
+    out: dict[str, torch.Tensor] = {}
+    for m, mark in stored.items():
+        if mark.isnan().all():
+            continue
+        keep = mark.isnan()
+        value = mark if not keep.any() else torch.where(keep, read_tensor(members[m]).float(),
+                                                        mark)
+        out[m] = value.to(members[m].dtype).contiguous()
+    return out
+
+
+def check_identity(model: torch.nn.Module, block: str, fills: dict[str, float],
+                   example: dict[str, torch.Tensor]) -> None:
+    """Run a copy of `block`, its parameters in `fills` (qualified names) set to their values,
+    on the inputs it gets in `model(**example)`, and raise `BranchError` unless it returns its
+    input: a graph walk that named the wrong writer (a router, a projection before a post-norm)
+    must refuse rather than write a block that changes the model. Where the block cannot be run
+    on its own (its inputs cannot be captured), the graph walk stands."""
+    from surgeon.files.lazy import materialized
+    from surgeon.growth.branches import BranchError
+
+    module = model.get_submodule(block)
+    seen: dict[str, Any] = {}
+
+    def capture(_: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        seen.setdefault("call", (args, kwargs))
+
+    handle = module.register_forward_hook(capture, with_kwargs=True)
+    try:
+        try:  # no cache: the block runs again below on the same inputs
+            model(**example, use_cache=False)
+        except TypeError:
+            model(**example)
+    except Exception:  # noqa: BLE001 - the trace ran this model; a second run is only a check
+        return
+    finally:
+        handle.remove()
+    if "call" not in seen:
+        return
+    args, kwargs = seen["call"]
+    with materialized(module):
+        probe = copy.deepcopy(module)
+    for sub in probe.modules():  # LazyWeights' hooks belong to the original
+        sub._forward_pre_hooks.clear()
+        sub._forward_hooks.clear()
+    for name, p in probe.named_parameters():
+        if f"{block}.{name}" in fills:
+            p.data.fill_(fills[f"{block}.{name}"])
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        return
+    try:
+        out = probe(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return
+    while isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:
+        return
+    delta = (out.float() - hidden.float()).abs().max().item()
+    if delta > 1e-6 * max(hidden.float().abs().max().item(), 1.0):
+        writers = ", ".join(sorted({n.rsplit(".", 1)[0] for n in fills}))
+        raise BranchError(f"zeroing what the graph says writes the residual branches of {block} "
+                          f"({writers}) leaves its output different from its input (max |Δ| "
+                          f"{delta:.3g}): its branches are not all found; use another --init")
+
+
+def check_grown_blocks(widened: dict[str, Any], blocks: Blocks, after: int, count: int,
+                       source: int, trust_remote_code: bool = False) -> None:
+    """Build the grown model from the widened config (parameters on the meta device) and raise
+    `InsertionError` unless each new block has the source block's parameters: a config that
+    derives each block's kind from its index (Jamba's `attn_layer_period` / `attn_layer_offset`)
+    would build another kind of block there, and the checkpoint would not load. The error names
+    the `--source` blocks that would fit. A config transformers cannot build from the widened
+    entries is refused the same way; one built by a repository's own code is not checked."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    from surgeon.files.hf_config import decode_special_floats
+    from surgeon.files.lazy import parameters_on_meta
+
+    model_type = widened.get("model_type")
+    if widened.get("auto_map") or model_type not in transformers.CONFIG_MAPPING:
+        return
+    archs = widened.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        return
+    try:
+        with parameters_on_meta():
+            config = transformers.CONFIG_MAPPING[model_type].from_dict(
+                decode_special_floats(widened))
+            model = cls._from_config(config)
+    except Exception as e:  # noqa: BLE001 - what transformers says, in one line
+        text = " ".join(str(e).split())[:200]
+        raise InsertionError(f"the config widened to {blocks.count + count} blocks does not "
+                             f"build a {cls.__name__} ({type(e).__name__}: {text}); surgeon grow "
+                             "cannot deepen this config") from None
+
+    first = first_only(blocks)  # T5's relative_attention_bias: block 0's, wherever it comes from
+
+    def kind(index: int) -> dict[str, tuple[int, ...]] | None:
+        try:
+            block = model.get_submodule(f"{blocks.prefix}{index}")
+        except AttributeError:
+            return None
+        return {n: tuple(p.shape) for n, p in block.named_parameters() if n not in first}
+
+    shift = lambda i: i + count if i > after else i  # noqa: E731
+    wanted = kind(shift(source))
+    if wanted is None:
+        return  # the model names its blocks otherwise than the checkpoint
+    for index in new_indices(after, count):
+        built = kind(index)
+        if built is not None and built != wanted:
+            fits = [i for i in blocks.indices if kind(shift(i)) == built]
+            hint = (f"pass --source {fits[0]} (blocks like it: {fits})" if fits else
+                    "no block of the checkpoint is of that kind")
+            differs = sorted(set(built) ^ set(wanted))[0]
+            raise InsertionError(
+                f"the grown config builds block {index} unlike block {source} (the config "
+                f"derives each block's kind from its index: {differs!r} differs); {hint}, or "
+                "another --after")
+
+
+def _checkpoint_names(model: torch.nn.Module, renamed: bool, state: dict[str, torch.Tensor],
+                      block: str, members: dict[str, Stored]) -> dict[str, torch.Tensor]:
+    """`state` (the model's parameter names in `block`) under the checkpoint's member names.
+    A model that transformers loaded with renaming (`renamed`: its parameter names are not the
+    checkpoint's keys, e.g. experts fused into one 3-D parameter on load) gets the conversion
+    reverted as `save_pretrained` reverts it; raises `InsertionError` where the result is not
+    the source block's keys."""
+    if renamed and hasattr(model, "config"):
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    out = {k[len(block) + 1:]: v for k, v in state.items() if k.startswith(block + ".")}
+    extra = sorted(set(out) - set(members))
+    if extra:
+        raise InsertionError(f"{block} built from the config has {extra[0]!r}, which the "
+                             "checkpoint's block has not (the model names its parameters "
+                             "otherwise); use --init copy or extrapolate")
+    return out
 
 
 def _random_block(blocks: Blocks, source: int, base_dir: Path, members: dict[str, Stored],
                   trust_remote_code: bool = False) -> dict[str, Stored | torch.Tensor]:
     """A block initialised as the model initialises its own (transformers' `_init_weights`, else
-    each submodule's `reset_parameters`), seeded, in the checkpoint's dtypes."""
+    each submodule's `reset_parameters`), seeded, in the checkpoint's dtypes and under its names
+    (fused experts stored one by one are split as `save_pretrained` splits them)."""
     from surgeon.files.source import open_source
 
-    model = open_source(str(base_dir), trust_remote_code=trust_remote_code).model
-    block = copy.deepcopy(model.get_submodule(f"{blocks.prefix}{source}")).to_empty(device="cpu")
+    opened = open_source(str(base_dir), trust_remote_code=trust_remote_code)
+    model = opened.model
+    name = f"{blocks.prefix}{source}"
+    block = copy.deepcopy(model.get_submodule(name)).to_empty(device="cpu")
     init = getattr(model, "_init_weights", None)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(SEED)
+        for p in block.parameters():  # transformers skips what it marks as loaded
+            if hasattr(p, "_is_hf_initialized"):
+                p._is_hf_initialized = False
         for module in block.modules():
             if init is not None:
                 init(module)
             elif hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-    state = block.state_dict()
+    state = _checkpoint_names(model, opened.lazy is None,
+                              {f"{name}.{k}": v for k, v in block.state_dict().items()},
+                              name, members)
     missing = sorted(set(members) - set(state))
     if missing:
         raise InsertionError(f"a fresh {type(block).__name__} has no {missing[0]!r}; use another "

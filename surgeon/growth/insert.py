@@ -108,9 +108,13 @@ def check_insertion(blocks: Blocks, after: int, count: int) -> None:
 # Config entries that hold one value per block (transformers 5 declares no metadata for this;
 # these are the lists its configs validate against `num_hidden_layers`, or document so).
 PER_LAYER_KEYS = ("layer_types", "mlp_layer_types", "num_attention_heads_per_layer",
-                  "num_key_value_heads_per_layer", "no_rope_layers")
+                  "num_key_value_heads_per_layer", "no_rope_layers", "attention_layers",
+                  "layers_block_type", "layer_rope_theta")
+# Per-block lists stored run-length encoded, `[[pattern, repeats], ...]` (GPT-Neo's
+# `attention_types`, from which the config derives `attention_layers` when loaded).
+RUN_LENGTH_KEYS = ("attention_types",)
 # Config entries that list block indices (the blocks that are dense, MoE, sliding...).
-LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "local_layer_ids")
+LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "local_layer_ids", "attn_layer_indices")
 # A per-block list whose values are block indices (the layer whose KV cache a layer reads).
 LAYER_SOURCE_KEYS = ("kv_source_layers",)
 # Depth entries that count one side of an encoder-decoder, and nested configs named for a part.
@@ -206,6 +210,16 @@ def _widen_lists(node: dict[str, Any], where: str, depth: int, after: int, count
             continue
         if name in PER_LAYER_KEYS and len(value) >= depth:
             node[name] = value[:after + 1] + [value[source]] * count + value[after + 1:]
+        elif name in RUN_LENGTH_KEYS and (layers := _expand_runs(value)) is not None and len(
+                layers) == depth:
+            layers = layers[:after + 1] + [layers[source]] * count + layers[after + 1:]
+            runs: list[list[Any]] = []
+            for kind in layers:  # re-encoded: one-entry patterns, consecutive ones merged
+                if runs and runs[-1][0] == [kind]:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([[kind], 1])
+            node[name] = runs
         elif name in LAYER_SOURCE_KEYS and len(value) == depth and _ints(value):
             own = value[source] == source
             new = [i if own else shift(value[source]) for i in new_indices(after, count)]
@@ -219,6 +233,17 @@ def _widen_lists(node: dict[str, Any], where: str, depth: int, after: int, count
         if node[name] != value:
             changed.append(where + name)
     return changed
+
+
+def _expand_runs(value: list[Any]) -> list[Any] | None:
+    """`[[pattern, repeats], ...]` as one entry per block, or None if `value` is not that."""
+    layers: list[Any] = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], list)
+                and isinstance(item[1], int) and not isinstance(item[1], bool)):
+            return None
+        layers.extend(item[0] * item[1])
+    return layers
 
 
 def _ints(value: list[Any]) -> bool:
