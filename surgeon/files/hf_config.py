@@ -81,6 +81,23 @@ def _check_fields(data: dict[str, Any], config_file: Path, prefix: str,
                        "knows (silu, gelu, relu, ...)", error)
 
 
+_FLOAT_TAGS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def tagged_floats(obj: Any) -> Any:
+    """`obj` with transformers' JSON tags for floats JSON cannot hold (`{"__float__":
+    "Infinity"}`, which `save_pretrained` writes for Mamba2's `time_step_limit = (0, inf)`)
+    turned back into floats, as transformers' own reader does, so that a config dict handed to
+    `from_dict` is the config that was saved."""
+    if isinstance(obj, dict):
+        if len(obj) == 1 and obj.get("__float__") in _FLOAT_TAGS:
+            return _FLOAT_TAGS[obj["__float__"]]
+        return {k: tagged_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [tagged_floats(v) for v in obj]
+    return obj
+
+
 def read_config_json(config_file: str | os.PathLike,
                      error: type[SurgeonError] = SourceError) -> dict[str, Any]:
     """The JSON object in `config_file`; anything else (bad JSON, deep nesting, a huge integer,
@@ -119,7 +136,7 @@ def check_config_file(config_file: str | os.PathLike,
     try:
         with warnings.catch_warnings(), config_errors(config_file, error, data):
             warnings.simplefilter("ignore")
-            CONFIG_MAPPING[model_type].from_dict(dict(data))
+            CONFIG_MAPPING[model_type].from_dict(tagged_floats(data))
     finally:
         hf_logging.set_verbosity(verbosity)
 
