@@ -55,7 +55,8 @@ CORPUS: list[tuple[str, str, str, str, dict]] = [
         "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "jetmoe"]],
     ("dbrx", "moe", "dbrx", "causal",  # its default attn_config lacks rope_theta and clip_qkv
      {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
-      "ffn_config": {"hidden_size": 32, "ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+      "ffn_config": {"hidden_size": 32, "ffn_hidden_size": 64, "moe_num_experts": 4,
+                     "moe_top_k": 2},
       "__init__": {"d_model": 32}, "n_heads": 4, "n_layers": 2, "max_seq_len": 64}),
     ("deepseek_v3", "moe", "deepseek_v3", "causal",  # MLA: one k/v head per query head
      {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
