@@ -10,6 +10,7 @@ width: a hierarchical model's early stages are narrow too) are "qk" norms; both 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import re
@@ -79,21 +80,29 @@ class ADyT(PassConfig):
         spans = self._functional_spans(surgery, blocks)  # each check refuses up front
         layouts = {norm.module: _layout(surgery, norm) for norm, _ in todo}
         gates = {norm.module: _gate_form(surgery, norm) for norm, _ in todo}
-        for norm, _ in todo:
-            _check_parent_reads(surgery, norm.module)
+        fused = _check_fused_paths(surgery, [norm.module for norm, _ in todo])
         new = []
         for norm, inside in todo:
             module = surgery.module(norm.module)
             role = roles.get(norm.module, "ffn" if inside else "final")
+            norm = _with_width(surgery, norm, layouts[norm.module])
             d = norm.shape[-1] if norm.shape else None
             alpha0 = dyt_llama_alpha0(role, d or 0) if self.llama_init else self.alpha0
             adyt = self._convert(module, norm, alpha0, layouts[norm.module])
             adyt.gate = gates[norm.module]
+            if norm.module in fused:  # the parent reads these itself: kept, and guarded
+                for read in fused[norm.module]:
+                    value = getattr(module, read, None)
+                    if not hasattr(adyt, read) and isinstance(value, (int, float, bool, str)):
+                        setattr(adyt, read, value)
+                adyt.register_forward_pre_hook(_CalledMark())
             if norm.module in seen:
                 fit_alpha0_(adyt, *seen[norm.module])
             surgery.replace(norm.module, adyt)
             new.append(norm.module)
-            parent = norm.module.rpartition(".")[0]
+            parent, _, attr = norm.module.rpartition(".")
+            if norm.module in fused:
+                _guard_parent(surgery.module(parent), attr)
             if isinstance(surgery.module(parent), _FAST_PATH) and parent in surgery.trace.traces:
                 surgery.graph(parent)  # reinstall traced: the fast path reads norm weights itself
         new += self._functional(surgery, spans)
@@ -148,6 +157,13 @@ class ADyT(PassConfig):
                                         channels_first=layout is not None)
             if norm.shape is None or len(norm.shape) != 1:
                 return adyt
+            if adyt.normalized_shape != norm.shape:
+                # the norm's `weight` is no gain over its input (FalconMamba's parameter-free
+                # dt/B/C norms hold a dummy buffer of the inner width): the probe below reads
+                # the gain and bias it really applies, over the width it is called on
+                adyt = ADyTModule(norm.shape, alpha0=alpha0, bias=adyt.bias is not None,
+                                  adaptive=self.adaptive, channels_first=layout is not None,
+                                  gate=adyt.gate)
             gain, bias = effective_affine(module, norm.shape[0], norm.eps, layout)
         with torch.no_grad():
             if not torch.allclose(adyt.weight.double(), gain, rtol=1e-3, atol=1e-5):
@@ -158,22 +174,95 @@ class ADyT(PassConfig):
         return adyt
 
 
-def _check_parent_reads(surgery: Surgery, name: str) -> None:
-    """Refuse a norm whose parent's forward reads attributes of it that an ADyT lacks (Mamba2's
-    mixer hands `norm.weight` and `norm.variance_epsilon` to a fused kernel, which would
-    compute the RMSNorm itself and bypass any replacement)."""
+def _parent_reads(surgery: Surgery, name: str) -> list[str]:
+    """The attributes of norm `name` that its parent's forward reads itself (`self.norm.weight`,
+    `self.norm.variance_epsilon`): a sign of a fused path that hands the norm's parameters to a
+    kernel computing the norm itself (Mamba2's mixer in training, FalconMamba's dt/B/C norms)."""
     parent_name, _, attr = name.rpartition(".")
-    parent = surgery.module(parent_name)
     try:
-        source = inspect.getsource(type(parent).forward)
+        source = inspect.getsource(type(surgery.module(parent_name)).forward)
     except (OSError, TypeError):
-        return
+        return []
+    return sorted(set(re.findall(rf"self\.{re.escape(attr)}\.(\w+)", source)))
+
+
+def _check_fused_paths(surgery: Surgery, names: list[str]) -> dict[str, list[str]]:
+    """Norm → the attributes its parent reads of it, for the norms whose parent has a fused
+    path; refuses those the fused path is taken for on the example.
+
+    Such a norm is converted only where its parent calls it as a module on the example in eval
+    *and* in train mode (the fused path is not reachable here: no kernel is installed, the
+    reference fallback runs the module path). The converted parent is then guarded: an
+    `ADyT` stand-in gets the plain attributes the parent reads (`variance_epsilon`), and a
+    forward of the parent that does not call its ADyT (a kernel installed or kernelised later,
+    which would compute the old norm and bypass the ADyT) raises `FusedPathError` naming the
+    module and the `exclude=` that skips it, rather than returning a silently different
+    output."""
+    reads = {n: r for n in names if (r := _parent_reads(surgery, n))}
+    if not reads:
+        return {}
     probe = ADyTModule(1)
-    for read in sorted(set(re.findall(rf"self\.{re.escape(attr)}\.(\w+)", source))):
-        if not hasattr(probe, read):
-            raise PassError(f"adyt: {parent_name or 'the model'} reads {name}.{read} itself (a "
-                            f"fused path that would bypass an ADyT); skip it with "
-                            f"exclude={name!r}")
+    for name, attrs in reads.items():
+        for read in attrs:
+            value = getattr(surgery.module(name), read, None)
+            if not hasattr(probe, read) and not isinstance(value, (int, float, bool, str)):
+                raise PassError(f"adyt: {name.rpartition('.')[0] or 'the model'} reads "
+                                f"{name}.{read} itself, which an ADyT cannot stand in for; "
+                                f"skip it with exclude={name!r}")
+    skipped = set(surgery.skipped_in_training(list(reads)))
+    missing = [n for n in reads if n not in surgery.trace.calls]
+    for name in [*missing, *[n for n in reads if n in skipped]]:
+        parent = name.rpartition(".")[0]
+        raise PassError(f"adyt: {parent or 'the model'} reads {name}.{reads[name][0]} itself "
+                        f"and computes that norm without calling it (a fused kernel path, "
+                        f"which would bypass an ADyT); skip it with exclude={name!r}")
+    return reads
+
+
+class FusedPathError(RuntimeError):
+    """A parent whose forward reads its norm's attributes ran without calling its ADyT: a fused
+    kernel computed the original norm instead (see `_check_fused_paths`)."""
+
+
+class _CalledMark:
+    """ADyT forward pre-hook: records that the ADyT ran (a plain attribute, no tensor op)."""
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        module.__dict__["_surgeon_called"] = True
+
+
+@dataclass(frozen=True)
+class _BypassGuard:
+    """Parent forward pre-hook (`before=True`) and hook: the parent's ADyTs at `attrs` must
+    run during its forward. Looks them up by name, so a deep copy guards its own children."""
+
+    attrs: tuple[str, ...]
+    before: bool
+
+    def __call__(self, module: nn.Module, args: tuple, output: object = None) -> None:
+        for attr in self.attrs:
+            norm = getattr(module, attr, None)
+            if not isinstance(norm, ADyTModule):
+                continue
+            if self.before:  # an instance `forward` is no run of the class's code: tracing's
+                # replay of a recorded output, which calls no child; nothing to check then
+                norm.__dict__["_surgeon_called"] = None if "forward" in module.__dict__ else False
+            elif norm.__dict__.get("_surgeon_called") is False:
+                raise FusedPathError(
+                    f"{type(module).__name__}.{attr}: the forward computed this norm itself (a "
+                    f"fused kernel path, installed or kernelised after adyt converted it) and "
+                    f"bypassed its ADyT; convert again with adyt's exclude= naming it")
+
+
+def _guard_parent(parent: nn.Module, attr: str) -> None:
+    """Install (once per parent) the hooks of `_BypassGuard` for the ADyT at `attr`."""
+    guards = [h for h in parent._forward_pre_hooks.values() if isinstance(h, _BypassGuard)]
+    attrs = tuple(sorted({attr, *(a for g in guards for a in g.attrs)}))
+    for hooks in (parent._forward_pre_hooks, parent._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, _BypassGuard)]:
+            del hooks[key]
+    parent.register_forward_pre_hook(_BypassGuard(attrs, True))
+    parent.register_forward_hook(_BypassGuard(attrs, False))
 
 
 def _gate_form(surgery: Surgery, norm: Norm) -> str | None:
@@ -198,6 +287,18 @@ def _gate_form(surgery: Surgery, norm: Norm) -> str | None:
             pass
     raise PassError(f"adyt: {norm.module} takes a second tensor that is not a gate x·silu(gate) "
                     f"before or after the norm; skip it with exclude={norm.module!r}")
+
+
+def _with_width(surgery: Surgery, norm: Norm, layout: tuple[int, ...] | None) -> Norm:
+    """`norm` with the shape it normalises, read from its recorded input where inspection could
+    not tell it (a parameter-free norm module: no weight gives its width)."""
+    if norm.shape is not None:
+        return norm
+    call = surgery.trace.calls.get(norm.module)
+    x = next((a for a in (call.args if call else ()) if isinstance(a, torch.Tensor)), None)
+    if x is None or x.dim() < 1:
+        return norm
+    return dataclasses.replace(norm, shape=(x.shape[1] if layout else x.shape[-1],))
 
 
 def _layout(surgery: Surgery, norm: Norm) -> tuple[int, ...] | None:
@@ -306,7 +407,14 @@ def _record_inputs(surgery: Surgery, names: list[str]) -> dict[str, tuple[torch.
     def recorder(name: str):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if name not in seen and args and isinstance(args[0], torch.Tensor):
-                seen[name] = (args[0].detach(), output.detach())
+                x, gate = args[0], args[1] if len(args) > 1 else None
+                if isinstance(gate, torch.Tensor):  # a gated norm: fit the ungated part
+                    seen[name] = None  # (a re-entrant call below records nothing)
+                    if _gated_before(module, x, gate, output):
+                        x = x * F.silu(gate)  # norm(x·silu(g)): the ADyT sees x·silu(g)
+                    else:
+                        output = module(x)  # norm(x)·silu(g): the ADyT's own part
+                seen[name] = (x.detach(), output.detach())
         return hook
 
     handles = [surgery.module(n).register_forward_hook(recorder(n)) for n in names]
@@ -315,7 +423,16 @@ def _record_inputs(surgery: Surgery, names: list[str]) -> dict[str, tuple[torch.
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return {k: v for k, v in seen.items() if v is not None}
+
+
+def _gated_before(module: nn.Module, x: torch.Tensor, gate: torch.Tensor,
+                  output: torch.Tensor) -> bool:
+    """Whether the gated norm `module` multiplies its gate in before normalising."""
+    try:
+        return bool(torch.allclose(module(x * F.silu(gate)), output, rtol=1e-4, atol=1e-5))
+    except (RuntimeError, TypeError):
+        return False
 
 
 @torch.no_grad()

@@ -34,7 +34,12 @@ from surgeon.errors import TRUST_HINT, CheckpointError, NoEffectWarning, Untrust
 from surgeon.files.atomic import atomic_directory
 from surgeon.files.budget import check_example_file, check_example_tensors, example_shapes
 from surgeon.files.digests import output_digest, record_digests
-from surgeon.files.hf_config import build_model, check_config_file, config_errors
+from surgeon.files.hf_config import (
+    build_model,
+    check_config_file,
+    config_errors,
+    decode_special_floats,
+)
 from surgeon.files.recipe_file import (
     EXAMPLE,
     FORMAT,
@@ -298,7 +303,8 @@ def _rebuild_base(reference: dict[str, Any], path: Path, trust_remote_code: bool
         raise CheckpointError(str(e)) from None
     # transformers' validation errors: one line naming the file and the field
     with quiet_transformers(), config_errors(config_file, CheckpointError, data):
-        config = config_cls.from_dict({k: v for k, v in data.items() if k != "auto_map"})
+        config = config_cls.from_dict(
+            decode_special_floats({k: v for k, v in data.items() if k != "auto_map"}))
     model_type = getattr(config_cls, "model_type", "")
     stored = data.get("model_type") if model_type else None
     if isinstance(stored, str) and stored != model_type and stored in transformers.CONFIG_MAPPING:

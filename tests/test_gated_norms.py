@@ -66,20 +66,121 @@ def tiny_mamba2() -> nn.Module:
     return mamba2.Mamba2Model(config).eval()
 
 
-def test_mamba2_finds_all_five_norms_and_adyt_refuses_the_fused_ones() -> None:
+def test_mamba2_finds_all_five_norms_and_adyt_converts_the_mixers_guarded() -> None:
+    """No kernel installed: the mixer calls its norm as a module in eval and train, so the norm
+    converts (its `variance_epsilon` kept for the fused branch's argument list)."""
     model = tiny_mamba2()
     example = {"input_ids": torch.randint(0, 64, (2, 8))}
     norms = surgeon.inspect(model, example).norms
     assert sorted(n.module for n in norms) == sorted(
         ["layers.0.norm", "layers.0.mixer.norm", "layers.1.norm", "layers.1.mixer.norm",
          "norm_f"])
-    before = model(**example).last_hidden_state
-    with pytest.raises(PassError, match=r"^adyt: layers.0.mixer reads layers.0.mixer.norm"
-                                        r"\.variance_epsilon .*exclude='layers.0.mixer.norm'$"):
-        apply(model, ["adyt"], example)
-    assert not any(isinstance(m, ADyT) for m in model.modules())
-    assert torch.equal(model(**example).last_hidden_state, before)
-    apply(model, ["adyt:exclude=layers.*.mixer.norm"], example)
-    assert sum(isinstance(m, ADyT) for m in model.modules()) == 3
+    apply(model, ["adyt"], example)
+    assert sum(isinstance(m, ADyT) for m in model.modules()) == 5
+    assert model.layers[0].mixer.norm.variance_epsilon == 1e-5
     model.train()
     model(**example).last_hidden_state.square().mean().backward()
+    assert model.layers[0].mixer.norm.alpha0.grad is not None
+
+
+class FusedRMSNorm(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+KERNEL = {"installed": False}
+
+
+class FusedMixer(nn.Module):
+    """Like Mamba2's mixer: in training it hands its norm's weight and eps to a "kernel" (when
+    one is installed) that computes the norm itself."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(d, d), nn.Linear(d, d)
+        self.norm = FusedRMSNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        if self.training and KERNEL["installed"]:
+            w, eps = self.norm.weight, self.norm.variance_epsilon
+            return self.out(w * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+        return self.out(self.norm(h))
+
+
+class FusedNet(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in range(2))
+        self.mix = nn.ModuleList(FusedMixer(d) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for ln, mix in zip(self.ln, self.mix):
+            x = x + mix(ln(x))
+        return x
+
+
+def test_fused_path_reachable_is_refused_up_front() -> None:
+    model, x = FusedNet().eval(), torch.randn(2, 5, 16)
+    KERNEL["installed"] = True
+    try:
+        with pytest.raises(PassError, match=r"^adyt: mix.0 reads mix.0.norm.variance_epsilon "
+                                            r"itself .*exclude='mix.0.norm'$"):
+            apply(model, ["adyt"], (x,))
+        assert not any(isinstance(m, ADyT) for m in model.modules())
+        apply(model, ["adyt:exclude=mix.*.norm"], (x,))
+        assert sum(isinstance(m, ADyT) for m in model.modules()) == 2
+    finally:
+        KERNEL["installed"] = False
+
+
+def test_fused_path_taken_after_conversion_fails_loudly() -> None:
+    import copy
+
+    from passes.adyt import FusedPathError
+
+    model, x = FusedNet().eval(), torch.randn(2, 5, 16)
+    apply(model, ["adyt"], (x,))
+    assert sum(isinstance(m, ADyT) for m in model.modules()) == 4
+    model.train()
+    model(x).square().mean().backward()  # the module path: fine
+    twin = copy.deepcopy(model)
+    KERNEL["installed"] = True  # a kernel installed later would compute the old norm
+    try:
+        for m in (model, twin):
+            with pytest.raises(FusedPathError, match="FusedMixer.norm: .*bypassed its ADyT"):
+                m(x)
+        model.eval()
+        model(x)  # eval takes the module path
+    finally:
+        KERNEL["installed"] = False
+
+
+def test_falcon_mamba_parameter_free_narrow_norms_convert_with_their_own_width() -> None:
+    """FalconMamba's dt/B/C RMSNorms hold no parameter (a dummy `weight` buffer of the inner
+    width, not the time-step rank they normalise): each ADyT takes the width it is called on.
+    B and C feed the scan's products like keys and queries: q/k norms, kept by default."""
+    fm = pytest.importorskip("transformers.models.falcon_mamba.modeling_falcon_mamba")
+    config = fm.FalconMambaConfig(hidden_size=32, state_size=8, num_hidden_layers=2,
+                                  vocab_size=64, expand=2, conv_kernel=4, time_step_rank=4,
+                                  use_cache=False)
+    example = {"input_ids": torch.randint(0, 64, (2, 8))}
+    model = fm.FalconMambaModel(config).eval()
+    report = surgeon.inspect(model, example)
+    assert len(report.norms) == 9
+    apply(model, ["adyt"], example)
+    mixer = model.layers[0].mixer
+    assert isinstance(mixer.dt_layernorm, ADyT) and mixer.dt_layernorm.normalized_shape == (4,)
+    assert not isinstance(mixer.b_layernorm, ADyT)
+    model = fm.FalconMambaModel(config).eval()
+    apply(model, ["adyt:qk_norms=true"], example)
+    assert sum(isinstance(m, ADyT) for m in model.modules()) == 9
+    assert model.layers[1].mixer.c_layernorm.normalized_shape == (8,)
+    model.train()
+    model(**example).last_hidden_state.square().mean().backward()
+    assert model.layers[0].mixer.dt_layernorm.alpha0.grad is not None

@@ -160,3 +160,28 @@ def test_model_that_cannot_be_traced_at_all() -> None:
 
     with pytest.raises(TracingError, match="no module of Opaque could be traced"):
         trace_model(Opaque(), (torch.ones(2),))
+
+
+class FreshActivation(nn.Module):
+    """Builds its activation module during the call (transformers' `ACT2FN["silu"]` does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.SiLU()(self.proj(x)) + x
+
+
+class StatefulFresh(FreshActivation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Linear(8, 8)(x)  # a module with parameters of its own: no graph can hold it
+
+
+def test_module_made_during_the_call_is_traced_through() -> None:
+    x = torch.randn(2, 8)
+    trace = trace_model(FreshActivation(), (x,))
+    assert "" in trace.traces
+    assert any(n.target is torch.nn.functional.silu for n in trace.traces[""].graph.nodes)
+    stateful = trace_model(nn.Sequential(StatefulFresh()), (x,))
+    assert "0" in stateful.failures and "0" not in stateful.traces

@@ -424,6 +424,17 @@ def hf_bloom() -> nn.Module:
     return BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=128))
 
 
+def hf_mamba2() -> nn.Module:
+    """Mamba2: a gated RMSNorm inside each mixer, which a fused (kernel) branch of the mixer's
+    training forward reads itself; `time_step_limit = (0, inf)` in its config.json."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    return Mamba2ForCausalLM(Mamba2Config(
+        hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=128, expand=2,
+        conv_kernel=4, num_heads=4, head_dim=16, n_groups=1, chunk_size=8, time_step_rank=4,
+        use_cache=False))
+
+
 def hf_neox_parallel() -> nn.Module:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -711,6 +722,8 @@ ZOO = [
             {"rms_norm": 5}, [2], {"model.layers.0", "model.layers.1"}),
     ZooCase("hf_mamba", hf_mamba, lambda: {"input_ids": tokens(128)}, {"pre_norm": 2},
             {"rms_norm": 3}, [2], {"backbone.layers.0", "backbone.layers.1"}),
+    ZooCase("hf_mamba2", hf_mamba2, lambda: {"input_ids": tokens(128)}, {"pre_norm": 2},
+            {"rms_norm": 5}, [2], {"backbone.layers.0", "backbone.layers.1"}),
     ZooCase("hf_neox_parallel", hf_neox_parallel, lambda: {"input_ids": tokens(128)},
             {"pre_norm": 2}, {"layer_norm": 5}, [2], {"gpt_neox.layers.0", "gpt_neox.layers.1"}),
     # --- norms ---

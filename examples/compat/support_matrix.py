@@ -58,20 +58,38 @@ CORPUS: list[tuple[str, str, str, str, dict]] = [
         "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "jetmoe"]],
     ("dbrx", "moe", "dbrx", "causal",  # its default attn_config lacks rope_theta and clip_qkv
      {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
-      "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
-      "d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 64}),
-    ("deepseek_v3", "moe", "deepseek_v3", "causal",
+      "ffn_config": {"hidden_size": 32, "ffn_hidden_size": 64, "moe_num_experts": 4,
+                     "moe_top_k": 2},
+      "__init__": {"d_model": 32}, "n_heads": 4, "n_layers": 2, "max_seq_len": 64}),
+    ("deepseek_v3", "moe", "deepseek_v3", "causal",  # MLA: one k/v head per query head
      {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
       "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "kv_lora_rank": 16,
-      "q_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}),
-    *[(m, "ssm", m, "causal", {"state_size": 8, "expand": 2, "num_heads": 4, "n_groups": 1,
-                               "conv_kernel": 4, "time_step_rank": 4}) for m in [
+      "q_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+      "qk_head_dim": 16, "num_key_value_heads": 4}),
+    # SSMs: 4 heads of 16 over the inner width expand·hidden = 64; derived fields set explicitly
+    *[(m, "ssm", m, "causal", {"state_size": 8, "expand": 2, "num_heads": 4, "head_dim": 16,
+                               "n_groups": 1, "conv_kernel": 4, "time_step_rank": 4,
+                               "chunk_size": 16}) for m in [
         "mamba", "mamba2", "falcon_mamba"]],
-    *[(m, "hybrid", m, "causal", {}) for m in [
-        "jamba", "bamba", "falcon_h1", "zamba", "recurrent_gemma"]],
+    # hybrids: a mamba layer and an attention layer each; mamba heads 4 × 16 = 2·hidden
+    ("jamba", "hybrid", "jamba", "causal",
+     {"mamba_d_state": 8, "mamba_dt_rank": 4, "num_experts": 4, "attn_layer_period": 2,
+      "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1}),
+    ("bamba", "hybrid", "bamba", "causal",
+     {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "mamba_n_groups": 1,
+      "mamba_chunk_size": 16, "attn_layer_indices": [1]}),
+    ("falcon_h1", "hybrid", "falcon_h1", "causal",
+     {"mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8,
+      "mamba_n_groups": 1, "mamba_chunk_size": 16}),
+    ("zamba", "hybrid", "zamba", "causal",
+     {"attention_hidden_size": 64, "attention_head_dim": 16, "mamba_dt_rank": 4,
+      "mamba_d_state": 8, "layers_block_type": ["hybrid", "hybrid"]}),
+    ("recurrent_gemma", "hybrid", "recurrent_gemma", "causal",
+     {"lru_width": 32, "block_types": ["recurrent", "attention"], "attention_window_size": 16}),
     ("granitemoehybrid", "hybrid", "granitemoehybrid", "causal",
      {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "mamba_n_groups": 1,
-      "mamba_chunk_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2}),
+      "mamba_chunk_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+      "shared_intermediate_size": 32, "layer_types": ["linear_attention", "full_attention"]}),
     *[(m, "encoder", m, "masked", {}) for m in [
         "bert", "roberta", "albert", "distilbert", "electra", "deberta-v2", "deberta",
         "modernbert", "xlm-roberta", "camembert", "mpnet", "funnel", "squeezebert", "ernie",
@@ -105,13 +123,16 @@ def first_line(e: BaseException | str) -> str:
 def tiny_config(model_type: str, extra: dict):
     from transformers import AutoConfig
 
-    # nested sub-configs (dicts) go to the constructor: some defaults cannot build a model
-    nested = {k: v for k, v in extra.items() if isinstance(v, dict)}
-    cfg = AutoConfig.for_model(model_type, **nested)
+    # nested sub-configs (dicts) go to the constructor: some defaults cannot build a model; so do
+    # the fields in "__init__", which the constructor copies into a sub-config
+    nested = {k: v for k, v in extra.items() if isinstance(v, dict) and k != "__init__"}
+    cfg = AutoConfig.for_model(model_type, **nested, **extra.get("__init__", {}))
     subs = [cfg] + [getattr(cfg, k) for k in ("text_config", "vision_config", "audio_config")
                     if getattr(cfg, k, None) is not None and getattr(cfg, k) is not cfg]
     for c in subs:
         for k, v in {**TINY, **extra}.items():
+            if isinstance(v, dict):
+                continue  # a sub-config: it went to the constructor above
             if hasattr(c, k) and not isinstance(getattr(c, k), (list, tuple, dict)):
                 try:
                     setattr(c, k, v)

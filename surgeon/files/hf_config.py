@@ -136,7 +136,7 @@ def check_config_file(config_file: str | os.PathLike,
     try:
         with warnings.catch_warnings(), config_errors(config_file, error, data):
             warnings.simplefilter("ignore")
-            CONFIG_MAPPING[model_type].from_dict(dict(data))
+            CONFIG_MAPPING[model_type].from_dict(decode_special_floats(data))
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from surgeon.errors import SurgeonError
+from surgeon.files.hf_config import decode_special_floats
 from surgeon.version import __version__
 
 MODULE = "surgeon_model.py"
@@ -140,15 +141,14 @@ def read_base_config(path: Path) -> Any:
         raise RemoteCodeError(f"{file}: transformers {transformers.__version__} knows no "
                               f"model_type {model_type!r}") from None
     try:
-        return config_class.from_dict({k: v for k, v in data.items() if k != "auto_map"})
+        return config_class.from_dict(
+            decode_special_floats({k: v for k, v in data.items() if k != "auto_map"}))
     except (ValueError, TypeError, KeyError) as e:
         raise RemoteCodeError(f"{file} is not a valid {config_class.__name__}: "
                               f"{' '.join(str(e).split())}") from e
 
 
 def _read(file: Path) -> Any:
-    from surgeon.files.hf_config import decode_special_floats
-
     try:
         return decode_special_floats(json.loads(file.read_text()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

@@ -494,7 +494,15 @@ class _Tracer(fx.Tracer):
         return out
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        qual = self.path_of_module(m)
+        try:
+            qual = self.path_of_module(m)
+        except NameError:
+            # A module made during the call (transformers' `ACT2FN["silu"]` builds a fresh
+            # activation each time): not a child, so no leaf; one without state of its own is
+            # traced through, its ops joining this graph.
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+                raise
+            return forward(*args, **kwargs)
         proxy = self.create_proxy("call_module", qual, args, kwargs)
         full = f"{self.root_name}.{qual}" if self.root_name else qual
         call = self.calls.get(full)
