@@ -240,8 +240,9 @@ def _inline_lifted_sites(surgery: Surgery, trunks: list) -> bool:
     committed and traced again. Returns whether anything was inlined."""
     changed = False
     for _ in range(3):
-        owners = [s.owner for t in trunks for s in _sites(surgery, t.blocks)
-                  if not _is_local(surgery, s)]
+        sites = [s for t in trunks for s in _sites(surgery, t.blocks)]
+        owners = [s.owner for s in sites if not _is_local(surgery, s)]
+        owners += [c for c in (_tuple_fork(surgery, s) for s in sites) if c is not None]
         if not any([surgery.inline(o) for o in dict.fromkeys(owners)]):
             break
         surgery.commit()
@@ -250,6 +251,21 @@ def _inline_lifted_sites(surgery: Surgery, trunks: list) -> bool:
         trunks = [t for t in surgery.inspection.trunks
                   if any(b in {x for tr in trunks for x in tr.blocks} for b in t.blocks)]
     return changed
+
+
+def _tuple_fork(surgery: Surgery, site: _Site) -> str | None:
+    """The child module whose tuple output both skip and branch start from (DBRX's
+    `resid, h = self.norm_attn_norm(x)`, whose residual stream is `resid` and whose branch reads
+    `h = norm(resid)`): the stream must be taken inside it, so it is inlined."""
+    graph = surgery.graphs.get(site.owner, surgery.trace.traces[site.owner].graph)
+    skip, branch = _operands(surgery, site, graph)
+    found = _fork(skip, branch) if isinstance(skip, fx.Node) and isinstance(
+        branch, fx.Node) else None
+    fork = found[0] if found else None
+    if fork is None or fork.op != "call_module" or not fork.users or any(
+            u.op != "call_function" or u.target is not operator.getitem for u in fork.users):
+        return None
+    return f"{site.owner}.{fork.target}" if site.owner else str(fork.target)
 
 
 def _item(t: tuple, i: int):  # noqa: ANN202 (fx-visible getitem with a readable name)

@@ -121,3 +121,26 @@ def test_checkpoint_that_does_not_fit_is_refused(edit: str, error: type, message
         entries["stray.weight"] = stored
     with pytest.raises(error, match=message):
         LazyWeights(skeleton, Checkpoint(entries, checkpoint.files), label="llama")
+
+
+def test_a_parameter_whose_view_outlives_its_call_stays_loaded_until_exit(
+        tmp_path: Path) -> None:
+    """A view of a weight kept past its module's call (a recorded call's argument: DBRX's experts
+    pass `w1[i]` to a child) blocks the swap back to meta: the weight stays loaded, with the
+    file's values, and is released when the view is gone."""
+    model, skeleton, checkpoint = saved("gpt2", tmp_path)
+    kept: list[torch.Tensor] = []
+    mlp = skeleton.transformer.h[0].mlp
+    hook = mlp.c_fc.register_forward_hook(lambda m, a, o: kept.append(m.weight[0]))
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad(), LazyWeights(skeleton, checkpoint, label="gpt2") as lazy:
+        got = skeleton(input_ids=ids)[0]
+        assert lazy.held and not mlp.c_fc.weight.is_meta
+        assert torch.equal(kept[0], model.transformer.h[0].mlp.c_fc.weight[0])
+        again = skeleton(input_ids=ids)[0]  # the held weight is used as it is
+        kept.clear()
+    hook.remove()
+    with torch.no_grad():
+        want = model(input_ids=ids)[0]
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert all(p.is_meta for p in skeleton.parameters())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import mmap
 import re
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from torch.utils import swap_tensors
 from surgeon.errors import SurgeonError
 from surgeon.files.weights import Checkpoint, Stored
 
+_log = logging.getLogger(__name__)
 DEFAULT_UNIT_BYTES = 64 * 2**20  # a module whose weights fit in this is read in one go
 TRIM_BYTES = 256 * 2**20  # trim the C heap after a forward that went through this much
 _ACTIVE: list[LazyWeights] = []
@@ -77,6 +79,7 @@ class LazyWeights:
         self.count: dict[int, int] = {}
         self.live = 0  # parameters holding values now
         self.released = 0  # bytes of weights released since the C heap was last trimmed
+        self.held: set[int] = set()  # parameters still referenced elsewhere when released
         self._maps: dict[Any, mmap.mmap] = {}
         self._bind(model, label)
         self._handles: list[Any] = []
@@ -146,9 +149,12 @@ class LazyWeights:
         for h in self._handles:
             h.remove()
         _ACTIVE.remove(self)
-        for pid in [p for p, n in self.count.items() if n > 0]:
+        for pid in [p for p, n in self.count.items() if n > 0] + sorted(self.held):
             self.count[pid] = 1
             self._release([pid])
+        if self.held:  # still referenced: left loaded, with the values the file holds
+            _log.debug("%d parameters stayed loaded (views of them outlived the run)",
+                       len(self.held))
 
     # -- module hooks ------------------------------------------------------------------------
 
@@ -188,7 +194,9 @@ class LazyWeights:
     def _acquire(self, pids: list[int]) -> None:
         for pid in pids:
             n = self.count.get(pid, 0)
-            if n == 0:
+            if n == 0 and pid in self.held:  # never released: still holds its values
+                self.held.discard(pid)
+            elif n == 0:
                 p = self.params[pid]
                 value = self._view(self.checkpoint[self.keys[pid]])
                 swap_tensors(p, nn.Parameter(value, requires_grad=p.requires_grad))
@@ -201,7 +209,12 @@ class LazyWeights:
             self.count[pid] = n
             if n == 0:
                 p = self.params[pid]
-                swap_tensors(p, _placeholder(p, p.dtype))
+                try:
+                    swap_tensors(p, _placeholder(p, p.dtype))
+                except RuntimeError:  # a view of it is still alive (a recorded call's argument,
+                    self.held.add(pid)  # MoE experts' `w1[i]`): it stays loaded until exit
+                    continue
+                self.held.discard(pid)
                 self.live -= 1
                 self.released += self.checkpoint[self.keys[pid]].nbytes
                 self._unmap(self.checkpoint[self.keys[pid]])
