@@ -79,7 +79,8 @@ def test_whisper_style_speech_model_gets_input_features():
     config = transformers.WhisperConfig(
         vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
-        max_source_positions=16, max_target_positions=32)
+        max_source_positions=16, max_target_positions=32, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2)
     model = transformers.WhisperForConditionalGeneration(config)
     example = default_example(model)
     assert set(example) == {"input_features", "decoder_input_ids"}
