@@ -30,7 +30,7 @@ from surgeon.graph.find import source_line
 from surgeon.graph.layout import feature_axis, node_shapes
 from surgeon.graph.rewrite import Surgery, node_named
 from surgeon.graph.streams import folded_values, mixes_batch_in_list, translate
-from surgeon.graph.tracing import flatten
+from surgeon.graph.tracing import FOLDED_STREAMS, flatten
 from surgeon.nn.aion import AionResidual
 from surgeon.nn.hyper import expand_streams, reduce_streams
 from surgeon.nn.mhc import hyper_connections
@@ -502,7 +502,10 @@ def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
         seeds, blocked = set(), set()
         if mine[0] is not trunk[0]:  # the stream arrives folded
             fork = node_named(graph, mine[0].fork)  # a placeholder's descendant, never renamed
-            seeds |= {n for n in _ancestors(fork) | {fork} if n.op == "placeholder"}
+            inputs = {n for n in _ancestors(fork) | {fork} if n.op == "placeholder"}
+            for n in inputs:  # a call traced again cuts them to one stream (see tracing)
+                n.meta[FOLDED_STREAMS] = streams
+            seeds |= inputs
         for n in graph.nodes:
             if n.op == "call_function" and n.target is expand_streams:
                 seeds.add(n)

@@ -51,8 +51,9 @@ def expected_new(case: ZooCase, name: str) -> int:
     return sum(case.norms.values())
 
 
-# The slowest model to trace (an encoder-decoder, caches copied per call) takes fewer rows.
-FEWER = {"hf_t5": [("hyper:mhc=true",), ("adyt", "aion"), ("aion", "hyper", "adyt")]}
+# The slowest models to trace (encoder-decoders, caches copied per call) take fewer rows.
+FEWER = {name: [("hyper:mhc=true",), ("adyt", "aion"), ("aion", "hyper", "adyt")]
+         for name in ("hf_t5", "hf_bart", "hf_whisper")}
 PARALLEL = {"parallel", "hf_neox_parallel"}  # attention and MLP added to one input together
 # Known defect from merging issue 14's branches: adyt run after hyper leaves one norm of a
 # hyper-wrapped block unconverted (e.g. Mixtral's model.layers.0.post_attention_layernorm).

@@ -73,3 +73,17 @@ def test_other_main_input_asks_for_an_example():
     model.main_input_name = "input_features"
     with pytest.raises(ExampleError, match="takes 'input_features'.*example="):
         default_example(model)
+
+
+def test_whisper_style_speech_model_gets_input_features():
+    config = transformers.WhisperConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+        max_source_positions=16, max_target_positions=32, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2)
+    model = transformers.WhisperForConditionalGeneration(config)
+    example = default_example(model)
+    assert set(example) == {"input_features", "decoder_input_ids"}
+    assert example["input_features"].shape == (2, 8, 32)  # 2 × max_source_positions frames
+    assert int(example["decoder_input_ids"].max()) < 64
+    assert model(**example).logits.shape == (2, 8, 64)

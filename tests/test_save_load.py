@@ -34,10 +34,10 @@ def base_of(case: ZooCase, model: torch.nn.Module) -> str | None:
 
 
 COMBOS = [("aion", "adyt"), ("aion", "hyper", "adyt"), ("hyper:mhc=true",)]
+SLOW = {"hf_t5", "hf_whisper"}  # the slowest models (encoder-decoders): one row each
 ROWS = [pytest.param(case, combo, id=f"{case.name}-{'+'.join(combo)}")
         for case in ZOO for combo in COMBOS
-        if combo == COMBOS[0] or case.name != "hf_t5"]
-# hf_t5 is the slowest model: one row
+        if combo == COMBOS[0] or case.name not in SLOW]
 
 
 @pytest.mark.parametrize("case, combo", ROWS)

@@ -241,7 +241,41 @@ def hf_t5() -> nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
 
     return T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2,
-                                               d_kv=16, vocab_size=128))
+                                               d_kv=16, vocab_size=128,
+                                               decoder_start_token_id=0))
+
+
+def hf_bart() -> nn.Module:
+    """BART: post-norm, a cross-attention residual in every decoder layer (Marian, mBART and
+    Pegasus share its layers)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2))
+
+
+def hf_whisper() -> nn.Module:
+    """Whisper: pre-norm, a conv front end on log-mel frames, cross-attention in the decoder."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    return WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+        max_source_positions=16, max_target_positions=32, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2, suppress_tokens=None,
+        begin_suppress_tokens=None))
+
+
+def seq2seq_tokens() -> dict:
+    return {"input_ids": tokens(128), "decoder_input_ids": tokens(128, seq=6)}
+
+
+def speech_frames() -> dict:
+    frames = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))  # (b, mels, t)
+    return {"input_features": frames, "decoder_input_ids": tokens(128, seq=6)}
 
 
 def encoder_norm_first() -> nn.Module:
@@ -703,6 +737,11 @@ ZOO = [
     # T5: RMSNorm by behaviour behind a `self.weight.dtype` branch; encoder and decoder trunks.
     ZooCase("hf_t5", hf_t5, lambda: {"input_ids": tokens(128), "decoder_input_ids": tokens(128)},
             {"pre_norm": 10}, {"rms_norm": 12}, [2, 2]),
+    # encoder-decoders: self-attention, cross-attention and FFN residuals; a trunk per stack
+    ZooCase("hf_bart", hf_bart, seq2seq_tokens, {"post_norm": 10}, {"layer_norm": 12}, [2, 2],
+            {f"model.{s}.layers.{i}" for s in ("encoder", "decoder") for i in (0, 1)}),
+    ZooCase("hf_whisper", hf_whisper, speech_frames, {"pre_norm": 10}, {"layer_norm": 12},
+            [2, 2], {f"model.{s}.layers.{i}" for s in ("encoder", "decoder") for i in (0, 1)}),
     # one trunk over both stages: the strided block joins it (hyper covers all 4 adds)
     ZooCase("resnet", TinyResNet, lambda: (torch.randn(2, 3, 16, 16),), {"plain": 4}, {}, [2],
             {"layer1.0", "layer1.1", "layer2.0", "layer2.1"}),

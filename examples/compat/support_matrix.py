@@ -35,13 +35,15 @@ ROW_TIMEOUT = 150
 CELLS = ["build", "inspect", "aion", "hyper", "adyt", "all", "train", "save_load", "generate",
          "convert_verify", "grow_copy", "grow_zero", "grow_random"]
 LM_TASKS = {"causal"}
+SEQ2SEQ_TASKS = {"seq2seq", "speech2seq"}
 TINY = dict(hidden_size=32, d_model=32, n_embd=32, intermediate_size=64, d_ff=64, n_inner=64,
             ffn_dim=64, encoder_ffn_dim=64, decoder_ffn_dim=64, num_hidden_layers=2, n_layer=2,
             num_layers=2, encoder_layers=2, decoder_layers=2, num_decoder_layers=2,
             num_attention_heads=4, n_head=4, num_heads=4, encoder_attention_heads=4,
             decoder_attention_heads=4, num_key_value_heads=2, vocab_size=128,
             max_position_embeddings=64, n_positions=64, head_dim=8, d_kv=8, image_size=32,
-            patch_size=8, num_channels=3, num_labels=4, embedding_size=32, rotary_dim=8)
+            patch_size=8, num_channels=3, num_labels=4, embedding_size=32, rotary_dim=8,
+            decoder_vocab_size=128, max_source_positions=32, max_target_positions=64)
 
 # (name, family, model_type, task, extra config kwargs)
 CORPUS: list[tuple[str, str, str, str, dict]] = [
@@ -102,7 +104,8 @@ CORPUS: list[tuple[str, str, str, str, dict]] = [
         "segformer", "convnextv2", "levit", "poolformer", "efficientnet", "mobilenet_v2", "bit",
         "van", "cvt"]],
     *[(m, "audio", m, "audio", {}) for m in [
-        "wav2vec2", "hubert", "wavlm", "data2vec-audio", "whisper", "unispeech", "sew"]],
+        "wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "sew"]],
+    ("whisper", "audio", "whisper", "speech2seq", {}),
     *[(m, "torchvision", m, "tv", {}) for m in [
         "resnet18", "mobilenet_v3_small", "convnext_tiny", "vit_b_16", "efficientnet_b0",
         "regnet_y_400mf"]],
@@ -182,7 +185,8 @@ def build(model_type: str, task: str, extra: dict):
 
     cfg = tiny_config(model_type, extra)
     auto = {"causal": tf.AutoModelForCausalLM, "masked": tf.AutoModelForMaskedLM,
-            "seq2seq": tf.AutoModelForSeq2SeqLM, "image": tf.AutoModelForImageClassification,
+            "seq2seq": tf.AutoModelForSeq2SeqLM, "speech2seq": tf.AutoModelForSpeechSeq2Seq,
+            "image": tf.AutoModelForImageClassification,
             "audio": tf.AutoModel}[task]
     torch.manual_seed(0)
     try:
@@ -328,13 +332,18 @@ def run_row(name: str, family: str, model_type: str, task: str, extra: dict) -> 
             return {"max_abs": d}
 
         cell("save_load", do_save_load)
-        if task in LM_TASKS or task == "seq2seq":
+        if task in LM_TASKS or task in SEQ2SEQ_TASKS:
             def do_generate():
                 ids = torch.randint(2, 100, (1, 4))
-                extra_ids = {"decoder_start_token_id": 0} if task == "seq2seq" else {}
+                extra_ids = {}
+                if task in SEQ2SEQ_TASKS:  # the encoder's input of the example, with a cache
+                    ids = _ex(conv, example)[conv.main_input_name][:1]
+                    extra_ids = {"decoder_start_token_id": 0, "use_cache": True}
+                if task == "speech2seq":  # Whisper strips pad/eos ids and fails on nothing left
+                    extra_ids["suppress_tokens"] = [0, 1]
                 out = conv.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
                                     **extra_ids)
-                if out.shape[-1] < 4:
+                if out.shape[-1] < (2 if task in SEQ2SEQ_TASKS else 4):
                     raise RuntimeError(f"generate returned shape {tuple(out.shape)}")
                 return {"shape": list(out.shape)}
             cell("generate", do_generate)

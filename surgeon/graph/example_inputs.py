@@ -46,7 +46,8 @@ def example_for(model: nn.Module, example: tuple | list | dict | None) -> tuple 
 def default_example(model: nn.Module) -> dict[str, torch.Tensor]:
     """Build a deterministic keyword input (batch 2, sequence 8) for a transformers `model`.
 
-    Text models get `input_ids` (plus `decoder_input_ids` for encoder-decoders), vision models get
+    Text models get `input_ids`, Whisper-style speech models `input_features` (b, num_mel_bins,
+    2·max_source_positions), both plus `decoder_input_ids` for encoder-decoders; vision models get
     `pixel_values` of shape (2, num_channels, image_size, image_size), 224 where the config
     names no image_size. The tensors are drawn from a
     seeded generator, so two calls give the same example, and live on the model's device.
@@ -64,13 +65,25 @@ def default_example(model: nn.Module) -> dict[str, torch.Tensor]:
 
     device, dtype = _placement(model)
     gen = torch.Generator().manual_seed(SEED)
+    seq = _seq_len(config)
+    example: dict[str, torch.Tensor] = {}
     if main == "input_ids":
         if not isinstance(vocab, int) or vocab <= 0:
             raise ExampleError(f"{name}: its config has no vocab_size for input_ids; {_ASK}")
-        seq = _seq_len(config)
-        example = {"input_ids": torch.randint(0, vocab, (BATCH, seq), generator=gen)}
+        example["input_ids"] = torch.randint(0, vocab, (BATCH, seq), generator=gen)
+    elif main == "input_features" and isinstance(getattr(config, "num_mel_bins", None), int) \
+            and isinstance(getattr(config, "max_source_positions", None), int):
+        # Whisper-style log-mel frames (b, mels, frames): two convolutions (the second strided)
+        # take the frames to max_source_positions, and the encoder accepts exactly that length
+        frames = 2 * config.max_source_positions
+        example["input_features"] = torch.randn(BATCH, config.num_mel_bins, frames,
+                                                generator=gen).to(dtype=dtype)
+    if example:
         if getattr(config, "is_encoder_decoder", False):
             dec_vocab = getattr(_sub_config(config, "decoder"), "vocab_size", None) or vocab
+            if not isinstance(dec_vocab, int) or dec_vocab <= 0:
+                raise ExampleError(f"{name}: its config has no vocab_size for "
+                                   f"decoder_input_ids; {_ASK}")
             example["decoder_input_ids"] = torch.randint(0, dec_vocab, (BATCH, seq), generator=gen)
         return {k: v.to(device) for k, v in example.items()}
     if main == "pixel_values":

@@ -1051,6 +1051,7 @@ def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs
     reproduces an eager run of that forward, and re-apply the passes' edits to it. The original
     runs on a view that has the original's attributes and `module`'s own children and
     parameters, so the modules the passes created and replaced are the ones called."""
+    args, kwargs = _one_stream(module, args, kwargs)
     view = source.cls.__new__(source.cls)
     nn.Module.__init__(view)
     view.__dict__.update(source.attrs)
@@ -1080,6 +1081,36 @@ def respecialise(module: TracedModule, source: ModuleSource, args: tuple, kwargs
                     f"its new graph calls {node.target}, which the rewritten module does not "
                     "hold") from None
     return spec, graph
+
+
+# The `node.meta` key a pass sets on a graph input that carries n streams folded into its batch
+# (hyper-connections: `(n·b, ...)`); its value is n.
+FOLDED_STREAMS = "surgeon_folded_streams"
+
+
+def _one_stream(module: TracedModule, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call with each input that arrives stream-folded (`FOLDED_STREAMS`) cut to its first
+    stream: the original forward, which tracing again runs, was written for batch b, and its
+    other inputs (an encoder's states for cross-attention, masks) have batch b. The graph
+    traced on it takes the folded input again once the edits are re-applied."""
+    spec = module._call_spec
+    names = [nm for nm, k in zip(spec.arg_names, spec.kinds) if k != "const"]
+    inputs = [n for n in module.graph.nodes if n.op == "placeholder"]
+    folded = {nm: n.meta[FOLDED_STREAMS] for nm, n in zip(names, inputs)
+              if n.meta.get(FOLDED_STREAMS)}
+    if not folded:
+        return args, kwargs
+    try:
+        bound = spec.signature.bind(*args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    leaves, tree = flatten(dict(bound.arguments))
+    for i, name in enumerate(_leaf_names(tree)):
+        t, n = leaves[i], folded.get(name)
+        if n and isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] % n == 0:
+            leaves[i] = t.unflatten(0, (n, -1))[0]  # (n·b, ...) -> (b, ...)
+    bound.arguments.update(unflatten(tree, leaves))
+    return bound.args, bound.kwargs
 
 
 def _getattr_path(obj: Any, path: str) -> Any:
