@@ -930,3 +930,44 @@ ZOO += DETECT_ZOO
 ZOO.append(ZooCase("hf_bloom", hf_bloom, lambda: {"input_ids": tokens(128)}, {"pre_norm": 4},
                    {"layer_norm": 6}, [2],
                    {f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("self_attention", "mlp")}))
+
+
+class NormAttnNorm(nn.Module):
+    """DBRX's `norm_attn_norm`: attention's residual inside, returning the stream and the FFN's
+    normalised input as a tuple."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm_1, self.attn, self.norm_2 = nn.LayerNorm(d), nn.Linear(d, d), nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.norm_1(x))
+        return x, self.norm_2(x)
+
+
+class TupleForkBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm_attn_norm, self.ffn = NormAttnNorm(d), MlpBlock(d, 2 * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        resid, h = self.norm_attn_norm(x)
+        return resid + self.ffn(h)
+
+
+class TupleForkNet(nn.Module):
+    def __init__(self, d: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[TupleForkBlock(d) for _ in range(depth)])
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        return self.norm(self.blocks(x))
+
+
+# the FFN's skip and its branch both start from a child's tuple output
+# (the FFN's add is "plain": its norm sits in the child, out of the block's graph)
+ZOO.append(ZooCase("tuple_fork", TupleForkNet, lambda: (torch.randn(2, 5, 16),),
+                   {"pre_norm": 2, "plain": 2}, {"layer_norm": 5}, [2],
+                   {"blocks.0", "blocks.1", "blocks.0.norm_attn_norm",
+                    "blocks.1.norm_attn_norm"}))
