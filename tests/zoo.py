@@ -851,6 +851,17 @@ def hf_cohere() -> nn.Module:
         bos_token_id=1, eos_token_id=2))
 
 
+def hf_squeezebert() -> nn.Module:
+    """SqueezeBERT: its encoder calls each layer as `layer.forward(...)` (no hooks run), the
+    stream is channels-first (b, d, t) through Conv1d, and each add sits in a child that takes
+    the skip as an argument (`conv(h) + input_tensor`)."""
+    from transformers import SqueezeBertConfig, SqueezeBertForMaskedLM
+
+    return SqueezeBertForMaskedLM(SqueezeBertConfig(
+        hidden_size=32, embedding_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, vocab_size=128, max_position_embeddings=64))
+
+
 DETECT_ZOO = [
     ZooCase("hf_resnet", hf_resnet, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)},
             {"plain": 4}, {}, [2]),  # one trunk: the two stages, across the downsampling
@@ -860,6 +871,10 @@ DETECT_ZOO = [
             {"layer_norm": 1}, [1], {"block"}),
     ZooCase("moe_shared_expert", TinyMoE, lambda: (torch.randn(2, 5, 16),), {"pre_norm": 4},
             {"layer_norm": 4}, [2], {"blocks.0", "blocks.1"}),
+    ZooCase("hf_squeezebert", hf_squeezebert, lambda: {"input_ids": tokens(128)},
+            {"post_norm": 4}, {"layer_norm": 6}, [2],
+            {f"transformer.encoder.layers.{i}.{m}" for i in (0, 1)
+             for m in ("post_attention", "output")}),
     ZooCase("hf_qwen2_moe", hf_qwen2_moe, lambda: {"input_ids": tokens(128)}, {"pre_norm": 4},
             {"rms_norm": 5}, [2], {"model.layers.0", "model.layers.1"}),
     # (GPT-NeoX with parallel residuals is the hyper rows' `hf_neox_parallel`; its builder here

@@ -228,7 +228,10 @@ def record_calls(model: nn.Module, example: tuple | dict,
     keep: list[Any] = []  # originals stay alive so that tensor ids stay unique during the run
     counter = iter(range(1 << 62))
 
+    hooked: set[int] = set()  # modules whose __call__ ran the pre-hook, forward not yet entered
+
     def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hooked.add(id(mod))
         name = names.get(id(mod))
         if name is None or name in calls:
             if name is not None:
@@ -251,10 +254,28 @@ def record_calls(model: nn.Module, example: tuple | dict,
         first = _first_tensor(output)
         call.out_shape = tuple(first.shape) if first is not None else None
 
+    def direct(mod: nn.Module, forward: Any) -> Any:
+        """`mod.forward` that records a call made as `mod.forward(...)` (SqueezeBERT's encoder
+        calls its layers so), which runs no hooks; a call through `mod(...)` is left to them."""
+        def recorded_forward(*args: Any, **kwargs: Any) -> Any:
+            if id(mod) in hooked:
+                hooked.discard(id(mod))
+                return forward(*args, **kwargs)
+            pre_hook(mod, args, kwargs)
+            hooked.discard(id(mod))
+            output = forward(*args, **kwargs)
+            post_hook(mod, args, kwargs, output)
+            return output
+        return recorded_forward
+
     handles = []
+    own_forward: dict[nn.Module, Any] = {}  # a forward set on the instance, put back after
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
+        if "forward" in m.__dict__:
+            own_forward[m] = m.__dict__["forward"]
+        m.forward = direct(m, m.forward)
     try:
         with as_recorded(model), torch.no_grad():
             if kwargs is None:
@@ -270,6 +291,11 @@ def record_calls(model: nn.Module, example: tuple | dict,
     finally:
         for h in handles:
             h.remove()
+        for m in model.modules():
+            if m in own_forward:
+                m.forward = own_forward[m]
+            else:
+                m.__dict__.pop("forward", None)
     return calls
 
 
