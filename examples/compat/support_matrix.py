@@ -80,8 +80,14 @@ CORPUS: list[tuple[str, str, str, str, dict]] = [
         "m2m_100", "umt5", "longt5"]],
     *[(m, "vision", m, "image", {}) for m in [
         "vit", "deit", "convnext", "resnet", "regnet", "beit", "dinov2",
-        "segformer", "convnextv2", "levit", "poolformer", "efficientnet", "mobilenet_v2", "bit",
-        "cvt"]],
+        "segformer", "convnextv2", "efficientnet", "mobilenet_v2", "bit", "cvt"]],
+    # per-stage lists that must agree with the two-stage depths
+    ("levit", "vision", "levit", "image",
+     {"depths": [1, 1], "hidden_sizes": [16, 32], "num_attention_heads": [1, 2],
+      "key_dim": [8, 8], "mlp_ratio": [2, 2], "attention_ratio": [2, 2],
+      "down_ops": [["Subsample", 8, 1, 4, 2, 2]], "patch_size": 16}),
+    ("poolformer", "vision", "poolformer", "image",
+     {"num_encoder_blocks": 2, "patch_sizes": [7, 3], "strides": [4, 2], "padding": [2, 1]}),
     # a window no larger than the last stage's 2×2 tokens (32 px, 8 px patches, one merge)
     ("swin", "vision", "swin", "image", {"window_size": 2, "embed_dim": 16}),
     ("mobilevit", "vision", "mobilevit", "image",
