@@ -80,7 +80,8 @@ CORPUS: list[tuple[str, str, str, str, dict]] = [
         "m2m_100", "umt5", "longt5"]],
     *[(m, "vision", m, "image", {}) for m in [
         "vit", "deit", "convnext", "resnet", "regnet", "beit", "dinov2",
-        "segformer", "convnextv2", "efficientnet", "mobilenet_v2", "bit", "cvt"]],
+        "segformer", "convnextv2", "efficientnet", "mobilenet_v2", "cvt"]],
+    ("bit", "vision", "bit", "image", {"num_groups": 2}),  # GroupNorm over 4-channel stages
     # per-stage lists that must agree with the two-stage depths
     ("levit", "vision", "levit", "image",
      {"depths": [1, 1], "hidden_sizes": [16, 32], "num_attention_heads": [1, 2],
