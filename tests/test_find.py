@@ -161,3 +161,18 @@ def test_blocks_called_by_forward_are_found() -> None:
     ref = model(x)
     surgeon.apply(model, "aion", (x,))
     assert torch.allclose(model(x), ref, atol=1e-6)
+
+
+def test_audio_model_without_example_gets_a_waveform() -> None:
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    model = Wav2Vec2Model(Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        conv_dim=[8, 8], conv_stride=[5, 2], conv_kernel=[10, 3], num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2)).eval()
+    from surgeon.graph.example_inputs import default_example
+
+    wave = default_example(model)["input_values"]
+    assert wave.shape == (2, 20 + 7 * 10)  # 8 frames: a 20-sample field and 7 strides of 10
+    report = surgeon.inspect(model)
+    assert len(report.residuals) == 4
