@@ -173,6 +173,6 @@ def test_audio_model_without_example_gets_a_waveform() -> None:
     from surgeon.graph.example_inputs import default_example
 
     wave = default_example(model)["input_values"]
-    assert wave.shape == (2, 20 + 7 * 10)  # 8 frames: a 20-sample field and 7 strides of 10
+    assert wave.shape == (2, 20 + 31 * 10)  # 32 frames: a 20-sample field, 31 strides of 10
     report = surgeon.inspect(model)
     assert len(report.residuals) == 4
