@@ -93,7 +93,8 @@ CORPUS: list[tuple[str, str, str, str, dict]] = [
     ("swin", "vision", "swin", "image", {"window_size": 2, "embed_dim": 16}),
     ("mobilevit", "vision", "mobilevit", "image",
      {"neck_hidden_sizes": [8, 8, 16, 16, 24, 32, 64]}),
-    *[(m, "audio", m, "audio", {}) for m in [
+    # LayerDrop off: hyper-connections refuse blocks skipped at random in train mode
+    *[(m, "audio", m, "audio", {"layerdrop": 0.0}) for m in [
         "wav2vec2", "hubert", "wavlm", "data2vec-audio", "whisper", "unispeech", "sew"]],
     *[(m, "torchvision", m, "tv", {}) for m in [
         "resnet18", "mobilenet_v3_small", "convnext_tiny", "vit_b_16", "efficientnet_b0",
