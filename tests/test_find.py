@@ -127,3 +127,52 @@ def test_hf_model_without_example() -> None:
 
     report = surgeon.inspect(hf_llama())
     assert _counts(report.residuals) == {"pre_norm": 4}
+
+
+class _DirectBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln, self.f = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(self.ln(x))
+
+
+class _DirectNet(nn.Module):
+    """Calls its blocks as `block.forward(x)`, which runs no module hooks."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_DirectBlock(d), _DirectBlock(d)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b.forward(x)
+        return x
+
+
+def test_blocks_called_by_forward_are_found() -> None:
+    model = _DirectNet().eval()
+    x = torch.randn(2, 5, 16)
+    report = surgeon.inspect(model, (x,))
+    assert {r.module for r in report.residuals} == {"blocks.0", "blocks.1"}
+    assert [len(t.blocks) for t in report.trunks] == [2]
+    assert all("forward" not in m.__dict__ for m in model.modules())  # recording left no trace
+    ref = model(x)
+    surgeon.apply(model, "aion", (x,))
+    assert torch.allclose(model(x), ref, atol=1e-6)
+
+
+def test_audio_model_without_example_gets_a_waveform() -> None:
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    model = Wav2Vec2Model(Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        conv_dim=[8, 8], conv_stride=[5, 2], conv_kernel=[10, 3], num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2)).eval()
+    from surgeon.graph.example_inputs import default_example
+
+    wave = default_example(model)["input_values"]
+    assert wave.shape == (2, 20 + 31 * 10)  # 32 frames: a 20-sample field, 31 strides of 10
+    report = surgeon.inspect(model)
+    assert len(report.residuals) == 4

@@ -166,6 +166,11 @@ def test_a_pass_refuses_what_would_not_fit_in_memory(monkeypatch: pytest.MonkeyP
 SPOILED = [
     ("num_attention_heads", 0, "field 'num_attention_heads' is 0; it must be a whole number"),
     ("num_key_value_heads", 0, "field 'num_key_value_heads' is 0"),
+    ("num_attention_heads", [4, 0], "field 'num_attention_heads' is [4, 0]; it must be a whole"),
+    ("num_attention_heads", [], "field 'num_attention_heads' is []"),
+    ("num_attention_heads", [[4]], "field 'num_attention_heads' is [[4]]"),
+    ("num_attention_heads", [4] * 65, "field 'num_attention_heads' is [4, 4,"),
+    ("num_attention_heads", [4, 4], "field 'num_attention_heads': a model cannot be built"),
     ("vocab_size", -5, "field 'vocab_size' is -5"),
     ("hidden_size", "sixty-four", "field 'hidden_size' is 'sixty-four'"),
     ("hidden_size", 64.5, "field 'hidden_size' is 64.5"),
@@ -200,6 +205,21 @@ def test_spoiled_config_is_one_line(field: str, value: object, fragment: str,
     assert result.exit_code == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: {src / 'config.json'}: ") and fragment in lines[0]
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("model_type, fields", [
+    ("swin", {"num_heads": [1, 2], "depths": [1, 1], "embed_dim": 16}),
+    ("segformer", {"num_attention_heads": [1, 2], "hidden_sizes": [16, 32], "depths": [1, 1]}),
+    ("cvt", {"num_heads": [1, 2], "embed_dim": [16, 32], "depth": [1, 1]}),
+])
+def test_per_stage_list_fields_are_accepted(model_type: str, fields: dict,
+                                            tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    from surgeon.files.hf_config import check_config_file
+
+    AutoConfig.for_model(model_type, **fields).save_pretrained(tmp_path)
+    check_config_file(tmp_path / "config.json")  # no SourceError
 
 
 @pytest.mark.parametrize("text, fragment", [

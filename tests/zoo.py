@@ -911,6 +911,60 @@ def hf_cohere() -> nn.Module:
         bos_token_id=1, eos_token_id=2))
 
 
+class TokenBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln, self.f = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b·p², n, c)
+        return x + self.f(self.ln(x))
+
+
+class UnfoldStage(nn.Module):
+    """MobileViT-style: an image's p×p patch positions unfolded into the batch, `(b·p², n, c)`,
+    a transformer over the patches, folded back and fused with the input. Its adds run on a
+    batch 4× the stage's: hyper's streams cannot pass through the stage folded into its batch,
+    so each stage's transformer is a trunk of its own."""
+
+    def __init__(self, c: int, p: int = 2, depth: int = 2) -> None:
+        super().__init__()
+        self.conv_in, self.conv_out = nn.Conv2d(c, c, 3, 1, 1), nn.Conv2d(2 * c, c, 1)
+        self.layers = nn.ModuleList([TokenBlock(c) for _ in range(depth)])
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w)
+        b, c, h, w = x.shape
+        p = self.p
+        y = self.conv_in(x).reshape(b, c, h // p, p, w // p, p)
+        t = y.permute(0, 3, 5, 2, 4, 1).reshape(b * p * p, (h // p) * (w // p), c)
+        for layer in self.layers:
+            t = layer(t)
+        y = t.reshape(b, p, p, h // p, w // p, c).permute(0, 5, 3, 1, 4, 2).reshape(b, c, h, w)
+        return self.conv_out(torch.cat([x, y], 1))
+
+
+class TinyUnfoldNet(nn.Module):
+    def __init__(self, c: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, 1, 1)
+        self.stages = nn.Sequential(UnfoldStage(c), UnfoldStage(c))
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stages(self.stem(x)).mean((2, 3)))
+
+
+def hf_squeezebert() -> nn.Module:
+    """SqueezeBERT: its encoder calls each layer as `layer.forward(...)` (no hooks run), the
+    stream is channels-first (b, d, t) through Conv1d, and each add sits in a child that takes
+    the skip as an argument (`conv(h) + input_tensor`)."""
+    from transformers import SqueezeBertConfig, SqueezeBertForMaskedLM
+
+    return SqueezeBertForMaskedLM(SqueezeBertConfig(
+        hidden_size=32, embedding_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, vocab_size=128, max_position_embeddings=64))
+
+
 DETECT_ZOO = [
     ZooCase("hf_resnet", hf_resnet, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)},
             {"plain": 4}, {}, [2]),  # one trunk: the two stages, across the downsampling
@@ -920,6 +974,13 @@ DETECT_ZOO = [
             {"layer_norm": 1}, [1], {"block"}),
     ZooCase("moe_shared_expert", TinyMoE, lambda: (torch.randn(2, 5, 16),), {"pre_norm": 4},
             {"layer_norm": 4}, [2], {"blocks.0", "blocks.1"}),
+    ZooCase("hf_squeezebert", hf_squeezebert, lambda: {"input_ids": tokens(128)},
+            {"post_norm": 4}, {"layer_norm": 6}, [2],
+            {f"transformer.encoder.layers.{i}.{m}" for i in (0, 1)
+             for m in ("post_attention", "output")}),
+    ZooCase("unfold_patches", TinyUnfoldNet, lambda: (torch.randn(2, 3, 8, 8),),
+            {"pre_norm": 4}, {"layer_norm": 4}, [2, 2],
+            {f"stages.{i}.layers.{j}" for i in (0, 1) for j in (0, 1)}),
     ZooCase("hf_qwen2_moe", hf_qwen2_moe, lambda: {"input_ids": tokens(128)}, {"pre_norm": 4},
             {"rms_norm": 5}, [2], {"model.layers.0", "model.layers.1"}),
     # (GPT-NeoX with parallel residuals is the hyper rows' `hf_neox_parallel`; its builder here

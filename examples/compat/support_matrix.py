@@ -94,16 +94,30 @@ CORPUS: list[tuple[str, str, str, str, dict]] = [
       "shared_intermediate_size": 32, "layer_types": ["linear_attention", "full_attention"]}),
     *[(m, "encoder", m, "masked", {}) for m in [
         "bert", "roberta", "albert", "distilbert", "electra", "deberta-v2", "deberta",
-        "modernbert", "xlm-roberta", "camembert", "mpnet", "funnel", "squeezebert", "ernie",
+        "modernbert", "xlm-roberta", "camembert", "mpnet", "squeezebert", "ernie",
         "megatron-bert", "roformer", "nystromformer", "data2vec-text"]],
+    ("funnel", "encoder", "funnel", "masked", {"block_sizes": [1, 1], "block_repeats": [1, 1],
+                                           "d_head": 8, "d_inner": 64}),
     *[(m, "enc-dec", m, "seq2seq", {}) for m in [
         "t5", "bart", "mbart", "marian", "pegasus", "mt5", "blenderbot", "led", "plbart",
         "m2m_100", "umt5", "longt5"]],
     *[(m, "vision", m, "image", {}) for m in [
-        "vit", "deit", "swin", "convnext", "resnet", "regnet", "mobilevit", "beit", "dinov2",
-        "segformer", "convnextv2", "levit", "poolformer", "efficientnet", "mobilenet_v2", "bit",
-        "van", "cvt"]],
-    *[(m, "audio", m, "audio", {}) for m in [
+        "vit", "deit", "convnext", "resnet", "regnet", "beit", "dinov2",
+        "segformer", "convnextv2", "efficientnet", "mobilenet_v2", "cvt"]],
+    ("bit", "vision", "bit", "image", {"num_groups": 2}),  # GroupNorm over 4-channel stages
+    # per-stage lists that must agree with the two-stage depths
+    ("levit", "vision", "levit", "image",
+     {"depths": [1, 1], "hidden_sizes": [16, 32], "num_attention_heads": [1, 2],
+      "key_dim": [8, 8], "mlp_ratio": [2, 2], "attention_ratio": [2, 2],
+      "down_ops": [["Subsample", 8, 1, 4, 2, 2]], "patch_size": 16}),
+    ("poolformer", "vision", "poolformer", "image",
+     {"num_encoder_blocks": 2, "patch_sizes": [7, 3], "strides": [4, 2], "padding": [2, 1]}),
+    # a window no larger than the last stage's 2×2 tokens (32 px, 8 px patches, one merge)
+    ("swin", "vision", "swin", "image", {"window_size": 2, "embed_dim": 16}),
+    ("mobilevit", "vision", "mobilevit", "image",
+     {"neck_hidden_sizes": [8, 8, 16, 16, 24, 32, 64]}),
+    # LayerDrop off: hyper-connections refuse blocks skipped at random in train mode
+    *[(m, "audio", m, "audio", {"layerdrop": 0.0}) for m in [
         "wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "sew"]],
     ("whisper", "audio", "whisper", "speech2seq", {}),
     *[(m, "torchvision", m, "tv", {}) for m in [
@@ -139,26 +153,39 @@ def tiny_config(model_type: str, extra: dict):
             if hasattr(c, k) and not isinstance(getattr(c, k), (list, tuple, dict)):
                 try:
                     setattr(c, k, v)
-                except (AttributeError, TypeError, ValueError):
-                    pass  # a derived property (e.g. head_dim): it follows from the others
+                except (AttributeError, TypeError, ValueError, NotImplementedError):
+                    pass  # a derived property (e.g. head_dim, Funnel's num_hidden_layers)
         for k, v in extra.items():
             if isinstance(v, list) and hasattr(c, k):
                 setattr(c, k, v)
+        # per-stage lists: as many stages as the shrunk `depths` where the config has it (else
+        # as many as it had: MobileViT indexes hidden_sizes[2]); a list the row gives is kept
+        depths = getattr(c, "depths", None)
+        stages = min(len(depths), 2) if isinstance(depths, (list, tuple)) and depths else None
         for k in ("depths", "hidden_sizes", "embed_dim", "num_heads", "layer_types",
                   "block_types", "num_attention_heads"):
             v = getattr(c, k, None)
-            if isinstance(v, (list, tuple)) and v:
+            if k not in extra and isinstance(v, (list, tuple)) and v:
+                n = stages or len(v)
                 if k == "depths":
-                    setattr(c, k, [1] * min(len(v), 2))
+                    setattr(c, k, [1] * n)
                 elif k == "hidden_sizes":
-                    setattr(c, k, [16 * (i + 1) for i in range(min(len(v), 2))])
+                    setattr(c, k, [16 * (i + 1) for i in range(n)])
                 elif k == "num_heads" or k == "num_attention_heads":
-                    setattr(c, k, [1] * min(len(v), 2))
+                    setattr(c, k, [1] * n)
         if getattr(c, "layer_types", None):
             try:
                 c.layer_types = list(c.layer_types)[:2]
             except AttributeError:
                 pass  # derived from other fields (SSMs, hybrids): it follows num_hidden_layers
+    if hasattr(cfg, "stage_names"):
+        # a backbone config derives stage_names / out_features / out_indices from depths (or
+        # num_hidden_layers) in its constructor: build it again from the shrunk fields, so that
+        # the config saved with the model rebuilds it
+        d = {k: v for k, v in cfg.to_dict().items()
+             if k not in ("stage_names", "out_features", "out_indices", "_out_features",
+                          "_out_indices")}
+        cfg = type(cfg).from_dict(d)
     for k in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if getattr(cfg, k, None) is not None and isinstance(getattr(cfg, k), int):
             setattr(cfg, k, min(getattr(cfg, k), 1))
@@ -189,6 +216,8 @@ def build(model_type: str, task: str, extra: dict):
             "image": tf.AutoModelForImageClassification,
             "audio": tf.AutoModel}[task]
     torch.manual_seed(0)
+    if getattr(cfg, "architectures", ()) is None:
+        cfg.architectures = []  # transformers' auto classes iterate it (DeiT's default is None)
     try:
         model = auto.from_config(cfg)
     except ValueError:

@@ -33,6 +33,7 @@ POSITIVE = frozenset((
     "image_size", "patch_size", "embed_dim", "hidden_dim", "dim", "n_layers", "n_heads",
 ))
 MAX_SIZE = 2**31  # no size field of a real model comes near this
+MAX_STAGES = 64  # a per-stage list (depths, heads per stage) is short
 FLOAT_DTYPES = frozenset(("float32", "float16", "bfloat16", "float64", "float", "half", "double",
                           "auto"))
 DTYPE_FIELDS = ("dtype", "torch_dtype")
@@ -63,12 +64,14 @@ def _check_fields(data: dict[str, Any], config_file: Path, prefix: str,
         if isinstance(value, dict) and (key.endswith("_config") or key in ("encoder", "decoder")):
             _check_fields(value, config_file, f"{field}.", error)
         elif key in POSITIVE and value is not None:
-            values = value if isinstance(value, list) and key in ("image_size", "patch_size") \
+            # a hierarchical model sizes each stage (Swin's num_heads, SegFormer's
+            # num_attention_heads, CvT's embed_dim, an image's (h, w)): a short list of them
+            values = value if isinstance(value, list) and 1 <= len(value) <= MAX_STAGES \
                 else [value]
             if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE
                        for v in values):
                 raise _bad(config_file, field, value, f"it must be a whole number from 1 to "
-                           f"{MAX_SIZE}", error)
+                           f"{MAX_SIZE} (or a list of up to {MAX_STAGES}, one per stage)", error)
         elif key in DTYPE_FIELDS and value is not None:
             names = value.values() if isinstance(value, dict) else [value]
             if not all(isinstance(v, str) and v.removeprefix("torch.") in FLOAT_DTYPES

@@ -93,6 +93,19 @@ def default_example(model: nn.Module) -> dict[str, torch.Tensor]:
         channels = getattr(vision, "num_channels", None) or 3
         pixels = torch.randn(BATCH, channels, h, w, generator=gen)  # (b, c, h, w)
         return {"pixel_values": pixels.to(device=device, dtype=dtype)}
+    strides, kernels = getattr(config, "conv_stride", None), getattr(config, "conv_kernel", None)
+    if main == "input_values" and isinstance(strides, (list, tuple)) and \
+            isinstance(kernels, (list, tuple)) and len(strides) == len(kernels) and strides:
+        # a raw waveform (wav2vec2-style conv feature encoder): as many samples as give
+        # 32 frames (train-mode SpecAugment masks spans of 10), the receptive field plus 31
+        # of its total strides
+        field, total = 1, 1
+        for k, st in zip(reversed(kernels), reversed(strides)):
+            field = (field - 1) * st + k
+        for st in strides:
+            total *= st
+        wave = torch.randn(BATCH, field + 31 * total, generator=gen)  # (b, samples)
+        return {"input_values": wave.to(device=device, dtype=dtype)}
     raise ExampleError(f"{name} takes {main!r}, which surgeon cannot make up; {_ASK}")
 
 

@@ -787,6 +787,23 @@ def _ask_caller(an: _Analysis, name: str, skip_idx: int, branch_idxs: list[int],
     return None
 
 
+def _folds_batch(trace: ModelTrace, block: str, owners: set[str]) -> bool:
+    """Residual adds inside `block` run on a stream whose batch is a multiple k > 1 of the
+    block's own (MobileViT unfolds an image's patches into the batch, `(b·area, p, c)`, before
+    its transformer): streams folded into the block's batch would be mixed across patches
+    there, so the block cannot carry a trunk's streams; the chains nested in it can."""
+    calls = trace.calls
+    outer = calls[block].in_shape
+    if not outer:
+        return False
+    for o in owners:
+        if o.startswith(block + ".") and o in calls and calls[o].in_shape:
+            inner = calls[o].in_shape[0]
+            if inner > outer[0] and inner % outer[0] == 0:
+                return True
+    return False
+
+
 def _trunks(trace: ModelTrace, owners: set[str]) -> list[Trunk]:
     """Chains of sibling modules holding residual adds, each one's output the next one's first
     input. A member may change the stream's shape (a strided block, a stage that downsamples):
@@ -803,7 +820,8 @@ def _trunks(trace: ModelTrace, owners: set[str]) -> list[Trunk]:
     for c in candidates:
         call = calls.get(c)
         if call is not None and call.out_ids and call.out_shape is not None \
-                and call.in_shape is not None and len(call.out_shape) == len(call.in_shape):
+                and call.in_shape is not None and len(call.out_shape) == len(call.in_shape) \
+                and not _folds_batch(trace, c, owners):
             groups.setdefault(c.rsplit(".", 1)[0] if "." in c else "", []).append(c)
     chains: list[list[str]] = []
     for members in groups.values():

@@ -29,6 +29,7 @@ from surgeon.graph.tracing import (
     reapply_edits,
     run_example,
     trace_model,
+    watch_calls,
 )
 from surgeon.graph.undo import snapshot
 
@@ -110,22 +111,20 @@ class Surgery:
         modes put back afterwards."""
         wanted = {id(self.module(n)): n for n in names}
         seen: set[str] = set()
-        hooks = [self.module(n).register_forward_pre_hook(
-            lambda m, a, _n=n: seen.add(_n)) for n in names]
         saved = snapshot(self.model)
         rand, rnd = torch.rand, random.random
         try:
             torch.rand = lambda *a, **k: torch.zeros(*a, **k)  # type: ignore[assignment]
             random.random = lambda: 0.0  # type: ignore[assignment]
             self.model.train()
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with watch_calls([self.module(n) for n in names],
+                             lambda m, a, k: seen.add(wanted[id(m)])), \
+                    torch.no_grad(), torch.random.fork_rng(devices=[]):
                 run_example(self.model, self.example)
         except Exception:
             return []  # the forward does not run this way: nothing learnt
         finally:
             torch.rand, random.random = rand, rnd  # type: ignore[assignment]
-            for h in hooks:
-                h.remove()
             saved.restore()
         return [n for n in wanted.values() if n not in seen]
 

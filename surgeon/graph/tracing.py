@@ -251,12 +251,9 @@ def record_calls(model: nn.Module, example: tuple | dict,
         first = _first_tensor(output)
         call.out_shape = tuple(first.shape) if first is not None else None
 
-    handles = []
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
     try:
-        with as_recorded(model), torch.no_grad():
+        with watch_calls(list(model.modules()), pre_hook, post_hook), as_recorded(model), \
+                torch.no_grad():
             if kwargs is None:
                 run_example(model, example)
             else:
@@ -267,10 +264,57 @@ def record_calls(model: nn.Module, example: tuple | dict,
         raise ExampleError(
             f"the example input fails on {type(model).__name__}: {type(e).__name__}: "
             f"{_first_line(e)}; pass an example the model accepts") from e
+    return calls
+
+
+@contextlib.contextmanager
+def watch_calls(modules: list[nn.Module], pre: Callable[[nn.Module, tuple, dict], None],
+                post: Callable[[nn.Module, tuple, dict, Any], None] | None = None
+                ) -> Iterator[None]:
+    """Inside, `pre(module, args, kwargs)` runs before and `post(module, args, kwargs, output)`
+    after each call of one of `modules`, whether the caller wrote `module(...)` (forward hooks)
+    or `module.forward(...)`, which runs no hooks (SqueezeBERT's encoder calls its layers so):
+    an instance `forward` that reports a call the hooks did not see. Put back on exit."""
+    hooked: set[int] = set()  # modules whose __call__ ran the pre-hook, forward not yet entered
+
+    def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hooked.add(id(mod))
+        pre(mod, args, kwargs)
+
+    def post_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if post is not None:
+            post(mod, args, kwargs, output)
+
+    def direct(mod: nn.Module, forward: Any) -> Any:
+        def watched_forward(*args: Any, **kwargs: Any) -> Any:
+            if id(mod) in hooked:  # called through mod(...): the hooks report it
+                hooked.discard(id(mod))
+                return forward(*args, **kwargs)
+            pre(mod, args, kwargs)
+            output = forward(*args, **kwargs)
+            post_hook(mod, args, kwargs, output)
+            return output
+        return watched_forward
+
+    modules = list({id(m): m for m in modules}.values())  # a shared module is watched once
+    handles = []
+    own_forward: dict[int, Any] = {}  # a forward set on the instance, put back after
+    try:
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
+            if "forward" in m.__dict__:
+                own_forward[id(m)] = m.__dict__["forward"]
+            m.forward = direct(m, m.forward)
+        yield
     finally:
         for h in handles:
             h.remove()
-    return calls
+        for m in modules:
+            if id(m) in own_forward:
+                m.forward = own_forward[id(m)]
+            else:
+                m.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager
