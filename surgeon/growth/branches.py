@@ -65,6 +65,7 @@ def branch_outputs(trace: ModelTrace, residuals: list, block: str) -> list[str]:
     inspection's residual adds): a module (all its parameters are zeroed) or a single
     parameter (a fused `experts.down_proj`)."""
     found: list[str] = []
+    sites = []
     for r in residuals:
         if r.module != block and not r.module.startswith(block + "."):
             continue
@@ -74,6 +75,17 @@ def branch_outputs(trace: ModelTrace, residuals: list, block: str) -> list[str]:
         # a branch that is itself a sum is followed term by term
         outputs = ([n for n in graph.nodes if n.name in r.branches] if r.branches
                    else [add.args[1 - r.skip]])
+        skip = add.args[r.skip] if len(add.args) > r.skip else None
+        sites.append((r, add, [o for o in outputs if isinstance(o, fx.Node)],
+                      [skip] if isinstance(skip, fx.Node) else []))
+    # adds that feed another site's branch but not its skip: they write that branch (the
+    # input of its norm and mixer), not the stream a block must pass through unchanged
+    inner: set[fx.Node] = set()
+    for _, _, outputs, skip in sites:
+        inner |= _ancestors(outputs) - _ancestors(skip)
+    for r, add, outputs, _ in sites:
+        if add in inner:
+            continue  # Zamba's `h + transformer_out` before the norm and mixer of its branch
         for output in outputs:
             names = _producers(trace, r.module, output)
             if names is None:
@@ -84,6 +96,18 @@ def branch_outputs(trace: ModelTrace, residuals: list, block: str) -> list[str]:
         raise BranchError(f"no residual adds found in {block}; --init zero needs a block with "
                           "residual branches")
     return found
+
+
+def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Every node `nodes` are computed from (themselves included), within their graph."""
+    seen: set[fx.Node] = set()
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(node.all_input_nodes)
+    return seen
 
 
 def branch_zeros(trace: ModelTrace, residuals: list, block: str) -> dict[str, float]:

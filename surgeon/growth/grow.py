@@ -481,8 +481,11 @@ def _checkpoint_names(model: torch.nn.Module, renamed: bool, state: dict[str, to
     """`state` (the model's parameter names in `block`) under the checkpoint's member names.
     A model that transformers loaded with renaming (`renamed`: its parameter names are not the
     checkpoint's keys, e.g. experts fused into one 3-D parameter on load) gets the conversion
-    reverted as `save_pretrained` reverts it; raises `InsertionError` where the result is not
-    the source block's keys."""
+    reverted as `save_pretrained` reverts it; parameters the block shares with an earlier one
+    (`shared_parameters`) are left out, as `save_pretrained` leaves them out. Raises
+    `InsertionError` where the result is not the source block's keys."""
+    shared = shared_parameters(model, block)
+    state = {k: v for k, v in state.items() if k not in shared}
     if renamed and hasattr(model, "config"):
         from transformers.core_model_loading import revert_weight_conversion
 
@@ -494,6 +497,15 @@ def _checkpoint_names(model: torch.nn.Module, renamed: bool, state: dict[str, to
                              "checkpoint's block has not (the model names its parameters "
                              "otherwise); use --init copy or extrapolate")
     return out
+
+
+def shared_parameters(model: torch.nn.Module, block: str) -> set[str]:
+    """Qualified names of the parameters in `block` that are the same tensor as one registered
+    earlier under another name (Zamba's hybrid blocks all run block 0's `shared_transf`): the
+    checkpoint stores them once, under that first name, and a new block shares them too."""
+    first = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+    return {n for n, p in model.named_parameters(remove_duplicate=False)
+            if n.startswith(block + ".") and first[id(p)] != n}
 
 
 def _random_block(blocks: Blocks, source: int, base_dir: Path, members: dict[str, Stored],

@@ -110,6 +110,9 @@ def check_insertion(blocks: Blocks, after: int, count: int) -> None:
 PER_LAYER_KEYS = ("layer_types", "mlp_layer_types", "num_attention_heads_per_layer",
                   "num_key_value_heads_per_layer", "no_rope_layers", "attention_layers",
                   "layers_block_type", "layer_rope_theta")
+# Per-block lists the config cycles over the depth (Recurrent Gemma's `block_types`: block i is
+# `block_types[i % len]`): written out in full at the new depth, so every block keeps its kind.
+CYCLED_KEYS = ("block_types",)
 # Per-block lists stored run-length encoded, `[[pattern, repeats], ...]` (GPT-Neo's
 # `attention_types`, from which the config derives `attention_layers` when loaded).
 RUN_LENGTH_KEYS = ("attention_types",)
@@ -210,6 +213,9 @@ def _widen_lists(node: dict[str, Any], where: str, depth: int, after: int, count
             continue
         if name in PER_LAYER_KEYS and len(value) >= depth:
             node[name] = value[:after + 1] + [value[source]] * count + value[after + 1:]
+        elif name in CYCLED_KEYS and value:
+            layers = [value[i % len(value)] for i in range(depth)]
+            node[name] = layers[:after + 1] + [layers[source]] * count + layers[after + 1:]
         elif name in RUN_LENGTH_KEYS and (layers := _expand_runs(value)) is not None and len(
                 layers) == depth:
             layers = layers[:after + 1] + [layers[source]] * count + layers[after + 1:]
