@@ -84,6 +84,28 @@ FAMILIES = [  # (id, config, --source or None, the members zero growth zeroes)
                                     num_experts_per_tok=2, mamba_d_state=8, mamba_d_conv=4,
                                     mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False),
      0, ["feed_forward.down_proj", "mamba.out_proj"]),
+    # block kinds cycled from `block_types` (recurrent, attention): written out at the new depth,
+    # so block 2 is an attention block like block 1 and block 0 stays recurrent
+    ("recurrent-gemma", lambda: T.RecurrentGemmaConfig(**SMALL, lru_width=32,
+                                                       block_types=["recurrent", "attention"],
+                                                       attention_window_size=16),
+     None, ["mlp_block.down_proj", "temporal_block.o_proj"]),
+    # hybrid blocks that all run block 0's shared transformer (tied, stored once): its output
+    # is added to the mamba mixer's input, so only the mixer's out_proj writes the stream
+    ("zamba", lambda: T.ZambaConfig(**SMALL, attention_hidden_size=64, attention_head_dim=16,
+                                    mamba_dt_rank=4, mamba_d_state=8, use_mamba_kernels=False,
+                                    layers_block_type=["hybrid", "hybrid"]),
+     None, ["mamba_decoder.mamba.out_proj"]),
+    # an MoE block whose forward does not trace (its router returns a tuple): run on its
+    # recorded call, the routed experts' 3-D down_proj and the shared experts' are its writers
+    ("deepseek-v3", lambda: T.DeepseekV3Config(**dict(SMALL, num_key_value_heads=4),
+                                               n_routed_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=32, n_group=1, topk_group=1,
+                                               first_k_dense_replace=1, kv_lora_rank=16,
+                                               q_lora_rank=16, qk_nope_head_dim=8,
+                                               qk_rope_head_dim=8, v_head_dim=8),
+     None, [*(f"mlp.experts.{i}.down_proj" for i in range(4)), "mlp.shared_experts.down_proj",
+            "self_attn.o_proj"]),
 ]
 
 
@@ -132,7 +154,8 @@ def test_random_and_copy_growth_across_families_load_and_train(
         surgeon.grow(src, tmp_path / init, init=init, source=source)
         grown = _loaded(tmp_path / init)
         assert torch.isfinite(_logits(grown)).all()
-    fresh = [k for k in grown.state_dict() if ".layers.2." in k or ".h.2." in k]
+    # a parameter block 2 shares with block 0 (Zamba's shared transformer) is not fresh
+    fresh = [k for k, _ in grown.named_parameters() if ".layers.2." in k or ".h.2." in k]
     state = _loaded(tmp_path / "random").state_dict()
     new = {k: state[k] for k in fresh if state[k].dim() >= 2 and k.endswith(".weight")}
     old = model.state_dict()
@@ -152,9 +175,39 @@ def test_grow_refuses_a_new_block_of_another_kind(tmp_path: Path) -> None:
 
     jamba = next(f[1] for f in FAMILIES if f[0] == "jamba")
     _, src = _saved(jamba, tmp_path)
-    with pytest.raises(InsertionError, match=r"builds block 2 unlike block 1 .*--source 0"):
+    with pytest.raises(InsertionError, match=r"attn_layer_period / attn_layer_offset \(2, 1\)"
+                       r".*--source 0 \(fits: \[0\]\) or --after 0 \(fits: \[-1, 0\]\)"):
         surgeon.grow(src, tmp_path / "grown", init="copy")
     assert not (tmp_path / "grown").exists()
+
+
+@pytest.mark.parametrize("after", [-1, 0])
+def test_jamba_growth_rewrites_its_period_and_offset(after: int, tmp_path: Path) -> None:
+    """Blocks (mamba, attention+MoE) grown to (mamba, mamba, attention+MoE) by a block before or
+    after block 0: attention and experts every 3rd block from offset 2, so each keeps its kind."""
+    import surgeon
+
+    jamba = next(f[1] for f in FAMILIES if f[0] == "jamba")
+    model, src = _saved(jamba, tmp_path)
+    result = surgeon.grow(src, tmp_path / "zero", init="zero", after=after)
+    assert "attn_layer_period" in result.config_changes
+    grown = _loaded(tmp_path / "zero")
+    assert (grown.config.attn_layer_period, grown.config.attn_layer_offset) == (3, 2)
+    assert (grown.config.expert_layer_period, grown.config.expert_layer_offset) == (3, 2)
+    assert grown.config.layers_block_type == ["mamba", "mamba", "attention"]
+    assert grown.config.layers_num_experts == [1, 1, 4]
+    assert (_logits(grown) - _logits(model)).abs().max().item() <= 1e-5
+
+
+def test_recurrent_gemma_growth_writes_its_cycled_block_types_in_full(tmp_path: Path) -> None:
+    import surgeon
+
+    rg = next(f[1] for f in FAMILIES if f[0] == "recurrent-gemma")
+    _, src = _saved(rg, tmp_path)
+    result = surgeon.grow(src, tmp_path / "copy", init="copy", after=0)
+    assert result.config_changes == ["block_types", "num_hidden_layers"]
+    grown = _loaded(tmp_path / "copy")
+    assert grown.config.block_types == ["recurrent", "recurrent", "attention"]
 
 
 def test_gpt_neo_growth_widens_its_run_length_attention_types(tmp_path: Path) -> None:

@@ -236,7 +236,59 @@ def _module_producers(trace: ModelTrace, owner: str, node: fx.Node) -> list[str]
             first = first[0]
         return _producers(trace, name, first)  # traced: no guessing from names
     last = _last_weighted(module, name)
-    return None if last is None else [last]
+    return None if last is None else _writers_by_running(trace, module, name, last)
+
+
+def _writers_by_running(trace: ModelTrace, module: nn.Module, name: str, last: str) -> list[str]:
+    """What writes the output of the untraced `module`: `last` (its last parameter matrix) where
+    zeroing it makes the module's output zero on its recorded call, else the fewest of its
+    children's last matrices that do (DeepSeek-V3's MoE, untraced for its router's tuple:
+    the routed experts' 3-D `down_proj` and the shared experts' `down_proj`, not the router).
+    Where the module cannot be run on its recorded call, `last` (the identity check decides)."""
+    call = trace.calls.get(name)
+    if call is None:
+        return [last]
+    candidates = [found for sub, child in module.named_children()
+                  if (found := _last_weighted(child, f"{name}.{sub}")) is not None]
+    candidates += [] if last in candidates else [last]
+    if len(candidates) == 1:
+        return [last]
+    from surgeon.files.lazy import materialized
+
+    with materialized(module):
+        probe = copy.deepcopy(module)
+    for sub in probe.modules():  # LazyWeights' hooks belong to the original
+        sub._forward_pre_hooks.clear()
+        sub._forward_hooks.clear()
+    saved = {n: p.detach().clone() for n, p in probe.named_parameters()}
+
+    def zero_with(names: list[str]) -> bool | None:
+        """Whether `module`'s output is zero with `names` zeroed (None: it does not run)."""
+        params = dict(probe.named_parameters())
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+            for writer in names:
+                local = writer[len(name) + 1:]
+                for n, p in params.items():
+                    if n.startswith(local + ".") or n == local or (
+                            n.startswith(local + "_") and "bias" in n):
+                        p.zero_()
+            try:
+                out = probe(*call.args, **call.kwargs)
+            except Exception:  # noqa: BLE001 - a module this cannot call keeps the graph's answer
+                return None
+        while isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        return bool(isinstance(out, torch.Tensor) and not out.any())
+
+    if zero_with([last]) is not False or not zero_with(candidates):
+        return [last]
+    chosen = list(candidates)
+    for writer in candidates:  # leave out each one the output does not need zeroed
+        if zero_with([c for c in chosen if c != writer]):
+            chosen.remove(writer)
+    return chosen
 
 
 def _last_weighted(module: nn.Module, name: str) -> str | None:

@@ -116,6 +116,10 @@ CYCLED_KEYS = ("block_types",)
 # Per-block lists stored run-length encoded, `[[pattern, repeats], ...]` (GPT-Neo's
 # `attention_types`, from which the config derives `attention_layers` when loaded).
 RUN_LENGTH_KEYS = ("attention_types",)
+# (period, offset) pairs from which a config derives each block's kind: block i is of the kind
+# where i % period == offset (Jamba's attention and MoE blocks; transformers 5 keeps no list).
+PERIOD_KEYS = (("attn_layer_period", "attn_layer_offset"),
+               ("expert_layer_period", "expert_layer_offset"))
 # Config entries that list block indices (the blocks that are dense, MoE, sliding...).
 LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "local_layer_ids", "attn_layer_indices")
 # A per-block list whose values are block indices (the layer whose KV cache a layer reads).
@@ -158,9 +162,12 @@ def widen_config(config: dict[str, Any], blocks: Blocks, after: int, count: int,
     `decoder` configs) the side the prefix names, and in a composite config the part it names
     (`text_config` for `language_model.…`). Beside that depth, the lists transformers keeps one
     entry per block (`PER_LAYER_KEYS`, such as `layer_types`) get `source`'s entry at each new
-    index, and lists of block indices (`LAYER_INDEX_KEYS`) are renumbered; no other entry is
-    touched, whatever its length. Raises `InsertionError` for a config whose depth does not
-    match, or one with a `per_layer_config`, which surgeon cannot renumber."""
+    index, cycled lists (`CYCLED_KEYS`) are written out in full, lists of block indices
+    (`LAYER_INDEX_KEYS`) are renumbered, and a period and offset (`PERIOD_KEYS`) are set so that
+    every old block keeps its kind and each new block gets `source`'s (`InsertionError` where no
+    period and offset can say that); no other entry is touched, whatever its length. Raises
+    `InsertionError` for a config whose depth does not match, or one with a `per_layer_config`,
+    which surgeon cannot renumber."""
     check_insertion(blocks, after, count)
     side = _side(blocks.prefix)
     words = set(blocks.prefix.lower().replace("_", ".").split("."))
@@ -200,6 +207,7 @@ def widen_config(config: dict[str, Any], blocks: Blocks, after: int, count: int,
             raise InsertionError(f"config.json's {where}per_layer_config overrides settings per "
                                  "block; surgeon grow cannot renumber it: grow a model without it")
         changed += _widen_lists(node, where, blocks.count, after, count, source)
+        changed += _widen_periods(node, where, blocks.count, after, count, source)
     return widened, sorted(changed)
 
 
@@ -254,3 +262,56 @@ def _expand_runs(value: list[Any]) -> list[Any] | None:
 
 def _ints(value: list[Any]) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _period_marks(period: int, offset: int, depth: int) -> list[bool]:
+    return [i % period == offset for i in range(depth)]
+
+
+def _period_fit(want: list[bool], period: int) -> tuple[int, int] | None:
+    """The (period, offset) that marks exactly the blocks `want` marks: `period` with another
+    offset if one does, else the shortest period that does; None if none can."""
+    depth = len(want)
+    for p in (period, *range(1, depth + 2)):
+        for o in range(p):
+            if _period_marks(p, o, depth) == want:
+                return p, o
+    return None
+
+
+def _widen_periods(node: dict[str, Any], where: str, depth: int, after: int, count: int,
+                   source: int) -> list[str]:
+    """Set, in place, each (period, offset) pair of `node` so that the grown depth keeps every
+    old block's kind and gives the new ones `source`'s; raise `InsertionError` naming the entry,
+    and the --source / --after that the pairs can express, where no pair does."""
+    pairs = [(pk, ok, node[pk], node[ok]) for pk, ok in PERIOD_KEYS
+             if _ints([node.get(pk), node.get(ok)]) and node[pk] >= 1]
+
+    def fits(a: int, s: int) -> bool:
+        return all(_period_fit(_grown_marks(p, o, depth, a, count, s), p) is not None
+                   for _, _, p, o in pairs)
+
+    changed = []
+    for period_key, offset_key, period, offset in pairs:
+        fit = _period_fit(_grown_marks(period, offset, depth, after, count, source), period)
+        if fit is None:
+            sources = [s for s in range(depth) if fits(after, s)]
+            afters = [a for a in range(-1, depth) if fits(a, max(a, 0))]
+            hint = " or ".join([f"pass --source {sources[0]} (fits: {sources})"] * bool(
+                sources) + [f"--after {afters[-1]} (fits: {afters})"] * bool(afters)) or \
+                "no single --source or --after fits"
+            raise InsertionError(
+                f"config.json's {where}{period_key} / {offset_key} ({period}, {offset}) derive "
+                f"each block's kind from its index, and none make {count} new block(s) after "
+                f"block {after} of block {source}'s kind while the others keep theirs; {hint}")
+        if fit != (period, offset):
+            node[period_key], node[offset_key] = fit
+            changed += [where + period_key] if fit[0] != period else []
+            changed += [where + offset_key] if fit[1] != offset else []
+    return changed
+
+
+def _grown_marks(period: int, offset: int, depth: int, after: int, count: int,
+                 source: int) -> list[bool]:
+    marks = _period_marks(period, offset, depth)
+    return marks[:after + 1] + [marks[source]] * count + marks[after + 1:]
