@@ -126,6 +126,10 @@ CORPUS: list[tuple[str, str, str, str, dict]] = [
     *[(m, "timm", m, "timm", {}) for m in [
         "resnet18", "vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0"]],
 ]
+# `surgeon.grow` arguments a user passes for a row: Jamba's attn/expert_layer_period give block
+# 1's kind (attention + MoE) to no third block while block 0 keeps its own, so grow refuses
+# the default and names --source 0 (a mamba block, as the period makes block 2).
+GROW_ARGS = {"jamba": {"source": 0}}
 QUICK = ["llama", "gpt2", "bert", "mixtral", "t5", "vit"]
 
 
@@ -400,7 +404,8 @@ def run_row(name: str, family: str, model_type: str, task: str, extra: dict) -> 
 
         for init in ("copy", "zero", "random"):
             def do_grow(init=init):
-                surgeon.grow(src, tmp / f"grow-{init}", init=init, overwrite=True)
+                surgeon.grow(src, tmp / f"grow-{init}", init=init, overwrite=True,
+                             **GROW_ARGS.get(name, {}))
                 g = tf.AutoModelForCausalLM.from_pretrained(tmp / f"grow-{init}").eval()
                 out = forward(g, example)
                 if not torch.isfinite(out).all():
