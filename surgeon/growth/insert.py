@@ -270,12 +270,19 @@ def _period_marks(period: int, offset: int, depth: int) -> list[bool]:
 
 def _period_fit(want: list[bool], period: int) -> tuple[int, int] | None:
     """The (period, offset) that marks exactly the blocks `want` marks: `period` with another
-    offset if one does, else the shortest period that does; None if none can."""
+    offset if one does, else the one other that can (the offset is the first marked block, the
+    period the gap to the second, or one past the end); None if none does."""
     depth = len(want)
-    for p in (period, *range(1, depth + 2)):
-        for o in range(p):
-            if _period_marks(p, o, depth) == want:
-                return p, o
+    marked = [i for i, w in enumerate(want) if w]
+    if not marked:
+        other = (depth + 1, depth)  # an offset past the last block
+    elif len(marked) > 1:
+        other = (marked[1] - marked[0], marked[0])
+    else:
+        other = (max(marked[0] + 1, depth - marked[0]), marked[0])
+    for p, o in [*((period, o) for o in range(period)), other]:
+        if _period_marks(p, o, depth) == want:
+            return p, o
     return None
 
 
@@ -297,9 +304,9 @@ def _widen_periods(node: dict[str, Any], where: str, depth: int, after: int, cou
         if fit is None:
             sources = [s for s in range(depth) if fits(after, s)]
             afters = [a for a in range(-1, depth) if fits(a, max(a, 0))]
-            hint = " or ".join([f"pass --source {sources[0]} (fits: {sources})"] * bool(
-                sources) + [f"--after {afters[-1]} (fits: {afters})"] * bool(afters)) or \
-                "no single --source or --after fits"
+            hint = " or ".join(([f"--source {sources[0]} (fits: {sources})"] if sources else [])
+                               + ([f"--after {afters[-1]} (fits: {afters})"] if afters else []))
+            hint = f"pass {hint}" if hint else "no single --source or --after fits"
             raise InsertionError(
                 f"config.json's {where}{period_key} / {offset_key} ({period}, {offset}) derive "
                 f"each block's kind from its index, and none make {count} new block(s) after "
