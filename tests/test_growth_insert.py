@@ -114,3 +114,39 @@ def test_config_without_a_matching_depth_is_refused() -> None:
     blocks = find_blocks({f"h.{i}.w": 1 for i in range(3)})
     with pytest.raises(InsertionError, match="no depth entry equal to the 3 blocks"):
         widen_config({"num_hidden_layers": 4}, blocks, 0, 1, 0)
+
+
+JAMBA_32 = {"num_hidden_layers": 32, "attn_layer_period": 8, "attn_layer_offset": 4,
+            "expert_layer_period": 2, "expert_layer_offset": 1}
+
+
+def _kinds(config: dict, depth: int) -> list[tuple[bool, bool]]:
+    return [(i % config["attn_layer_period"] == config["attn_layer_offset"],
+             i % config["expert_layer_period"] == config["expert_layer_offset"])
+            for i in range(depth)]
+
+
+def test_period_and_offset_keep_every_block_kind_or_refuse() -> None:
+    """Jamba-v0.1's layout: a mamba block without experts appended after block 31 fits the
+    periods as they are; block 10 (mamba + experts) appended there fits no period and offset."""
+    blocks = find_blocks({f"model.layers.{i}.w": 1 for i in range(32)})
+    widened, changed = widen_config(JAMBA_32, blocks, 31, 1, 0)
+    assert changed == ["num_hidden_layers"]
+    assert _kinds(widened, 33) == _kinds(JAMBA_32, 32) + [_kinds(JAMBA_32, 32)[0]]
+    with pytest.raises(InsertionError, match=r"expert_layer_period / expert_layer_offset \(2, 1\)"
+                       r".* pass --source 0 \(fits: \[0, 2, 6,"):
+        widen_config(JAMBA_32, blocks, 31, 1, 31)
+    small = {**JAMBA_32, "num_hidden_layers": 2, "attn_layer_period": 2, "attn_layer_offset": 1}
+    two = find_blocks({f"model.layers.{i}.w": 1 for i in range(2)})
+    widened, changed = widen_config(small, two, -1, 1, 0)  # (m, a) -> (m, m, a): every 3rd
+    assert _kinds(widened, 3) == [_kinds(small, 2)[0], *_kinds(small, 2)]
+    assert "attn_layer_offset" in changed and "expert_layer_period" in changed
+
+
+def test_cycled_block_types_are_written_out_in_full() -> None:
+    blocks = find_blocks({f"model.layers.{i}.w": 1 for i in range(4)})
+    config = {"num_hidden_layers": 4, "block_types": ["recurrent", "recurrent", "attention"]}
+    widened, changed = widen_config(config, blocks, 2, 1, 2)
+    assert widened["block_types"] == ["recurrent", "recurrent", "attention", "attention",
+                                      "recurrent"]
+    assert changed == ["block_types", "num_hidden_layers"]
