@@ -5,8 +5,9 @@ output whose `snapshots/` a `SnapshotCallback` wrote, the model the run saved la
 `SnapshotRecorder` directory holds weights only and needs `checkpoint=`, whose shapes must match
 the snapshots'. Its block list is found by bytes (`insert.find_blocks`); `count` blocks go in
 after block `after`, later blocks are renumbered, and the config gets the new depth
-(`insert.widen_config`: that block list's depth and per-layer lists only). The new blocks start
-as:
+(`insert.widen_config`: that block list's depth, its per-layer lists, and where the config
+derives block kinds from a cycled list or a period and offset, the entries that keep every block's
+kind). The new blocks start as:
 
 - `extrapolate` (default): each tensor of the source block moved along its trajectory over the
   snapshots (the AIether report's Algorithm 1, `geometry.extrapolate`); per-tensor τ, κ, β, γ, η
@@ -21,8 +22,9 @@ as:
 Zero and random values are written under the checkpoint's names: a model whose experts
 transformers fuses on load (one 3-D parameter) gets them split back as `save_pretrained` does.
 The widened config is built on the meta device first, and each new block must be of the source
-block's kind (`check_grown_blocks`: a config that derives block kinds from indices is refused
-with the `--source` that fits).
+block's kind (`check_grown_blocks`: a config that derives block kinds from indices in a way
+`widen_config` cannot rewrite is refused with the `--source` that fits). A parameter a block
+shares with an earlier one (Zamba's shared transformer, stored once) is shared by new blocks too.
 
 Like `surgeon convert`, every unchanged tensor is copied byte for byte, shards are cut at
 `max_shard_size`, the directory is written beside `dst` and renamed into place, and the same
@@ -421,8 +423,8 @@ def check_grown_blocks(widened: dict[str, Any], blocks: Blocks, after: int, coun
                        source: int, trust_remote_code: bool = False) -> None:
     """Build the grown model from the widened config (parameters on the meta device) and raise
     `InsertionError` unless each new block has the source block's parameters: a config that
-    derives each block's kind from its index (Jamba's `attn_layer_period` / `attn_layer_offset`)
-    would build another kind of block there, and the checkpoint would not load. The error names
+    derives each block's kind from its index in a way `widen_config` does not rewrite would
+    build another kind of block there, and the checkpoint would not load. The error names
     the `--source` blocks that would fit. A config transformers cannot build from the widened
     entries is refused the same way; one built by a repository's own code is not checked."""
     try:
