@@ -29,7 +29,12 @@ from surgeon.graph.blame import fold
 from surgeon.graph.find import source_line
 from surgeon.graph.layout import feature_axis, node_shapes
 from surgeon.graph.rewrite import Surgery, node_named
-from surgeon.graph.streams import folded_values, mixes_batch_in_list, translate
+from surgeon.graph.streams import (
+    folded_values,
+    mixes_batch_in_list,
+    same_tensor_inputs,
+    translate,
+)
 from surgeon.graph.tracing import FOLDED_STREAMS, flatten
 from surgeon.nn.aion import AionResidual
 from surgeon.nn.hyper import expand_streams, reduce_streams
@@ -190,6 +195,7 @@ class HyperConnections(PassConfig):
 
         node = named(plan.outer)
         fork = named(plan.fork)
+        _merge_same_inputs(surgery, site.owner, graph, fork)
         branch = named(plan.branch)
         more = [named(m) for m in plan.more]
         shortcut = {named(m) for m in plan.shortcut}
@@ -266,6 +272,24 @@ def _tuple_fork(surgery: Surgery, site: _Site) -> str | None:
             u.op != "call_function" or u.target is not operator.getitem for u in fork.users):
         return None
     return f"{site.owner}.{fork.target}" if site.owner else str(fork.target)
+
+
+def _same_inputs(surgery: Surgery, owner: str, graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """The owner's inputs that got the same tensor as an earlier input (see
+    `same_tensor_inputs`), on its editable graph."""
+    mt = surgery.trace.traces[owner]
+    found = same_tensor_inputs(mt.graph, surgery.trace.calls[owner], mt.shared.spec)
+    return {node_named(graph, a.name): node_named(graph, n.name) for a, n in found.items()}
+
+
+def _merge_same_inputs(surgery: Surgery, owner: str, graph: fx.Graph, fork: fx.Node) -> None:
+    """Where the stream the fork starts from came in through several inputs (Funnel's
+    `attention(h, h, h)`), their uses read the first one, so the branch and the shortcut see
+    one stream: the mixed branch input at batch b, or the folded streams."""
+    stream = {n for n in _ancestors(fork) | {fork} if n.op == "placeholder"}
+    for alias, first in _same_inputs(surgery, owner, graph).items():
+        if first in stream:
+            alias.replace_all_uses_with(first)
 
 
 def _item(t: tuple, i: int):  # noqa: ANN202 (fx-visible getitem with a readable name)
@@ -503,6 +527,7 @@ def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
         if mine[0] is not trunk[0]:  # the stream arrives folded
             fork = node_named(graph, mine[0].fork)  # a placeholder's descendant, never renamed
             inputs = {n for n in _ancestors(fork) | {fork} if n.op == "placeholder"}
+            inputs |= {a for a, n in _same_inputs(surgery, owner, graph).items() if n in inputs}
             for n in inputs:  # a call traced again cuts them to one stream (see tracing)
                 n.meta[FOLDED_STREAMS] = streams
             seeds |= inputs
