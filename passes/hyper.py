@@ -31,6 +31,7 @@ from surgeon.graph.layout import feature_axis, node_shapes
 from surgeon.graph.rewrite import Surgery, node_named
 from surgeon.graph.streams import (
     folded_values,
+    join_per_stream,
     mixes_batch_in_list,
     same_tensor_inputs,
     translate,
@@ -542,15 +543,76 @@ def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
                     (seeds if u.args[1] == 1 else blocked).add(u)
             elif n.op == "call_method" and n.target == "depth_connection":
                 seeds.add(n)
-        folded = folded_values(graph, seeds, blocked)
-        tensors = set(node_shapes(surgery, owner))
-        bad = translate(graph, folded, streams, tensors)
-        bad += [n for n in graph.nodes if mixes_batch_in_list(n, folded)]
-        if bad:
-            where = source_line(bad[0].meta.get("stack_trace") or "") or bad[0].name
-            raise PassError(f"hyper: {owner} splits, joins or indexes the batch dimension of "
-                            f"the residual stream between its residual adds ({where}), which "
-                            f"would mix the streams; exclude it with exclude={owner}")
+        _translate(surgery, owner, graph, seeds, blocked, streams)
+    for owner in _containers(surgery, trunk, owners):
+        _fold_container(surgery, trunk, owner, streams)
+
+
+def _translate(surgery: Surgery, owner: str, graph: fx.Graph, seeds: set[fx.Node],
+               blocked: set[fx.Node], streams: int) -> None:
+    """Translate the shape code on the values folded from `seeds`; refuse batch mixing."""
+    folded = folded_values(graph, seeds, blocked)
+    tensors = set(node_shapes(surgery, owner))
+    bad = translate(graph, folded, streams, tensors)
+    bad += [n for n in graph.nodes if mixes_batch_in_list(n, folded)]
+    if bad:
+        where = source_line(bad[0].meta.get("stack_trace") or "") or bad[0].name
+        raise PassError(f"hyper: {owner} splits, joins or indexes the batch dimension of "
+                        f"the residual stream between its residual adds ({where}), which "
+                        f"would mix the streams; exclude it with exclude={owner}")
+    join_per_stream(graph, folded, streams)
+
+
+def _containers(surgery: Surgery, trunk: list[_Plan], owners: list[str]) -> list[str]:
+    """The traced modules whose code the streams pass through between sites without holding
+    a site themselves: a trunk's blocks around their layers (CvT's stage reshapes its tokens
+    to an image after its layers), and the modules between a block and its sites."""
+    span = _trunk_span(surgery, trunk)
+    return [name for name in surgery.trace.traces if name in span and name not in owners]
+
+
+def _trunk_span(surgery: Surgery, trunk: list[_Plan]) -> set[str]:
+    """The trunk's blocks and every module between one of them and a site owner."""
+    blocks = next(t.blocks for t in surgery.inspection.trunks
+                  if any(trunk[0].site.owner == b or trunk[0].site.owner.startswith(b + ".")
+                         for b in t.blocks))
+    span = set(blocks)
+    for p in trunk:
+        parts = p.site.owner.split(".")
+        for cut in range(1, len(parts)):
+            name = ".".join(parts[:cut])
+            if any(name == b or name.startswith(b + ".") for b in blocks):
+                span.add(name)
+    return span
+
+
+def _fold_container(surgery: Surgery, trunk: list[_Plan], owner: str, streams: int) -> None:
+    """A module the streams pass through: its stream input arrives folded unless the trunk's
+    first site is inside it, a call into a child holding sites returns folded streams unless
+    the trunk's last site is inside that child."""
+    def holds(name: str, plan: _Plan) -> bool:
+        return plan.site.owner == name or plan.site.owner.startswith(name + ".")
+
+    graph = surgery.graph(owner)
+    seeds, blocked = set(), set()
+    if not holds(owner, trunk[0]):
+        stream = next((n for n in graph.nodes if n.op == "placeholder"), None)
+        if stream is not None:
+            same = _same_inputs(surgery, owner, graph)
+            for n in {stream} | {a for a, f in same.items() if f is stream}:
+                n.meta[FOLDED_STREAMS] = streams
+                seeds.add(n)
+    for n in graph.nodes:
+        if n.op != "call_module":
+            continue
+        child = f"{owner}.{n.target}" if owner else str(n.target)
+        if not any(holds(child, p) for p in trunk):
+            continue
+        (blocked if holds(child, trunk[-1]) else seeds).add(n)
+    if not seeds:
+        del surgery.graphs[owner]
+        return
+    _translate(surgery, owner, graph, seeds, blocked, streams)
 
 
 def _coverage(surgery: Surgery, covered: int, trunks: int) -> str:

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from surgeon.graph.tracing import Call, CallSpec, flatten
 from surgeon.nn.hyper import (
+    expand_streams,
     stream_numel,
     stream_permute,
     stream_shape,
@@ -163,3 +164,24 @@ def same_tensor_inputs(graph: fx.Graph, call: Call, spec: CallSpec) -> dict[fx.N
         else:
             first[key] = node
     return aliases
+
+
+def join_per_stream(graph: fx.Graph, folded: set[fx.Node], num_streams: int) -> None:
+    """A `cat` or `stack` along another dimension than the batch that joins folded values with
+    values at batch b (CvT's class token, `cls.expand(b, -1, -1)`, put before the folded
+    tokens): the batch-b values are repeated over the streams, so every stream gets them."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.cat, torch.concat,
+                                                             torch.stack):
+            continue
+        values = node.args[0] if node.args else None
+        if not isinstance(values, (tuple, list)):
+            continue
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        nodes = [v for v in values if isinstance(v, fx.Node)]
+        if dim == 0 or not any(v in folded for v in nodes) or all(v in folded for v in nodes):
+            continue
+        with graph.inserting_before(node):
+            wide = [graph.call_function(expand_streams, (v, num_streams))
+                    if isinstance(v, fx.Node) and v not in folded else v for v in values]
+        node.args = (type(values)(wide), *node.args[1:])
