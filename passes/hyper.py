@@ -38,7 +38,7 @@ from surgeon.graph.streams import (
 )
 from surgeon.graph.tracing import FOLDED_STREAMS, flatten
 from surgeon.nn.aion import AionResidual
-from surgeon.nn.hyper import expand_streams, reduce_streams
+from surgeon.nn.hyper import expand_streams, reduce_streams, resume_streams, suspend_streams
 from surgeon.nn.mhc import hyper_connections
 from surgeon.recipe import PassConfig, PassError, bounded, option_error, register
 
@@ -120,22 +120,19 @@ class HyperConnections(PassConfig):
             trunks = self._trunks(surgery)
         self._check_memory(surgery, trunks)
         plans: list[list[_Plan]] = []
+        carried: dict[int, tuple[str, ...]] = {}  # trunk index -> its blocks, where LayerDrop
         refused: list[tuple[str, tuple[str, ...], str]] = []
         for trunk in trunks:
             sites = _sites(surgery, trunk.blocks)
             if not sites:
-                continue
-            skipped = surgery.skipped_in_training(list(trunk.blocks))
-            if skipped:
-                refused.append((skipped[0], trunk.blocks, "is skipped at random in train mode "
-                                "(LayerDrop), and hyper-connections need every block of its "
-                                "trunk to run (set the model's layerdrop to 0)"))
                 continue
             if any(not _is_local(surgery, s) for s in sites):
                 refused.append((trunk.blocks[0], trunk.blocks, "its residual adds take their "
                                 "skip from the calling module (BERT-style post-norm), which "
                                 "hyper-connections cannot wrap yet"))
                 continue
+            if surgery.skipped_in_training(list(trunk.blocks)):
+                carried[len(plans)] = trunk.blocks
             plans.append(_plans(surgery, sites))
         if refused and not plans:
             name, blocks, reason = refused[0]
@@ -143,7 +140,7 @@ class HyperConnections(PassConfig):
                               self.name)
         added: list[tuple[str, str]] = []
         try:
-            new = self._rewrite_trunks(surgery, plans, added)
+            new = self._rewrite_trunks(surgery, plans, added, carried)
         except PassError:
             for owner, attr in added:  # nothing of this pass stays on the model
                 delattr(surgery.module(owner), attr)
@@ -155,15 +152,26 @@ class HyperConnections(PassConfig):
         return new
 
     def _rewrite_trunks(self, surgery: Surgery, plans: list[list[_Plan]],
-                        added: list[tuple[str, str]]) -> list[str]:
+                        added: list[tuple[str, str]], carried: dict[int, tuple[str, ...]]
+                        ) -> list[str]:
+        """Each trunk folded from its first site to its last; a trunk whose blocks may be
+        skipped (LayerDrop, `carried`) folded within each block, the streams handed from
+        block to block on the reduced tensor (`suspend_streams`, `resume_streams`)."""
         new: list[str] = []
-        for trunk in plans:
+        for t, trunk in enumerate(plans):
             renamed: dict[tuple[str, str], str] = {}  # a site's add -> the node now in its place
-            for i, plan in enumerate(trunk):
-                new.append(self._rewrite(surgery, plan, i, first=i == 0,
-                                         last=i == len(trunk) - 1, added=added,
-                                         renamed=renamed))
-            _fold_shapes(surgery, trunk, self.streams)
+            blocks = carried.get(t)
+            groups = [trunk] if blocks is None else [
+                g for g in ([p for p in trunk if _holds(b, p)] for b in blocks) if g]
+            carry = None if blocks is None else blocks[0]
+            i = 0
+            for group in groups:
+                for j, plan in enumerate(group):
+                    new.append(self._rewrite(surgery, plan, i, first=j == 0,
+                                             last=j == len(group) - 1, added=added,
+                                             renamed=renamed, carry=carry))
+                    i += 1
+                _fold_shapes(surgery, group, self.streams)
         return new
 
     def _check_memory(self, surgery: Surgery, trunks: list) -> None:
@@ -187,7 +195,8 @@ class HyperConnections(PassConfig):
         return [t for t in surgery.inspection.trunks if any(self.selects(b) for b in t.blocks)]
 
     def _rewrite(self, surgery: Surgery, plan: _Plan, index: int, first: bool, last: bool,
-                 added: list[tuple[str, str]], renamed: dict[tuple[str, str], str]) -> str:
+                 added: list[tuple[str, str]], renamed: dict[tuple[str, str], str],
+                 carry: str | None = None) -> str:
         site = plan.site
         graph = surgery.graph(site.owner)
 
@@ -210,7 +219,9 @@ class HyperConnections(PassConfig):
         with graph.inserting_before(_anchor(fork).next):
             stream = fork
             if first:
-                stream = graph.call_function(expand_streams, (fork, self.streams))
+                stream = graph.call_function(expand_streams, (fork, self.streams)) \
+                    if carry is None else graph.call_function(resume_streams,
+                                                              (fork, self.streams, carry))
             mixer = graph.get_attr(target)
             width = graph.call_method("width_connection", (mixer, stream))
             branch_input = graph.call_function(_item, (width, 0))
@@ -233,7 +244,9 @@ class HyperConnections(PassConfig):
                 y = graph.call_method("scale", (aion, branch, x, *site_node.args[2:]))
             out = graph.call_method("depth_connection", (mixer, y, skip, beta, *more))
             if last:
-                out = graph.call_function(reduce_streams, (out, self.streams, self.reduce))
+                out = graph.call_function(reduce_streams, (out, self.streams, self.reduce)) \
+                    if carry is None else graph.call_function(
+                        suspend_streams, (out, self.streams, self.reduce, carry))
         node.replace_all_uses_with(out)
         renamed[(site.owner, plan.outer)] = out.name
         for done in reversed(plan.chain):  # the site's add and a parallel block's outer adds
@@ -533,9 +546,9 @@ def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
                 n.meta[FOLDED_STREAMS] = streams
             seeds |= inputs
         for n in graph.nodes:
-            if n.op == "call_function" and n.target is expand_streams:
+            if n.op == "call_function" and n.target in (expand_streams, resume_streams):
                 seeds.add(n)
-            elif n.op == "call_function" and n.target is reduce_streams:
+            elif n.op == "call_function" and n.target in (reduce_streams, suspend_streams):
                 blocked.add(n)
             elif n.op == "call_method" and n.target == "width_connection":
                 blocked.add(n)
@@ -572,10 +585,10 @@ def _containers(surgery: Surgery, trunk: list[_Plan], owners: list[str]) -> list
 
 
 def _trunk_span(surgery: Surgery, trunk: list[_Plan]) -> set[str]:
-    """The trunk's blocks and every module between one of them and a site owner."""
-    blocks = next(t.blocks for t in surgery.inspection.trunks
-                  if any(trunk[0].site.owner == b or trunk[0].site.owner.startswith(b + ".")
-                         for b in t.blocks))
+    """The blocks holding the trunk's sites (`trunk` may be one block's sites) and every
+    module between one of them and a site owner."""
+    blocks = [b for t in surgery.inspection.trunks for b in t.blocks
+              if any(_holds(b, p) for p in trunk)]
     span = set(blocks)
     for p in trunk:
         parts = p.site.owner.split(".")
@@ -586,13 +599,17 @@ def _trunk_span(surgery: Surgery, trunk: list[_Plan]) -> set[str]:
     return span
 
 
+def _holds(name: str, plan: _Plan) -> bool:
+    """Module `name` is the plan's site owner or holds it."""
+    return plan.site.owner == name or plan.site.owner.startswith(name + ".") or not name
+
+
 def _fold_container(surgery: Surgery, trunk: list[_Plan], owner: str, streams: int) -> None:
     """A module the streams pass through: its stream input arrives folded unless the trunk's
     first site is inside it, a call into a child holding sites returns folded streams unless
     the trunk's last site is inside that child."""
-    def holds(name: str, plan: _Plan) -> bool:
-        return plan.site.owner == name or plan.site.owner.startswith(name + ".")
-
+    holds = _holds
+    fresh = owner not in surgery.graphs
     graph = surgery.graph(owner)
     seeds, blocked = set(), set()
     if not holds(owner, trunk[0]):
@@ -610,7 +627,8 @@ def _fold_container(surgery: Surgery, trunk: list[_Plan], owner: str, streams: i
             continue
         (blocked if holds(child, trunk[-1]) else seeds).add(n)
     if not seeds:
-        del surgery.graphs[owner]
+        if fresh:  # nothing of the streams passes here: the module stays as it is
+            del surgery.graphs[owner]
         return
     _translate(surgery, owner, graph, seeds, blocked, streams)
 
