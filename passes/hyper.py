@@ -38,7 +38,15 @@ from surgeon.graph.streams import (
 )
 from surgeon.graph.tracing import FOLDED_STREAMS, flatten
 from surgeon.nn.aion import AionResidual
-from surgeon.nn.hyper import expand_streams, reduce_streams, resume_streams, suspend_streams
+from surgeon.nn.hyper import (
+    expand_streams,
+    reduce_streams,
+    resume_streams,
+    stream_numel,
+    stream_shape,
+    stream_size,
+    suspend_streams,
+)
 from surgeon.nn.mhc import hyper_connections
 from surgeon.recipe import PassConfig, PassError, bounded, option_error, register
 
@@ -171,8 +179,34 @@ class HyperConnections(PassConfig):
                                              last=j == len(group) - 1, added=added,
                                              renamed=renamed, carry=carry))
                     i += 1
-                _fold_shapes(surgery, group, self.streams)
+                folded = _fold_shapes(surgery, group, self.streams, carried=carry is not None)
+                if carry is not None:
+                    self._suspend_at_output(surgery, group, folded, carry)
         return new
+
+    def _suspend_at_output(self, surgery: Surgery, group: list[_Plan],
+                           folded: dict[str, set[fx.Node]], carry: str) -> None:
+        """A carried trunk's block returns one stream (`suspend_streams`) where its graph
+        returns the folded streams: after its last site and whatever follows it in the block
+        (a post-norm block's final norm runs on every stream)."""
+        block = next(b for b in _span_blocks(surgery, group))
+        if block not in folded:
+            raise PassError(f"hyper: {block} is skipped at random in train mode (LayerDrop) "
+                            f"and its own code could not be traced, so the streams cannot be "
+                            f"handed past it; set the model's layerdrop to 0 or exclude "
+                            f"exclude={block}")
+        graph = surgery.graph(block)
+        output = next(n for n in graph.nodes if n.op == "output")
+        mine = folded[block]
+
+        def suspend(value: Any) -> Any:
+            if not (isinstance(value, fx.Node) and value in mine):
+                return value
+            with graph.inserting_before(output):
+                return graph.call_function(suspend_streams,
+                                           (value, self.streams, self.reduce, carry))
+
+        output.args = fx.node.map_aggregate(output.args, suspend)
 
     def _check_memory(self, surgery: Surgery, trunks: list) -> None:
         """Refuse, before anything is built, streams whose mixing weights (counted on a module
@@ -243,10 +277,8 @@ class HyperConnections(PassConfig):
                     reduce_streams, (skip, self.streams, "mean"))
                 y = graph.call_method("scale", (aion, branch, x, *site_node.args[2:]))
             out = graph.call_method("depth_connection", (mixer, y, skip, beta, *more))
-            if last:
-                out = graph.call_function(reduce_streams, (out, self.streams, self.reduce)) \
-                    if carry is None else graph.call_function(
-                        suspend_streams, (out, self.streams, self.reduce, carry))
+            if last and carry is None:  # (a carried trunk's blocks reduce at their output)
+                out = graph.call_function(reduce_streams, (out, self.streams, self.reduce))
         node.replace_all_uses_with(out)
         renamed[(site.owner, plan.outer)] = out.name
         for done in reversed(plan.chain):  # the site's add and a parallel block's outer adds
@@ -530,9 +562,12 @@ def _layout(surgery: Surgery, site: _Site, mt: Any, fork: fx.Node, add: fx.Node,
     return (-1 if axis == rank - 1 else axis), int(fork_shape[axis])
 
 
-def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
+def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int, carried: bool = False
+                 ) -> dict[str, set[fx.Node]]:
     """In each graph the trunk edited, make shape code on folded streams see one stream's shape
-    (see `surgeon.graph.streams`); refuse ops that mix the streams along the batch."""
+    (see `surgeon.graph.streams`); refuse ops that mix the streams along the batch. Returns the
+    folded values of each graph the streams pass through."""
+    found: dict[str, set[fx.Node]] = {}
     owners = list(dict.fromkeys(p.site.owner for p in trunk))
     for owner in owners:
         graph = surgery.graph(owner)
@@ -556,14 +591,16 @@ def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
                     (seeds if u.args[1] == 1 else blocked).add(u)
             elif n.op == "call_method" and n.target == "depth_connection":
                 seeds.add(n)
-        _translate(surgery, owner, graph, seeds, blocked, streams)
+        found[owner] = _translate(surgery, owner, graph, seeds, blocked, streams)
     for owner in _containers(surgery, trunk, owners):
-        _fold_container(surgery, trunk, owner, streams)
+        found[owner] = _fold_container(surgery, trunk, owner, streams, carried)
+    return found
 
 
 def _translate(surgery: Surgery, owner: str, graph: fx.Graph, seeds: set[fx.Node],
-               blocked: set[fx.Node], streams: int) -> None:
-    """Translate the shape code on the values folded from `seeds`; refuse batch mixing."""
+               blocked: set[fx.Node], streams: int) -> set[fx.Node]:
+    """Translate the shape code on the values folded from `seeds`; refuse batch mixing.
+    Returns the folded values of the graph as translated."""
     folded = folded_values(graph, seeds, blocked)
     tensors = set(node_shapes(surgery, owner))
     bad = translate(graph, folded, streams, tensors)
@@ -574,6 +611,9 @@ def _translate(surgery: Surgery, owner: str, graph: fx.Graph, seeds: set[fx.Node
                         f"the residual stream between its residual adds ({where}), which "
                         f"would mix the streams; exclude it with exclude={owner}")
     join_per_stream(graph, folded, streams)
+    shapes = (stream_shape, stream_size, stream_numel)
+    return {n for n in folded_values(graph, seeds, blocked)
+            if not (n.op == "call_function" and n.target in shapes)}
 
 
 def _containers(surgery: Surgery, trunk: list[_Plan], owners: list[str]) -> list[str]:
@@ -587,8 +627,7 @@ def _containers(surgery: Surgery, trunk: list[_Plan], owners: list[str]) -> list
 def _trunk_span(surgery: Surgery, trunk: list[_Plan]) -> set[str]:
     """The blocks holding the trunk's sites (`trunk` may be one block's sites) and every
     module between one of them and a site owner."""
-    blocks = [b for t in surgery.inspection.trunks for b in t.blocks
-              if any(_holds(b, p) for p in trunk)]
+    blocks = _span_blocks(surgery, trunk)
     span = set(blocks)
     for p in trunk:
         parts = p.site.owner.split(".")
@@ -599,15 +638,23 @@ def _trunk_span(surgery: Surgery, trunk: list[_Plan]) -> set[str]:
     return span
 
 
+def _span_blocks(surgery: Surgery, trunk: list[_Plan]) -> list[str]:
+    """The trunk blocks that hold the plans' sites."""
+    return [b for t in surgery.inspection.trunks for b in t.blocks
+            if any(_holds(b, p) for p in trunk)]
+
+
 def _holds(name: str, plan: _Plan) -> bool:
     """Module `name` is the plan's site owner or holds it."""
     return plan.site.owner == name or plan.site.owner.startswith(name + ".") or not name
 
 
-def _fold_container(surgery: Surgery, trunk: list[_Plan], owner: str, streams: int) -> None:
+def _fold_container(surgery: Surgery, trunk: list[_Plan], owner: str, streams: int,
+                    carried: bool = False) -> set[fx.Node]:
     """A module the streams pass through: its stream input arrives folded unless the trunk's
     first site is inside it, a call into a child holding sites returns folded streams unless
-    the trunk's last site is inside that child."""
+    the trunk's last site is inside that child (and the trunk is not `carried`: then the
+    block reduces at its output)."""
     holds = _holds
     fresh = owner not in surgery.graphs
     graph = surgery.graph(owner)
@@ -625,12 +672,12 @@ def _fold_container(surgery: Surgery, trunk: list[_Plan], owner: str, streams: i
         child = f"{owner}.{n.target}" if owner else str(n.target)
         if not any(holds(child, p) for p in trunk):
             continue
-        (blocked if holds(child, trunk[-1]) else seeds).add(n)
+        (blocked if holds(child, trunk[-1]) and not carried else seeds).add(n)
     if not seeds:
         if fresh:  # nothing of the streams passes here: the module stays as it is
             del surgery.graphs[owner]
-        return
-    _translate(surgery, owner, graph, seeds, blocked, streams)
+        return set()
+    return _translate(surgery, owner, graph, seeds, blocked, streams)
 
 
 def _coverage(surgery: Surgery, covered: int, trunks: int) -> str:
