@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from zoo import LayerDropNet
+from zoo import DropBlock, LayerDropNet, PostNormDropBlock
 
 from surgeon.applying import apply
 from surgeon.graph.tracing import TracedModule
@@ -74,13 +74,15 @@ def skipping(pattern: list[bool]):
     return lambda *a, **k: torch.full(a[0] if a else [], next(values))
 
 
-def test_hyper_carries_the_streams_through_a_layer_skipped_by_layerdrop(monkeypatch) -> None:
+@pytest.mark.parametrize("block", [DropBlock, PostNormDropBlock])
+def test_hyper_carries_the_streams_through_a_layer_skipped_by_layerdrop(
+        monkeypatch: pytest.MonkeyPatch, block: type[DropBlock]) -> None:
     """LayerDrop: a skipped block is an identity on the n streams. Exact at init in both modes;
     with trained (random) mixing, skipping the middle block equals running the other two one
     after the other on the streams, not on one reduced stream; a skipped first or last block
-    still gives (b, t, d)."""
+    still gives (b, t, d). A post-norm block hands on its output after its norm."""
     torch.manual_seed(0)
-    model = LayerDropNet(layerdrop=0.5, layers=3)
+    model = LayerDropNet(layerdrop=0.5, layers=3, block=block)
     original = copy.deepcopy(model)
     apply(model, ["hyper"], (X,))
     assert model.surgeon_drift[-1].max_abs == 0.0

@@ -651,13 +651,22 @@ class DropBlock(nn.Module):
         return x + F.dropout(h, p=self.p, training=self.training)
 
 
+class PostNormDropBlock(DropBlock):
+    """wav2vec2's post-norm layer: the norm after the add, inside the block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        h = self.fc2(F.gelu(self.fc1(x)))
+        return self.norm(x + F.dropout(h, p=self.p, training=self.training))
+
+
 class LayerDropNet(nn.Module):
     """Blocks skipped at random in train mode, as transformers' `layerdrop` does."""
 
-    def __init__(self, d: int = 32, layers: int = 2, layerdrop: float = 0.0) -> None:
+    def __init__(self, d: int = 32, layers: int = 2, layerdrop: float = 0.0,
+                 block: type[DropBlock] = DropBlock) -> None:
         super().__init__()
         self.embed = nn.Linear(8, d)
-        self.layers = nn.ModuleList([DropBlock(d) for _ in range(layers)])
+        self.layers = nn.ModuleList([block(d) for _ in range(layers)])
         self.norm, self.layerdrop = nn.LayerNorm(d), layerdrop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
