@@ -673,11 +673,14 @@ def _fold_container(surgery: Surgery, trunk: list[_Plan], owner: str, streams: i
         if not any(holds(child, p) for p in trunk):
             continue
         (blocked if holds(child, trunk[-1]) and not carried else seeds).add(n)
-    if not seeds:
-        if fresh:  # nothing of the streams passes here: the module stays as it is
-            del surgery.graphs[owner]
+    before = str(graph)
+    folded = _translate(surgery, owner, graph, seeds, blocked, streams) if seeds else set()
+    if fresh and not carried and str(graph) == before:
+        # no shape code to translate: the module stays as it is, its children (traced again
+        # for another call) cutting their inputs to one stream themselves
+        del surgery.graphs[owner]
         return set()
-    return _translate(surgery, owner, graph, seeds, blocked, streams)
+    return folded
 
 
 def _coverage(surgery: Surgery, covered: int, trunks: int) -> str:
