@@ -10,6 +10,10 @@ The streams are folded into the batch (`H` is `(b·n, ..., d)`), so the code bet
 its shapes; the first site expands its skip into the streams and the last one reduces them, so
 the trunk's callers see `(b, ..., d)` as before. Masks, rotary tables and caches reach the branch,
 which runs at batch b. At init the rewrite is exact (HC) or within ~1e-6 (mHC).
+
+A trunk whose caller skips blocks at random in train mode (LayerDrop) is folded within each block
+instead: a block returns one stream's tensor carrying the streams (`suspend_streams`), which the
+next block that runs takes up (`resume_streams`), so a skipped block is an identity on the streams.
 """
 
 from __future__ import annotations
