@@ -10,6 +10,10 @@ The streams are folded into the batch (`H` is `(b·n, ..., d)`), so the code bet
 its shapes; the first site expands its skip into the streams and the last one reduces them, so
 the trunk's callers see `(b, ..., d)` as before. Masks, rotary tables and caches reach the branch,
 which runs at batch b. At init the rewrite is exact (HC) or within ~1e-6 (mHC).
+
+A trunk whose caller skips blocks at random in train mode (LayerDrop) is folded within each block
+instead: a block returns one stream's tensor carrying the streams (`suspend_streams`), which the
+next block that runs takes up (`resume_streams`), so a skipped block is an identity on the streams.
 """
 
 from __future__ import annotations
@@ -29,10 +33,24 @@ from surgeon.graph.blame import fold
 from surgeon.graph.find import source_line
 from surgeon.graph.layout import feature_axis, node_shapes
 from surgeon.graph.rewrite import Surgery, node_named
-from surgeon.graph.streams import folded_values, mixes_batch_in_list, translate
+from surgeon.graph.streams import (
+    folded_values,
+    join_per_stream,
+    mixes_batch_in_list,
+    same_tensor_inputs,
+    translate,
+)
 from surgeon.graph.tracing import FOLDED_STREAMS, flatten
 from surgeon.nn.aion import AionResidual
-from surgeon.nn.hyper import expand_streams, reduce_streams
+from surgeon.nn.hyper import (
+    expand_streams,
+    reduce_streams,
+    resume_streams,
+    stream_numel,
+    stream_shape,
+    stream_size,
+    suspend_streams,
+)
 from surgeon.nn.mhc import hyper_connections
 from surgeon.recipe import PassConfig, PassError, bounded, option_error, register
 
@@ -114,22 +132,19 @@ class HyperConnections(PassConfig):
             trunks = self._trunks(surgery)
         self._check_memory(surgery, trunks)
         plans: list[list[_Plan]] = []
+        carried: dict[int, tuple[str, ...]] = {}  # trunk index -> its blocks, where LayerDrop
         refused: list[tuple[str, tuple[str, ...], str]] = []
         for trunk in trunks:
             sites = _sites(surgery, trunk.blocks)
             if not sites:
-                continue
-            skipped = surgery.skipped_in_training(list(trunk.blocks))
-            if skipped:
-                refused.append((skipped[0], trunk.blocks, "is skipped at random in train mode "
-                                "(LayerDrop), and hyper-connections need every block of its "
-                                "trunk to run (set the model's layerdrop to 0)"))
                 continue
             if any(not _is_local(surgery, s) for s in sites):
                 refused.append((trunk.blocks[0], trunk.blocks, "its residual adds take their "
                                 "skip from the calling module (BERT-style post-norm), which "
                                 "hyper-connections cannot wrap yet"))
                 continue
+            if surgery.skipped_in_training(list(trunk.blocks)):
+                carried[len(plans)] = trunk.blocks
             plans.append(_plans(surgery, sites))
         if refused and not plans:
             name, blocks, reason = refused[0]
@@ -137,7 +152,7 @@ class HyperConnections(PassConfig):
                               self.name)
         added: list[tuple[str, str]] = []
         try:
-            new = self._rewrite_trunks(surgery, plans, added)
+            new = self._rewrite_trunks(surgery, plans, added, carried)
         except PassError:
             for owner, attr in added:  # nothing of this pass stays on the model
                 delattr(surgery.module(owner), attr)
@@ -149,16 +164,53 @@ class HyperConnections(PassConfig):
         return new
 
     def _rewrite_trunks(self, surgery: Surgery, plans: list[list[_Plan]],
-                        added: list[tuple[str, str]]) -> list[str]:
+                        added: list[tuple[str, str]], carried: dict[int, tuple[str, ...]]
+                        ) -> list[str]:
+        """Each trunk folded from its first site to its last; a trunk whose blocks may be
+        skipped (LayerDrop, `carried`) folded within each block, the streams handed from
+        block to block on the reduced tensor (`suspend_streams`, `resume_streams`)."""
         new: list[str] = []
-        for trunk in plans:
+        for t, trunk in enumerate(plans):
             renamed: dict[tuple[str, str], str] = {}  # a site's add -> the node now in its place
-            for i, plan in enumerate(trunk):
-                new.append(self._rewrite(surgery, plan, i, first=i == 0,
-                                         last=i == len(trunk) - 1, added=added,
-                                         renamed=renamed))
-            _fold_shapes(surgery, trunk, self.streams)
+            blocks = carried.get(t)
+            groups = [trunk] if blocks is None else [
+                g for g in ([p for p in trunk if _holds(b, p)] for b in blocks) if g]
+            carry = None if blocks is None else blocks[0]
+            i = 0
+            for group in groups:
+                for j, plan in enumerate(group):
+                    new.append(self._rewrite(surgery, plan, i, first=j == 0,
+                                             last=j == len(group) - 1, added=added,
+                                             renamed=renamed, carry=carry))
+                    i += 1
+                folded = _fold_shapes(surgery, group, self.streams, carried=carry is not None)
+                if carry is not None:
+                    self._suspend_at_output(surgery, group, folded, carry)
         return new
+
+    def _suspend_at_output(self, surgery: Surgery, group: list[_Plan],
+                           folded: dict[str, set[fx.Node]], carry: str) -> None:
+        """A carried trunk's block returns one stream (`suspend_streams`) where its graph
+        returns the folded streams: after its last site and whatever follows it in the block
+        (a post-norm block's final norm runs on every stream)."""
+        block = next(b for b in _span_blocks(surgery, group))
+        if block not in folded:
+            raise PassError(f"hyper: {block} is skipped at random in train mode (LayerDrop) "
+                            f"and its own code could not be traced, so the streams cannot be "
+                            f"handed past it; set the model's layerdrop to 0 or exclude "
+                            f"exclude={block}")
+        graph = surgery.graph(block)
+        output = next(n for n in graph.nodes if n.op == "output")
+        mine = folded[block]
+
+        def suspend(value: Any) -> Any:
+            if not (isinstance(value, fx.Node) and value in mine):
+                return value
+            with graph.inserting_before(output):
+                return graph.call_function(suspend_streams,
+                                           (value, self.streams, self.reduce, carry))
+
+        output.args = fx.node.map_aggregate(output.args, suspend)
 
     def _check_memory(self, surgery: Surgery, trunks: list) -> None:
         """Refuse, before anything is built, streams whose mixing weights (counted on a module
@@ -181,7 +233,8 @@ class HyperConnections(PassConfig):
         return [t for t in surgery.inspection.trunks if any(self.selects(b) for b in t.blocks)]
 
     def _rewrite(self, surgery: Surgery, plan: _Plan, index: int, first: bool, last: bool,
-                 added: list[tuple[str, str]], renamed: dict[tuple[str, str], str]) -> str:
+                 added: list[tuple[str, str]], renamed: dict[tuple[str, str], str],
+                 carry: str | None = None) -> str:
         site = plan.site
         graph = surgery.graph(site.owner)
 
@@ -190,6 +243,7 @@ class HyperConnections(PassConfig):
 
         node = named(plan.outer)
         fork = named(plan.fork)
+        _merge_same_inputs(surgery, site.owner, graph, fork)
         branch = named(plan.branch)
         more = [named(m) for m in plan.more]
         shortcut = {named(m) for m in plan.shortcut}
@@ -203,7 +257,9 @@ class HyperConnections(PassConfig):
         with graph.inserting_before(_anchor(fork).next):
             stream = fork
             if first:
-                stream = graph.call_function(expand_streams, (fork, self.streams))
+                stream = graph.call_function(expand_streams, (fork, self.streams)) \
+                    if carry is None else graph.call_function(resume_streams,
+                                                              (fork, self.streams, carry))
             mixer = graph.get_attr(target)
             width = graph.call_method("width_connection", (mixer, stream))
             branch_input = graph.call_function(_item, (width, 0))
@@ -225,7 +281,7 @@ class HyperConnections(PassConfig):
                     reduce_streams, (skip, self.streams, "mean"))
                 y = graph.call_method("scale", (aion, branch, x, *site_node.args[2:]))
             out = graph.call_method("depth_connection", (mixer, y, skip, beta, *more))
-            if last:
+            if last and carry is None:  # (a carried trunk's blocks reduce at their output)
                 out = graph.call_function(reduce_streams, (out, self.streams, self.reduce))
         node.replace_all_uses_with(out)
         renamed[(site.owner, plan.outer)] = out.name
@@ -266,6 +322,24 @@ def _tuple_fork(surgery: Surgery, site: _Site) -> str | None:
             u.op != "call_function" or u.target is not operator.getitem for u in fork.users):
         return None
     return f"{site.owner}.{fork.target}" if site.owner else str(fork.target)
+
+
+def _same_inputs(surgery: Surgery, owner: str, graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """The owner's inputs that got the same tensor as an earlier input (see
+    `same_tensor_inputs`), on its editable graph."""
+    mt = surgery.trace.traces[owner]
+    found = same_tensor_inputs(mt.graph, surgery.trace.calls[owner], mt.shared.spec)
+    return {node_named(graph, a.name): node_named(graph, n.name) for a, n in found.items()}
+
+
+def _merge_same_inputs(surgery: Surgery, owner: str, graph: fx.Graph, fork: fx.Node) -> None:
+    """Where the stream the fork starts from came in through several inputs (Funnel's
+    `attention(h, h, h)`), their uses read the first one, so the branch and the shortcut see
+    one stream: the mixed branch input at batch b, or the folded streams."""
+    stream = {n for n in _ancestors(fork) | {fork} if n.op == "placeholder"}
+    for alias, first in _same_inputs(surgery, owner, graph).items():
+        if first in stream:
+            alias.replace_all_uses_with(first)
 
 
 def _item(t: tuple, i: int):  # noqa: ANN202 (fx-visible getitem with a readable name)
@@ -492,9 +566,12 @@ def _layout(surgery: Surgery, site: _Site, mt: Any, fork: fx.Node, add: fx.Node,
     return (-1 if axis == rank - 1 else axis), int(fork_shape[axis])
 
 
-def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
+def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int, carried: bool = False
+                 ) -> dict[str, set[fx.Node]]:
     """In each graph the trunk edited, make shape code on folded streams see one stream's shape
-    (see `surgeon.graph.streams`); refuse ops that mix the streams along the batch."""
+    (see `surgeon.graph.streams`); refuse ops that mix the streams along the batch. Returns the
+    folded values of each graph the streams pass through."""
+    found: dict[str, set[fx.Node]] = {}
     owners = list(dict.fromkeys(p.site.owner for p in trunk))
     for owner in owners:
         graph = surgery.graph(owner)
@@ -503,13 +580,14 @@ def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
         if mine[0] is not trunk[0]:  # the stream arrives folded
             fork = node_named(graph, mine[0].fork)  # a placeholder's descendant, never renamed
             inputs = {n for n in _ancestors(fork) | {fork} if n.op == "placeholder"}
+            inputs |= {a for a, n in _same_inputs(surgery, owner, graph).items() if n in inputs}
             for n in inputs:  # a call traced again cuts them to one stream (see tracing)
                 n.meta[FOLDED_STREAMS] = streams
             seeds |= inputs
         for n in graph.nodes:
-            if n.op == "call_function" and n.target is expand_streams:
+            if n.op == "call_function" and n.target in (expand_streams, resume_streams):
                 seeds.add(n)
-            elif n.op == "call_function" and n.target is reduce_streams:
+            elif n.op == "call_function" and n.target in (reduce_streams, suspend_streams):
                 blocked.add(n)
             elif n.op == "call_method" and n.target == "width_connection":
                 blocked.add(n)
@@ -517,15 +595,96 @@ def _fold_shapes(surgery: Surgery, trunk: list[_Plan], streams: int) -> None:
                     (seeds if u.args[1] == 1 else blocked).add(u)
             elif n.op == "call_method" and n.target == "depth_connection":
                 seeds.add(n)
-        folded = folded_values(graph, seeds, blocked)
-        tensors = set(node_shapes(surgery, owner))
-        bad = translate(graph, folded, streams, tensors)
-        bad += [n for n in graph.nodes if mixes_batch_in_list(n, folded)]
-        if bad:
-            where = source_line(bad[0].meta.get("stack_trace") or "") or bad[0].name
-            raise PassError(f"hyper: {owner} splits, joins or indexes the batch dimension of "
-                            f"the residual stream between its residual adds ({where}), which "
-                            f"would mix the streams; exclude it with exclude={owner}")
+        found[owner] = _translate(surgery, owner, graph, seeds, blocked, streams)
+    for owner in _containers(surgery, trunk, owners):
+        found[owner] = _fold_container(surgery, trunk, owner, streams, carried)
+    return found
+
+
+def _translate(surgery: Surgery, owner: str, graph: fx.Graph, seeds: set[fx.Node],
+               blocked: set[fx.Node], streams: int) -> set[fx.Node]:
+    """Translate the shape code on the values folded from `seeds`; refuse batch mixing.
+    Returns the folded values of the graph as translated."""
+    folded = folded_values(graph, seeds, blocked)
+    tensors = set(node_shapes(surgery, owner))
+    bad = translate(graph, folded, streams, tensors)
+    bad += [n for n in graph.nodes if mixes_batch_in_list(n, folded)]
+    if bad:
+        where = source_line(bad[0].meta.get("stack_trace") or "") or bad[0].name
+        raise PassError(f"hyper: {owner} splits, joins or indexes the batch dimension of "
+                        f"the residual stream between its residual adds ({where}), which "
+                        f"would mix the streams; exclude it with exclude={owner}")
+    join_per_stream(graph, folded, streams)
+    shapes = (stream_shape, stream_size, stream_numel)
+    return {n for n in folded_values(graph, seeds, blocked)
+            if not (n.op == "call_function" and n.target in shapes)}
+
+
+def _containers(surgery: Surgery, trunk: list[_Plan], owners: list[str]) -> list[str]:
+    """The traced modules whose code the streams pass through between sites without holding
+    a site themselves: a trunk's blocks around their layers (CvT's stage reshapes its tokens
+    to an image after its layers), and the modules between a block and its sites."""
+    span = _trunk_span(surgery, trunk)
+    return [name for name in surgery.trace.traces if name in span and name not in owners]
+
+
+def _trunk_span(surgery: Surgery, trunk: list[_Plan]) -> set[str]:
+    """The blocks holding the trunk's sites (`trunk` may be one block's sites) and every
+    module between one of them and a site owner."""
+    blocks = _span_blocks(surgery, trunk)
+    span = set(blocks)
+    for p in trunk:
+        parts = p.site.owner.split(".")
+        for cut in range(1, len(parts)):
+            name = ".".join(parts[:cut])
+            if any(name == b or name.startswith(b + ".") for b in blocks):
+                span.add(name)
+    return span
+
+
+def _span_blocks(surgery: Surgery, trunk: list[_Plan]) -> list[str]:
+    """The trunk blocks that hold the plans' sites."""
+    return [b for t in surgery.inspection.trunks for b in t.blocks
+            if any(_holds(b, p) for p in trunk)]
+
+
+def _holds(name: str, plan: _Plan) -> bool:
+    """Module `name` is the plan's site owner or holds it."""
+    return plan.site.owner == name or plan.site.owner.startswith(name + ".") or not name
+
+
+def _fold_container(surgery: Surgery, trunk: list[_Plan], owner: str, streams: int,
+                    carried: bool = False) -> set[fx.Node]:
+    """A module the streams pass through: its stream input arrives folded unless the trunk's
+    first site is inside it, a call into a child holding sites returns folded streams unless
+    the trunk's last site is inside that child (and the trunk is not `carried`: then the
+    block reduces at its output)."""
+    holds = _holds
+    fresh = owner not in surgery.graphs
+    graph = surgery.graph(owner)
+    seeds, blocked = set(), set()
+    if not holds(owner, trunk[0]):
+        stream = next((n for n in graph.nodes if n.op == "placeholder"), None)
+        if stream is not None:
+            same = _same_inputs(surgery, owner, graph)
+            for n in {stream} | {a for a, f in same.items() if f is stream}:
+                n.meta[FOLDED_STREAMS] = streams
+                seeds.add(n)
+    for n in graph.nodes:
+        if n.op != "call_module":
+            continue
+        child = f"{owner}.{n.target}" if owner else str(n.target)
+        if not any(holds(child, p) for p in trunk):
+            continue
+        (blocked if holds(child, trunk[-1]) and not carried else seeds).add(n)
+    before = str(graph)
+    folded = _translate(surgery, owner, graph, seeds, blocked, streams) if seeds else set()
+    if fresh and not carried and str(graph) == before:
+        # no shape code to translate: the module stays as it is, its children (traced again
+        # for another call) cutting their inputs to one stream themselves
+        del surgery.graphs[owner]
+        return set()
+    return folded
 
 
 def _coverage(surgery: Surgery, covered: int, trunks: int) -> str:

@@ -1,6 +1,7 @@
 """Hyper-connections on the layouts issue 14 found broken: shapes read off the folded stream
 (class 1), per-add layouts (15), staged networks (21), Mamba (8), parallel blocks (5), ConvNeXt
-(3). Each model: exact at init, every residual add carried, a training step moves every new
+(3), one stream handed in as several inputs (Funnel), stages reshaping around their layers
+(CvT). Each model: exact at init, every residual add carried, a training step moves every new
 parameter."""
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ CASES["hf_convnext"] = zoo.ZooCase("hf_convnext", zoo.hf_convnext,
                                    lambda: {"pixel_values": torch.randn(2, 3, 32, 32)},
                                    {"plain": 4}, {}, [2])
 NAMES = ["flat_moe", "swin_nhwc", "conv_tokens", "parallel", "resnet", "hf_mixtral",
-         "hf_convnext", "hf_mamba", "hf_neox_parallel"]
+         "hf_convnext", "hf_mamba", "hf_neox_parallel", "same_inputs", "cls_stages"]
 
 
 def loss(model: nn.Module, example: tuple | dict) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Modules whose forward takes another path in train mode (class 9): a rewritten module runs the
 graph of the mode it is in, layers a parent skips at random in train mode keep being skipped,
-and hyper-connections, which need every block of a trunk to run, refuse such a trunk."""
+and hyper-connections carry their streams through a skipped layer."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import copy
 
 import pytest
 import torch
-from zoo import LayerDropNet
+from zoo import DropBlock, LayerDropNet, PostNormDropBlock
 
 from surgeon.applying import apply
-from surgeon.errors import ModuleError
 from surgeon.graph.tracing import TracedModule
 
 X = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -69,21 +68,46 @@ def test_train_step_and_backward() -> None:
         assert torch.isfinite(loss)
 
 
-def test_hyper_refuses_a_trunk_with_layerdrop() -> None:
+def skipping(pattern: list[bool]):
+    """`torch.rand` as LayerDropNet (layerdrop 0.5) sees it: 0.9 (run) or 0.1 (skip) per layer."""
+    values = iter([0.1 if skip else 0.9 for skip in pattern])
+    return lambda *a, **k: torch.full(a[0] if a else [], next(values))
+
+
+@pytest.mark.parametrize("block", [DropBlock, PostNormDropBlock])
+def test_hyper_carries_the_streams_through_a_layer_skipped_by_layerdrop(
+        monkeypatch: pytest.MonkeyPatch, block: type[DropBlock]) -> None:
+    """LayerDrop: a skipped block is an identity on the n streams. Exact at init in both modes;
+    with trained (random) mixing, skipping the middle block equals running the other two one
+    after the other on the streams, not on one reduced stream; a skipped first or last block
+    still gives (b, t, d). A post-norm block hands on its output after its norm."""
     torch.manual_seed(0)
-    model = LayerDropNet(layerdrop=0.5)
-    keys = list(model.state_dict())
-    with pytest.raises(ModuleError) as info:
-        apply(model, ["hyper"], (X,))
-    msg = str(info.value)
-    assert "layers.0 (DropBlock)" in msg and "LayerDrop" in msg
-    assert "exclude=['layers.*']" in msg and "\n" not in msg
-    assert list(model.state_dict()) == keys and not any(
-        isinstance(m, TracedModule) for m in model.modules())
-    # without layerdrop the same model converts, exactly
-    model = LayerDropNet(layerdrop=0.0)
+    model = LayerDropNet(layerdrop=0.5, layers=3, block=block)
+    original = copy.deepcopy(model)
     apply(model, ["hyper"], (X,))
     assert model.surgeon_drift[-1].max_abs == 0.0
+    assert model.surgeon_hyper_coverage == "covers 3 of 3 residual adds in 1 trunk"
+    want, got = outputs(original, range(6)), outputs(model, range(6))
+    assert max(float((a - b).abs().max()) for a, b in zip(want, got)) == 0.0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hyper_" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.train()
+    for layer in model.layers:  # no dropout in the blocks: only the skipping is random
+        layer.eval()
+    l0, l1, l2 = model.layers
+    with torch.no_grad():
+        monkeypatch.setattr(torch, "rand", skipping([False, True, False]))
+        skipped = model(X)
+        h = model.embed(X)
+        chained = model.norm(l2(l0(h)))
+        collapsed = model.norm(l2(l0(h).clone()))  # a copy drops the streams: one stream on
+        for pattern in ([True, False, False], [False, False, True], [True, True, True]):
+            monkeypatch.setattr(torch, "rand", skipping(pattern))
+            assert model(X).shape == (2, 8, 32)
+    torch.testing.assert_close(skipped, chained, rtol=0, atol=0)
+    assert float((skipped - collapsed).abs().max()) > 1e-3
 
 
 def test_copy_keeps_the_train_graph() -> None:

@@ -651,13 +651,22 @@ class DropBlock(nn.Module):
         return x + F.dropout(h, p=self.p, training=self.training)
 
 
+class PostNormDropBlock(DropBlock):
+    """wav2vec2's post-norm layer: the norm after the add, inside the block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        h = self.fc2(F.gelu(self.fc1(x)))
+        return self.norm(x + F.dropout(h, p=self.p, training=self.training))
+
+
 class LayerDropNet(nn.Module):
     """Blocks skipped at random in train mode, as transformers' `layerdrop` does."""
 
-    def __init__(self, d: int = 32, layers: int = 2, layerdrop: float = 0.0) -> None:
+    def __init__(self, d: int = 32, layers: int = 2, layerdrop: float = 0.0,
+                 block: type[DropBlock] = DropBlock) -> None:
         super().__init__()
         self.embed = nn.Linear(8, d)
-        self.layers = nn.ModuleList([DropBlock(d) for _ in range(layers)])
+        self.layers = nn.ModuleList([block(d) for _ in range(layers)])
         self.norm, self.layerdrop = nn.LayerNorm(d), layerdrop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1032,3 +1041,92 @@ ZOO.append(ZooCase("tuple_fork", TupleForkNet, lambda: (torch.randn(2, 5, 16),),
                    {"pre_norm": 2, "plain": 2}, {"layer_norm": 5}, [2],
                    {"blocks.0", "blocks.1", "blocks.0.norm_attn_norm",
                     "blocks.1.norm_attn_norm"}))
+
+
+class SameInputAttention(nn.Module):
+    """Funnel's attention, called `attn(h, h, h)`: query, key and value are one tensor, the
+    keys viewed by the batch size read off the query, and the residual taken on the query."""
+
+    def __init__(self, d: int, heads: int = 2) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm, self.heads = nn.LayerNorm(d), heads
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+                ) -> torch.Tensor:
+        b, t, d = query.shape
+        q = self.q(self.norm(query)).view(b, t, self.heads, -1).transpose(1, 2)
+        k = self.k(self.norm(key)).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        v = self.v(self.norm(value)).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        y = torch.softmax(q @ k.transpose(-1, -2), -1) @ v  # (b, h, t, d/h)
+        return query + self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+class SameInputNet(nn.Module):
+    def __init__(self, d: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([SameInputAttention(d) for _ in range(depth)])
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
+        for layer in self.layers:
+            x = layer(x, x, x)
+        return self.norm(x)
+
+
+class ClsTokenBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm1, self.mix, self.norm2 = nn.LayerNorm(d), nn.Linear(d, d), nn.LayerNorm(d)
+        self.mlp = MlpBlock(d, 2 * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mix(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ClsStage(nn.Module):
+    """CvT's stage: a strided conv embedding, `b, c, h, w = x.shape` read before its layers,
+    tokens (with a class token `cls.expand(b, -1, -1)` joined in front in the last stage) through
+    its layers, then split and viewed back to an image by the batch size read before."""
+
+    def __init__(self, c_in: int, d: int, cls: bool) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(c_in, d, 3, stride=2, padding=1)
+        self.cls = nn.Parameter(torch.randn(1, 1, d)) if cls else None
+        self.layers = nn.ModuleList([ClsTokenBlock(d)])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        x = x.view(b, c, h * w).permute(0, 2, 1)  # (b, hw, c)
+        cls = None
+        if self.cls is not None:
+            x = torch.cat((self.cls.expand(b, -1, -1), x), dim=1)
+        for layer in self.layers:
+            x = layer(x)
+        if self.cls is not None:
+            cls, x = torch.split(x, [1, h * w], 1)
+        return x.permute(0, 2, 1).view(b, c, h, w), cls
+
+
+class ClsStagedNet(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList([ClsStage(3, d, False), ClsStage(d, d, True)])
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, 3, h, w)
+        cls = None
+        for stage in self.stages:
+            x, cls = stage(x)
+        return self.norm(x.mean((2, 3)) + cls[:, 0])  # (tokens mix only in the pooling)
+
+
+# a block handed one stream through several inputs (issue 14: Funnel's layer(h, h, h))
+ZOO.append(ZooCase("same_inputs", SameInputNet, lambda: (torch.randn(2, 5, 16),),
+                   {"pre_norm": 2}, {"layer_norm": 3}, [2], {"layers.0", "layers.1"}))
+# stages whose own code reads and reshapes the stream around their layers (issue 14: CvT)
+ZOO.append(ZooCase("cls_stages", ClsStagedNet, lambda: (torch.randn(2, 3, 8, 8),),
+                   {"pre_norm": 4}, {"layer_norm": 5}, [2],
+                   {"stages.0.layers.0", "stages.1.layers.0"}))

@@ -116,8 +116,8 @@ CORPUS: list[tuple[str, str, str, str, dict]] = [
     ("swin", "vision", "swin", "image", {"window_size": 2, "embed_dim": 16}),
     ("mobilevit", "vision", "mobilevit", "image",
      {"neck_hidden_sizes": [8, 8, 16, 16, 24, 32, 64]}),
-    # LayerDrop off: hyper-connections refuse blocks skipped at random in train mode
-    *[(m, "audio", m, "audio", {"layerdrop": 0.0}) for m in [
+    # their default LayerDrop on: hyper-connections carry the streams past a skipped layer
+    *[(m, "audio", m, "audio", {}) for m in [
         "wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "sew"]],
     ("whisper", "audio", "whisper", "speech2seq", {}),
     *[(m, "torchvision", m, "tv", {}) for m in [

@@ -18,7 +18,9 @@ from collections.abc import Iterable
 import torch
 import torch.fx as fx
 
+from surgeon.graph.tracing import Call, CallSpec, flatten
 from surgeon.nn.hyper import (
+    expand_streams,
     stream_numel,
     stream_permute,
     stream_shape,
@@ -130,3 +132,56 @@ def mixes_batch_in_list(node: fx.Node, folded: set[fx.Node]) -> bool:
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and node.target in
                           (torch.cat, torch.concat, torch.stack) else 0)
     return dim == 0 and any(isinstance(v, fx.Node) and v in folded for v in values)
+
+
+def same_tensor_inputs(graph: fx.Graph, call: Call, spec: CallSpec) -> dict[fx.Node, fx.Node]:
+    """Graph inputs that received the very tensor an earlier input did in the recorded call
+    (Funnel's `layer(h, h, h)`: query, key and value are one stream), each mapped to that
+    earlier input. The streams must reach all of them alike: a rewrite that widens or mixes
+    one of them and not the others would hand the branch a stream and a copy of it at two
+    batch sizes."""
+    clones = [x for x in flatten((call.args, call.kwargs))[0] if isinstance(x, torch.Tensor)]
+    if len(clones) != len(call.in_ids):
+        return {}
+    original = {id(c): i for c, i in zip(clones, call.in_ids)}
+    try:
+        bound = spec.signature.bind(*call.args, **call.kwargs)
+    except TypeError:
+        return {}
+    bound.apply_defaults()
+    leaves = [x for x, k in zip(flatten(dict(bound.arguments))[0], spec.kinds) if k != "const"]
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(leaves) != len(inputs):
+        return {}
+    first: dict[int, fx.Node] = {}
+    aliases: dict[fx.Node, fx.Node] = {}
+    for node, leaf in zip(inputs, leaves):
+        key = original.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+        if key is None:
+            continue
+        if key in first:
+            aliases[node] = first[key]
+        else:
+            first[key] = node
+    return aliases
+
+
+def join_per_stream(graph: fx.Graph, folded: set[fx.Node], num_streams: int) -> None:
+    """A `cat` or `stack` along another dimension than the batch that joins folded values with
+    values at batch b (CvT's class token, `cls.expand(b, -1, -1)`, put before the folded
+    tokens): the batch-b values are repeated over the streams, so every stream gets them."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.cat, torch.concat,
+                                                             torch.stack):
+            continue
+        values = node.args[0] if node.args else None
+        if not isinstance(values, (tuple, list)):
+            continue
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        nodes = [v for v in values if isinstance(v, fx.Node)]
+        if dim == 0 or not any(v in folded for v in nodes) or all(v in folded for v in nodes):
+            continue
+        with graph.inserting_before(node):
+            wide = [graph.call_function(expand_streams, (v, num_streams))
+                    if isinstance(v, fx.Node) and v not in folded else v for v in values]
+        node.args = (type(values)(wide), *node.args[1:])

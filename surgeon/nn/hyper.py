@@ -53,6 +53,31 @@ def reduce_streams(h: torch.Tensor, num_streams: int, mode: str = "mean") -> tor
     return first + (hs[1:] - first.unsqueeze(0)).sum(0) / num_streams
 
 
+CARRIED_STREAMS = "_surgeon_streams"  # the attribute `suspend_streams` sets on its output
+
+
+def suspend_streams(h: torch.Tensor, num_streams: int, mode: str, trunk: str) -> torch.Tensor:
+    """`reduce_streams`, its output carrying the streams `h` for `resume_streams`.
+
+    For a trunk whose caller may skip blocks (LayerDrop): each block hands on one stream's
+    tensor `(b, ...)` as the plain network does, and the next block that runs takes up the
+    streams again, so a skipped block is an identity on the n streams and the trunk's callers
+    see `(b, ...)` whichever blocks ran."""
+    out = reduce_streams(h, num_streams, mode)
+    setattr(out, CARRIED_STREAMS, (trunk, h))
+    return out
+
+
+def resume_streams(x: torch.Tensor, num_streams: int, trunk: str) -> torch.Tensor:
+    """The streams `x` was reduced from by `suspend_streams` in a block of the same trunk, or
+    where it was not (the trunk's first block that runs) `x` copied into every stream."""
+    carried = getattr(x, CARRIED_STREAMS, None)
+    if carried is not None and carried[0] == trunk and \
+            carried[1].shape[0] == num_streams * x.shape[0]:
+        return carried[1]
+    return expand_streams(x, num_streams)
+
+
 def stream_shape(h: torch.Tensor, num_streams: int) -> torch.Size:
     """The shape of one stream of `h` `(n·b, ...)`: `(b, ...)` (what code written for the
     plain network reads off the tensor)."""
