@@ -40,7 +40,7 @@ def test_dyt_is_adyt_without_adaptation() -> None:
     x = torch.randn(4, D)
     assert m.alpha().item() == 5.0  # no adaptation, no clamp
     torch.testing.assert_close(m(x), torch.tanh(5.0 * x))
-    assert set(m.state_dict()) == {"weight", "alpha0", "grad_norm_ema"}
+    assert set(m.state_dict()) == {"weight", "alpha0", "grad_norm_ema", "grad_norm_steps"}
 
 
 @pytest.mark.parametrize(
@@ -128,3 +128,38 @@ def test_bad_arguments() -> None:
         ADyT(D, alpha_min=3.0)
     with pytest.raises(ValueError, match="smoothing"):
         ADyT(D, smoothing=1.0)
+
+
+def test_the_gradient_norm_ema_is_bias_corrected() -> None:
+    m = ADyT(D, smoothing=0.9)
+    gs = [0.3, 2.0, 0.05, 1.0]
+    for t, g in enumerate(gs, start=1):
+        m.update_grad_norm_(torch.tensor(g))
+        weights = [(1 - 0.9) * 0.9 ** (t - i) for i in range(1, t + 1)]
+        want = sum(w * x for w, x in zip(weights, gs)) / (1 - 0.9**t)  # Adam's m̂_t
+        assert m.grad_norm_ema.item() == pytest.approx(want, rel=1e-6)
+        assert m.grad_norm_steps.item() == t
+    # the first update sets G_1 = g_1, so α starts at α0·(1 + λ/(ε + g_1))
+    first = ADyT(D, smoothing=0.99)
+    first.update_grad_norm_(torch.tensor(0.25))
+    assert first.alpha().item() == pytest.approx(0.5 * (1 + 0.1 / (1e-6 + 0.25)), rel=1e-6)
+
+
+def test_skipped_and_overflowed_updates_move_nothing() -> None:
+    m = ADyT(D)
+    m.update_grad_norm_(torch.tensor(0.5), keep=torch.tensor(True))  # GradScaler skipped it
+    m.update_grad_norm_(torch.tensor(float("inf")))
+    assert (m.grad_norm_ema.item(), m.grad_norm_steps.item()) == (1.0, 0)
+
+
+@pytest.mark.parametrize("g, steps", [(1.0, 0), (0.3, 1656)])
+def test_a_state_dict_without_the_step_count_loads(g: float, steps: int) -> None:
+    """Checkpoints written before the correction: G still at its start value counts no
+    updates; a G that moved continues as a plain EMA (the correction has settled)."""
+    old = {"weight": torch.ones(D), "bias": torch.zeros(D), "alpha0": torch.tensor(0.5),
+           "grad_norm_ema": torch.tensor(g)}
+    m = ADyT(D)
+    m.load_state_dict(old)  # strict
+    assert m.grad_norm_steps.item() == steps
+    m.update_grad_norm_(torch.tensor(2.0))
+    assert m.grad_norm_ema.item() == pytest.approx(2.0 if steps == 0 else 0.99 * g + 0.01 * 2.0)

@@ -86,6 +86,12 @@ def ema(old: float, value: float, keep: float) -> float:
     return keep * old + (1.0 - keep) * value
 
 
+def corrected(module: ADyT, value: float) -> float:
+    """The bias-corrected G that one more update by `value` gives `module` (read before it)."""
+    g, t, keep = module.grad_norm_ema.item(), module.grad_norm_steps.item(), module.smoothing
+    return (keep * (1.0 - keep**t) * g + (1.0 - keep) * value) / (1.0 - keep ** (t + 1))
+
+
 def values(buffers: list[torch.Tensor]) -> list[float]:
     return [b.item() for b in buffers]
 
@@ -135,7 +141,7 @@ def test_attach_one_step_matches_the_closed_form() -> None:
     torch.testing.assert_close(h.pending[:, 0].double(), torch.tensor(sums, dtype=torch.float64))
 
     want_ema = [ema(1.0, rec.ratio(m), 0.5) for m in rec.calls]
-    want_g = [ema(1.0, grad_norm(m), 0.5) for m in adyts(model)]
+    want_g = [corrected(m, grad_norm(m)) for m in adyts(model)]
     opt.step()
     assert_values([m.ratio_ema for m in aions(model)], want_ema)
     assert_values([m.grad_norm_ema for m in adyts(model)], want_g)
@@ -147,7 +153,7 @@ def test_attach_one_step_matches_the_closed_form() -> None:
     rec.clear()
     loss_fn(model(batch())).backward()
     want_ema = [ema(e, rec.ratio(m), 0.5) for e, m in zip(want_ema, rec.calls)]
-    want_g = [ema(g, grad_norm(m), 0.5) for g, m in zip(want_g, adyts(model))]
+    want_g = [corrected(m, grad_norm(m)) for m in adyts(model)]
     opt.step()
     assert_values([m.ratio_ema for m in aions(model)], want_ema)
     assert_values([m.grad_norm_ema for m in adyts(model)], want_g)
@@ -174,7 +180,7 @@ def test_manual_step_without_optimizer_and_context_manager() -> None:
     with attach(model) as h:
         loss_fn(model(batch())).backward()
         want_ema = [ema(1.0, rec.ratio(m), 0.5) for m in rec.calls]
-        want_g = [ema(1.0, grad_norm(m), 0.5) for m in adyts(model)]
+        want_g = [corrected(m, grad_norm(m)) for m in adyts(model)]
         assert values([m.ratio_ema for m in aions(model)]) == [1.0, 1.0]
         h.step()
         assert_values([m.ratio_ema for m in aions(model)], want_ema)
@@ -186,6 +192,44 @@ def test_non_adaptive_modules_are_left_alone() -> None:
     model = nn.Sequential(ADyT(D, adaptive=False), AionResidual.from_preset("preln"))
     h = attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert h.aion == [] and h.adyt == [] and h.pending is None
+
+
+@pytest.mark.parametrize("amp, accumulate", [(False, 1), (True, 2)], ids=["fp32", "amp+accum"])
+def test_alpha_falls_when_gradients_grow_and_rises_when_they_shrink(amp: bool,
+                                                                     accumulate: int) -> None:
+    """The adaptive part as the seed describes it: G follows the gradient norm from the first
+    step (bias-corrected), so α = α0·(1 + λ/(ε + G)) falls while gradients grow and rises
+    while they shrink — under attach, with bf16 autocast + GradScaler and accumulation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), ADyT(D, lam=0.05, smoothing=0.8), nn.Linear(D, 1))
+    adyt = model[1]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: only the gradients' size changes
+    attach(model, opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, enabled=amp)
+    x = batch()
+
+    def phase(loss_scale: float, steps: int = 12) -> list[float]:
+        alphas = []
+        for _ in range(steps):
+            opt.zero_grad()
+            for _ in range(accumulate):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    loss = loss_scale * loss_fn(model(x)) / accumulate
+                scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            alphas.append(adyt.alpha().item())
+        return alphas
+
+    base = phase(1.0, steps=1)
+    g1 = adyt.grad_norm_ema.item()
+    assert base[0] == pytest.approx(0.5 * (1 + 0.05 / (1e-6 + g1)), rel=1e-5)  # α starts there
+    growing = phase(30.0)
+    shrinking = phase(0.01, steps=24)
+    assert all(b < a for a, b in zip(growing, growing[1:]))  # falls step by step
+    assert all(b > a for a, b in zip(shrinking, shrinking[1:]))  # rises step by step
+    assert growing[-1] < base[0] < shrinking[-1]
+    assert adyt.grad_norm_steps.item() == 37  # one update per optimizer step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +296,7 @@ def test_grad_scaler(optim: str, unscale_first: bool) -> None:
     scaler.scale(loss_fn(scaled(batch()))).backward()
     scale = scaler.get_scale()
     want_ema = [ema(m.ratio_ema.item(), rec.ratio(m), 0.5) for m in rec.calls]  # both batches
-    want_g = [ema(m.grad_norm_ema.item(), grad_norm(m) / scale, 0.5) for m in adyts(scaled)]
+    want_g = [corrected(m, grad_norm(m) / scale) for m in adyts(scaled)]
     scaler_step()
     assert scaler.get_scale() == scale
     assert_values([m.ratio_ema for m in aions(scaled)], want_ema)
@@ -316,7 +360,7 @@ def test_gradient_accumulation_gives_the_union_batch(step_calls: list[int]) -> N
         assert values([m.ratio_ema for m in aions(accum)]) == [1.0] * 3
     assert values([m.grad_norm_ema for m in adyts(accum)]) == [1.0] * 3
     assert step_calls[0] == 0
-    want_g = [ema(1.0, grad_norm(m), 0.5) for m in adyts(accum)]  # the accumulated gradients
+    want_g = [corrected(m, grad_norm(m)) for m in adyts(accum)]  # the accumulated gradients
     opt_a.step()
     assert step_calls[0] == 1
     loss_fn(whole(torch.cat(micro))).backward()
@@ -337,12 +381,11 @@ def test_gradient_accumulation_gives_the_union_batch(step_calls: list[int]) -> N
     opt_a.zero_grad()
     rec.clear()
     prev_ema = values([m.ratio_ema for m in aions(accum)])
-    prev_g = values([m.grad_norm_ema for m in adyts(accum)])
     for _ in range(2):
         (loss_fn(accum(batch())) / 2).backward()
     assert values([m.ratio_ema for m in aions(accum)]) == prev_ema
     want_ema = [ema(e, rec.ratio(m), 0.5) for e, m in zip(prev_ema, rec.calls)]
-    want_g = [ema(g, grad_norm(m), 0.5) for g, m in zip(prev_g, adyts(accum))]
+    want_g = [corrected(m, grad_norm(m)) for m in adyts(accum)]
     opt_a.step()
     assert step_calls[0] == 3
     assert_values([m.ratio_ema for m in aions(accum)], want_ema)
@@ -415,7 +458,7 @@ def test_no_collective_without_aion_and_the_process_group_is_used(
     h = attach(only_adyt, opt)
     assert h.pending is None
     loss_fn(only_adyt(batch())).backward()
-    want = [ema(1.0, grad_norm(m), 0.99) for m in adyts(only_adyt)]
+    want = [corrected(m, grad_norm(m)) for m in adyts(only_adyt)]
     opt.step()
     assert collectives == []
     assert_values([m.grad_norm_ema for m in adyts(only_adyt)], want)
@@ -450,15 +493,15 @@ def test_ddp_two_ranks_agree_bitwise_and_match_one_process(tmp_path: Path) -> No
     steps = len(ddp_worker.SCHEDULE)
     buffers = ref["buffers"]
     assert {n.rsplit(".", 1)[1] for n in buffers} == {
-        "ratio_ema", "grad_norm_ema", "step_count", "alpha_cached"}  # AION's records too
-    assert len(buffers) == 3 * 3 + 3
+        "ratio_ema", "grad_norm_ema", "grad_norm_steps", "step_count", "alpha_cached"}
+    assert len(buffers) == 3 * 3 + 3 * 2  # AION: 3 buffers a layer, ADyT: 2
     for r, got in enumerate(ranks):
         assert got["all_reduce_per_step"] == [1] * steps, r  # one collective per step
         assert got["buffers"].keys() == buffers.keys()
     for name, want in buffers.items():
         assert torch.equal(ranks[0]["buffers"][name], ranks[1]["buffers"][name]), name
         torch.testing.assert_close(ranks[0]["buffers"][name], want, rtol=1e-6, atol=0, msg=name)
-        if name.endswith("step_count"):  # one update per optimizer step, not per forward
+        if name.endswith(("step_count", "grad_norm_steps")):  # one update per optimizer step
             assert want.item() == steps, name
         else:
             assert abs(want.item() - 1.0) > 1e-3, name  # it moved
@@ -528,7 +571,7 @@ def test_attach_through_an_optimizer_subclass_wrapper() -> None:
     wrapped = SubclassWrapper(inner)
     attach(model, wrapped)
     loss_fn(model(batch())).backward()
-    want = [ema(1.0, grad_norm(m), 0.5) for m in adyts(model)]
+    want = [corrected(m, grad_norm(m)) for m in adyts(model)]
     wrapped.step()
     assert_values([m.grad_norm_ema for m in adyts(model)], want)
 
@@ -584,7 +627,7 @@ def test_trainer_callback(tmp_path: Path, step_calls: list[int]) -> None:
             total, count = pending[0].tolist()
             self.counts.append(count)
             self.ratio = ema(self.ratio, total / count, 0.5)
-            self.g = ema(self.g, grad_norm(adyt), 0.5)
+            self.g = corrected(adyt, grad_norm(adyt))
             self.optimizer = kw["optimizer"]
 
     probe = Probe()
@@ -628,7 +671,8 @@ def test_attaching_twice_replaces_the_first_attachment() -> None:
     grads = [p.grad for p in model[1].parameters()]
     g = torch.linalg.vector_norm(torch.stack([x.norm() for x in grads]))
     opt.step()
-    torch.testing.assert_close(model[1].grad_norm_ema, 0.5 * 1.0 + 0.5 * g)  # moved once
+    torch.testing.assert_close(model[1].grad_norm_ema, g)  # moved once: G_1 = g_1
+    assert model[1].grad_norm_steps.item() == 1
 
 
 def test_an_overflowed_batch_does_not_poison_the_ema() -> None:

@@ -1,8 +1,11 @@
 """ADyT: `w ⊙ tanh(α(t)·x) + b`, a normalisation-free stand-in for LayerNorm / RMSNorm.
 
 `α(t) = clamp(alpha0·(1 + lam/(eps + G_t)), alpha_min, alpha_max)` where `G_t` (buffer
-`grad_norm_ema`, starting at 1) is the EMA of the L2 norm of this layer's parameter gradients,
-updated at each optimizer step by `surgeon.attach` — after GradScaler has unscaled them and after
+`grad_norm_ema`) is the bias-corrected EMA of the L2 norm `g_t` of this layer's parameter
+gradients (Adam's correction: `G_t = m_t/(1 − s^t)`, `m_t = s·m_{t−1} + (1−s)·g_t`, `m_0 = 0`), so
+the first step sets `G_1 = g_1` instead of dragging a made-up start value along for ~1/(1−s)
+steps; `grad_norm_steps` counts the updates `t`. Before the first update `G_0 = 1`. It is updated
+at each optimizer step by `surgeon.attach` — after GradScaler has unscaled the gradients and after
 DDP has averaged them, so no collective and no host sync is needed. With `adaptive=False` this
 is plain DyT (Zhu et al. 2025): `α = alpha0`.
 
@@ -13,7 +16,8 @@ Eval uses the same adapted α as training.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +64,9 @@ class ADyT(nn.Module):
     with `channels_first=True` (the stand-in for a `LayerNorm2d` on `(b, c, h, w)`)."""
 
     _surgeon_atomic = True  # tracing treats it as a leaf: passes never rewrite it again
+    # Records a checkpoint may lack (written before the EMA was bias-corrected): rebuilt by
+    # `reset_optional_state_`; `load_state_dict` and `surgeon.load` accept their absence.
+    optional_state: ClassVar[tuple[str, ...]] = ("grad_norm_steps",)
 
     def __init__(
         self,
@@ -86,7 +93,8 @@ class ADyT(nn.Module):
         self.weight = nn.Parameter(torch.ones(shape))
         self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
         self.alpha0 = scalar_parameter(alpha0)  # (1,): FSDP shards no 0-dim parameter
-        self.register_buffer("grad_norm_ema", torch.tensor(1.0))
+        self.register_buffer("grad_norm_ema", torch.tensor(1.0))  # G_t, bias-corrected
+        self.register_buffer("grad_norm_steps", torch.tensor(0, dtype=torch.int64))  # t
         self.adaptive = adaptive
         self.lam, self.smoothing, self.eps = lam, smoothing, eps
         self.alpha_min, self.alpha_max = alpha_min, alpha_max
@@ -150,9 +158,47 @@ class ADyT(nn.Module):
         y = y * self.weight
         return y if self.bias is None else y + self.bias
 
+    @torch.no_grad()
+    def update_grad_norm_(self, g: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Move `G` by one step's gradient norm `g` (0-dim fp32), bias-corrected; where `keep`
+        (0-dim bool) is true, or the result is not finite, `G` and the count stay as they were.
+        Tensor ops only: no host sync, so it runs inside a step hook at full speed."""
+        G, t = self.grad_norm_ema, self.grad_norm_steps
+        # m_t/(1 − s^t) written as a step towards g: G + w·(g − G), w = (1 − s)/(1 − s^(t+1)),
+        # so w is exactly 1 on the first update (G_1 = g_1) and → 1 − s as t grows
+        base = torch.full_like(G, self.smoothing)  # s in G's dtype: w is exactly 1 when t = 0
+        w = (1.0 - base) / (1.0 - base.pow(t + 1))
+        new = G + w * (g.to(G.dtype) - G)
+        stay = ~torch.isfinite(new) if keep is None else keep | ~torch.isfinite(new)
+        G.copy_(torch.where(stay, G, new))
+        t.copy_(torch.where(stay, t, t + 1))
+
+    @torch.no_grad()
+    def reset_optional_state_(self, names: tuple[str, ...] = optional_state) -> ADyT:
+        """Rebuild `grad_norm_steps` for a state dict without it: 0 if `G` is still at its start
+        value 1, else the count after which the correction no longer changes fp32 values (an EMA
+        that had run long enough: `G` continues as a plain EMA)."""
+        if "grad_norm_steps" in names:
+            s = self.smoothing
+            settled = 0 if s == 0 else math.ceil(math.log(2.0 ** -24) / math.log(s))
+            fresh = self.grad_norm_ema.is_meta or float(self.grad_norm_ema) == 1.0
+            value = torch.tensor(0 if fresh else settled, dtype=torch.int64)
+            if self.grad_norm_steps.is_meta:  # loaded with assign=True into a meta module
+                self.grad_norm_steps = value.to(self.grad_norm_ema.device)
+            else:
+                self.grad_norm_steps.copy_(value)
+        return self
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        missing_keys: list[str] = args[2]  # (local_metadata, strict, missing, unexpected, errors)
+        absent = tuple(n for n in self.optional_state if prefix + n not in state_dict)
         promote_scalars(self, state_dict, prefix)  # a 0-dim alpha0 of an older checkpoint
         super()._load_from_state_dict(state_dict, prefix, *args)
+        for name in absent:
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+        if absent:
+            self.reset_optional_state_(absent)
 
     def extra_repr(self) -> str:
         kind = "adaptive" if self.adaptive else "DyT"

@@ -7,12 +7,12 @@ After `attach`, each AION forward adds `(Σ per-token ratio, token count)` to on
 - sums that tensor over ranks with **one** `all_reduce` for all layers (under
   `torch.distributed`), so every rank moves its EMAs by the ratio of the union batch of all
   micro-batches and all ranks, bit-identically;
-- updates every ADyT `G` from the L2 norm of its parameters' gradients, which DDP has already
-  averaged and GradScaler has already unscaled by then (no collective). Under FSDP2
-  (`fully_shard`, a 1-D mesh) the gradients are sharded DTensors: each rank's squared local
-  norms, and the local parts of AION's sharded `alpha0` / `beta`, ride in that same
-  `all_reduce`, so G is the full norm and the records agree on every rank. FSDP1's flat
-  parameters are refused (a `TypeError`).
+- updates every ADyT `G` (a bias-corrected EMA) from the L2 norm of its parameters' gradients,
+  which DDP has already averaged and GradScaler has already unscaled by then (no collective). Under
+  FSDP2 (`fully_shard`, a 1-D mesh) the gradients are sharded DTensors: each rank's squared local
+  norms, and the local parts of AION's sharded `alpha0` / `beta`, ride in that same `all_reduce`,
+  so G is the full norm and the records agree on every rank. FSDP1's flat parameters are refused (a
+  `TypeError`).
 
 A step pre-hook runs only on real steps: under gradient accumulation once per accumulated step,
 under GradScaler not on steps it skips (their ratios count towards the next real step; fused
@@ -267,10 +267,7 @@ class Attachment:
                 g = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
             if grad_scale is not None:
                 g = g / grad_scale.float().reshape(())
-            G = module.grad_norm_ema
-            new = module.smoothing * G + (1.0 - module.smoothing) * g
-            keep = ~torch.isfinite(new) if skip is None else skip | ~torch.isfinite(new)
-            G.copy_(torch.where(keep, G, new))
+            module.update_grad_norm_(g, skip)
 
     def remove(self) -> None:
         """Detach: remove the optimizer hook and give the AION modules their own EMA back."""
