@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon.errors import ExampleError, ModuleError, NoEffectWarning, SurgeonError
+from surgeon.errors import ExampleError, ModuleError, NoEffectWarning, PromiseError, SurgeonError
 from surgeon.graph.blame import culprit, error_line
 from surgeon.graph.example_inputs import example_for
 from surgeon.graph.find import inspect_trace
@@ -204,6 +204,7 @@ def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | 
     pending: tuple[PassConfig, list[str], torch.Tensor] | None = None
     current: torch.Tensor | None = None
     surgery: Surgery | None = None
+    rewrote: dict[str, list[str]] = {}  # pass name → the modules it created or replaced
     for config in configs:
         if config.to_json() in done:
             continue
@@ -226,17 +227,38 @@ def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | 
             config.after_commit(surgery, new)
         done.append(config.to_json())
         pending = (config, new, current)
+        rewrote[config.name] = new
         model._surgeon_manifest = getattr(model, "_surgeon_manifest", []) + new
     if pending is not None and surgery is not None:
         with _blaming(model, surgery, pending[0].name, "fails on the example after this pass"):
             current = output_vector(surgery.run_example())
         reports.append(drift(reference, current, pending[0].name, len(pending[1]), pending[2],
                              pending[0].preserves()))
+    for report in reports[len(getattr(model, "surgeon_drift", [])):]:
+        _keep_promise(report, model, rewrote.get(report.pass_name, []))
     model._surgeon_passes = done
     model.surgeon_drift = reports
     if current is not None:
         model._surgeon_output = current  # what surgeon.json records for `surgeon verify`
     return model
+
+
+def _keep_promise(report: Drift, model: nn.Module, rewrote: list[str]) -> None:
+    """Refuse a pass that moved the output more than it promises: in half precision the bound
+    is at least 32 ulps of the output's dtype (rewrites reorder roundings)."""
+    if report.promise is None:
+        return
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    bound = max(report.promise, 32 * torch.finfo(dtype).eps) if dtype.itemsize < 4 else (
+        report.promise)
+    if report.step <= bound:
+        return
+    shown = ", ".join(rewrote[:3]) + (f" and {len(rewrote) - 3} more" if len(rewrote) > 3 else "")
+    raise PromiseError(
+        f"pass {report.pass_name!r} promises to keep the output within {bound:.0e} (max |Δ| / "
+        f"max |y| on the example) but moved it by {report.step:.3g}; the model is unchanged. "
+        f"This is a surgeon defect on this architecture: please report it; to convert around it, "
+        f"exclude= the modules it rewrote ({shown or 'none'}) one at a time")
 
 
 @contextlib.contextmanager

@@ -50,6 +50,12 @@ class SpecializationError(SurgeonError):
     """
 
 
+class PromiseError(SurgeonError):
+    """A pass that promises to preserve the output (`preserves()`) moved it by more on the
+    example: a defect of that pass on this architecture, refused rather than handed back as a
+    model that silently computes something else. `surgeon.apply` leaves the model unchanged."""
+
+
 class SurgeonWarning(UserWarning):
     """Base class of the warnings surgeon gives; filter or escalate them by this class."""
 

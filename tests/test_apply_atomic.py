@@ -13,7 +13,7 @@ from zoo import ZOO, ZooCase
 
 import surgeon
 from surgeon.applying import apply
-from surgeon.errors import ModuleError
+from surgeon.errors import ModuleError, PromiseError
 from surgeon.graph import rewrite, tracing
 from surgeon.graph.tracing import run_example
 from surgeon.nn.aion import AionResidual
@@ -181,6 +181,30 @@ def test_torch_error_in_rewritten_module_names_it(monkeypatch: pytest.MonkeyPatc
     apply(model, ["aion"], example, exclude=err.exclude)
     assert sum(isinstance(m, AionResidual) for m in model.modules()) == 2
     assert not any(isinstance(m, AionResidual) for m in model.transformer.h[1].modules())
+
+
+def test_a_pass_that_breaks_its_promise_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AION promises the output within 1e-5: a rewrite that moves it more (here a residual
+    scaled by 1.01) is refused in one line naming the pass and what it rewrote, and the model
+    is left as it was — never handed back computing something else."""
+    zc = CASES["nanogpt"]
+    model, example = zc.build(), zc.example()
+    before = fingerprint(model, example)
+    real = AionResidual.forward
+
+    def off(self: AionResidual, x: torch.Tensor, y: torch.Tensor, *rest: Any) -> torch.Tensor:
+        return real(self, x, 1.01 * y, *rest)
+
+    monkeypatch.setattr(AionResidual, "forward", off)
+    with pytest.raises(PromiseError) as info:
+        apply(model, ["aion"], example)
+    msg = str(info.value)
+    assert "\n" not in msg and "'aion'" in msg and "transformer.h.0" in msg
+    assert "the model is unchanged" in msg and "moved it by" in msg
+    assert_same(before, fingerprint(model, example))
+    monkeypatch.setattr(AionResidual, "forward", real)
+    apply(model, ["aion"], example)  # the honest pass keeps its promise
+    assert model.surgeon_drift[-1].step <= 1e-5
 
 
 def test_second_pass_tracing_blames_first_pass_not_example(
