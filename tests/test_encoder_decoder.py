@@ -2,7 +2,8 @@
 each stack is found (self-attention, cross-attention, FFN), each stack is its own trunk (hyper
 expands and reduces the streams once per stack; the encoder's states reach cross-attention at
 batch b, never as the decoder's stream), and a converted model generates the original's tokens
-where the pass is exact, with a KV cache, beams, and a new call (labels, no cache)."""
+where the pass is exact, with a KV cache, beams, and a new call (labels, no cache; or a cache
+where the model was converted without one)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from surgeon.graph.tracing import TracedModule
 from surgeon.nn.hyper import expand_streams, reduce_streams
 
 CASES = {c.name: c for c in ZOO}
-MODELS = ["hf_t5", "hf_bart", "hf_whisper"]
+MODELS = ["hf_t5", "hf_bart", "hf_led", "hf_whisper"]
 STACKS = ("encoder", "decoder")
 
 
@@ -89,6 +90,24 @@ def test_generate_after_conversion_gives_the_original_tokens(name: str, passes: 
         want = original.generate(ids, do_sample=False, **kwargs)
         got = model.generate(ids, do_sample=False, **kwargs)
         assert torch.equal(got, want), kwargs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_converted_without_a_cache_generates_with_one(name: str) -> None:
+    """Converted on an example run with `use_cache=False` (as the support matrix does), the
+    decoder layers meet a cache (and, one token at a time, no causal mask) only in generate:
+    they trace themselves again for that call, and LED's, which hand the cache back, must
+    verify although the run gets its own copy of it."""
+    torch.manual_seed(0)
+    original = CASES[name].build().eval()
+    original.config.use_cache = False
+    model = copy.deepcopy(original)
+    surgeon.apply(model, ["aion", "hyper"], CASES[name].example())
+    model.eval()
+    ids = prompt(name)
+    want = original.generate(ids, do_sample=False, max_new_tokens=4, use_cache=True)
+    got = model.generate(ids, do_sample=False, max_new_tokens=4, use_cache=True)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -34,7 +34,7 @@ def base_of(case: ZooCase, model: torch.nn.Module) -> str | None:
 
 
 COMBOS = [("aion", "adyt"), ("aion", "hyper", "adyt"), ("hyper:mhc=true",)]
-SLOW = {"hf_t5", "hf_whisper"}  # the slowest models (encoder-decoders): one row each
+SLOW = {"hf_t5", "hf_led", "hf_whisper"}  # the slowest models (encoder-decoders): one row each
 ROWS = [pytest.param(case, combo, id=f"{case.name}-{'+'.join(combo)}")
         for case in ZOO for combo in COMBOS
         if combo == COMBOS[0] or case.name not in SLOW]

@@ -257,6 +257,18 @@ def hf_bart() -> nn.Module:
         decoder_start_token_id=2))
 
 
+def hf_led() -> nn.Module:
+    """LED: BART's post-norm layers over a Longformer encoder (windowed attention, inputs padded
+    to the window); its decoder layers hand back the cache they are given."""
+    from transformers import LEDConfig, LEDForConditionalGeneration
+
+    return LEDForConditionalGeneration(LEDConfig(
+        vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, attention_window=4,
+        max_encoder_position_embeddings=64, max_decoder_position_embeddings=64, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, decoder_start_token_id=2))
+
+
 def hf_whisper() -> nn.Module:
     """Whisper: pre-norm, a conv front end on log-mel frames, cross-attention in the decoder."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
@@ -749,6 +761,8 @@ ZOO = [
     # encoder-decoders: self-attention, cross-attention and FFN residuals; a trunk per stack
     ZooCase("hf_bart", hf_bart, seq2seq_tokens, {"post_norm": 10}, {"layer_norm": 12}, [2, 2],
             {f"model.{s}.layers.{i}" for s in ("encoder", "decoder") for i in (0, 1)}),
+    ZooCase("hf_led", hf_led, seq2seq_tokens, {"post_norm": 10}, {"layer_norm": 12}, [2, 2],
+            {f"led.{s}.layers.{i}" for s in ("encoder", "decoder") for i in (0, 1)}),
     ZooCase("hf_whisper", hf_whisper, speech_frames, {"pre_norm": 10}, {"layer_norm": 12},
             [2, 2], {f"model.{s}.layers.{i}" for s in ("encoder", "decoder") for i in (0, 1)}),
     # one trunk over both stages: the strided block joins it (hyper covers all 4 adds)

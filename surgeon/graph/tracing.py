@@ -157,6 +157,9 @@ class Call:
     in_shape: tuple[int, ...] | None = None
     out_shape: tuple[int, ...] | None = None
     times: int = 1  # calls of the module in the recorded forward (a shared block: N)
+    # output leaves (by index in `flatten(output)`) that are one of the call's own input objects
+    # (by index in `flatten((args, kwargs))`): a decoder layer hands back the cache it was given
+    returns_inputs: tuple[tuple[int, int], ...] = ()
 
 
 def _clone(obj: Any) -> Any:
@@ -198,6 +201,19 @@ def _detaching_deepcopy() -> Iterator[None]:
 
 def _tensor_ids(obj: Any) -> tuple[int, ...]:
     return tuple(id(x) for x in flatten(obj)[0] if isinstance(x, torch.Tensor))
+
+
+def _is_object(x: Any) -> bool:
+    """An opaque leaf (a cache, a config): neither a tensor nor a constant."""
+    return not isinstance(x, torch.Tensor) and not _is_constant(x)
+
+
+def _returned_inputs(output: Any, inputs: Any) -> tuple[tuple[int, int], ...]:
+    """(output leaf, input leaf) index pairs where the output hands back an object the call
+    was given. Cloning the call separates the two, so verification needs to know."""
+    where = {id(x): i for i, x in enumerate(flatten(inputs)[0]) if _is_object(x)}
+    return tuple((j, where[id(x)]) for j, x in enumerate(flatten(output)[0])
+                 if _is_object(x) and id(x) in where)
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:
@@ -247,6 +263,7 @@ def record_calls(model: nn.Module, example: tuple | dict,
             return
         keep.append(output)
         call.output = _clone(output)
+        call.returns_inputs = _returned_inputs(output, (args, kwargs))
         call.out_ids = _tensor_ids(output) or (-1,)
         first = _first_tensor(output)
         call.out_shape = tuple(first.shape) if first is not None else None
@@ -726,7 +743,11 @@ def compile_graph(graph: fx.Graph) -> Callable[..., Any]:
 # Verification: a graph is trusted only if it reproduces the recorded call.
 # ---------------------------------------------------------------------------------------------
 
-def _mismatch(got: Any, want: Any, path: str = "output") -> str | None:
+def _mismatch(got: Any, want: Any, path: str = "output",
+              given: dict[int, Any] | None = None) -> str | None:
+    """Where `got` differs from `want`, in words; None where it matches. `given` maps the id of
+    an object `want` holds because its call was given it to the object the run of `got` was
+    given in its place (each run gets its own copy of a cache, and hands it back)."""
     if isinstance(want, torch.Tensor):
         if not isinstance(got, torch.Tensor):
             return f"{path} is {_describe(got)}, expected a Tensor"
@@ -745,7 +766,7 @@ def _mismatch(got: Any, want: Any, path: str = "output") -> str | None:
         if len(got) != len(want):
             return f"{path} has {len(got)} items, expected {len(want)}"
         for i, (g, w) in enumerate(zip(got, want)):
-            bad = _mismatch(g, w, f"{path}[{i}]")
+            bad = _mismatch(g, w, f"{path}[{i}]", given)
             if bad:
                 return bad
         return None
@@ -753,21 +774,44 @@ def _mismatch(got: Any, want: Any, path: str = "output") -> str | None:
         if list(got.keys()) != list(want.keys()):
             return f"{path} has keys {list(got.keys())}, expected {list(want.keys())}"
         for k in want:
-            bad = _mismatch(got[k], want[k], f"{path}[{k!r}]")
+            bad = _mismatch(got[k], want[k], f"{path}[{k!r}]", given)
             if bad:
                 return bad
         return None
     if _is_constant(want):
         return None if got == want else f"{path} is {got!r}, expected {want!r}"
-    return None if got is want else f"{path} is a different {type(want).__name__} object"
+    if got is want or (given is not None and got is given.get(id(want))):
+        return None
+    return f"{path} is a different {type(want).__name__} object"
+
+
+def _bound_inputs(spec: CallSpec, args: tuple, kwargs: dict) -> list[Any]:
+    """The leaves of a call that are graph inputs, in the graph's order (not copied)."""
+    bound = spec.signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    leaves, _ = flatten(dict(bound.arguments))
+    return [x for x, k in zip(leaves, spec.kinds) if k != "const"]
 
 
 def _flat_inputs(spec: CallSpec, call: Call) -> list[Any]:
-    bound = spec.signature.bind(*call.args, **call.kwargs)
-    bound.apply_defaults()
-    leaves, _ = flatten(dict(bound.arguments))
-    return [x if k == "tensor" else _snapshot(x) for x, k in zip(leaves, spec.kinds)
-            if k != "const"]
+    """The recorded call's graph inputs: its tensors, and copies of its objects (a forward
+    mutates a cache)."""
+    return [x if isinstance(x, torch.Tensor) else _snapshot(x)
+            for x in _bound_inputs(spec, call.args, call.kwargs)]
+
+
+def _given(inputs: list[Any], copies: list[Any]) -> dict[int, Any]:
+    """id of each object among a call's graph `inputs` -> the copy a run got in its place."""
+    return {id(x): c for x, c in zip(inputs, copies) if _is_object(x)}
+
+
+def _recorded_given(spec: CallSpec, call: Call, flat: list[Any]) -> dict[int, Any]:
+    """For `_mismatch` on the recorded output: each object it hands back from the call's own
+    inputs (`Call.returns_inputs`) -> the copy of that input in `flat`."""
+    by_input = _given(_bound_inputs(spec, call.args, call.kwargs), flat)
+    ins, outs = flatten((call.args, call.kwargs))[0], flatten(call.output)[0]
+    return {id(outs[j]): by_input[id(ins[i])] for j, i in call.returns_inputs
+            if id(ins[i]) in by_input}
 
 
 def _verify(shared: SharedGraph, module: nn.Module, spec: CallSpec, call: Call,
@@ -777,12 +821,13 @@ def _verify(shared: SharedGraph, module: nn.Module, spec: CallSpec, call: Call,
     graph runs on `module` directly, not through its call, so weights that `surgeon convert`
     keeps on disk until a module is called are read around it (`materialized`)."""
     try:
+        flat = _flat_inputs(spec, call)
         with torch.no_grad(), _replaying(module, children or {}), \
                 materialized(module, shared.graph):
-            out = shared.forward(module, *_flat_inputs(spec, call))
+            out = shared.forward(module, *flat)
     except Exception as e:  # the graph does not even run: report why
         return f"the traced graph fails on the recorded call: {type(e).__name__}: {_first_line(e)}"
-    bad = _mismatch(out, call.output)
+    bad = _mismatch(out, call.output, given=_recorded_given(spec, call, flat))
     return f"the traced graph does not reproduce the recorded call: {bad}" if bad else None
 
 
@@ -801,12 +846,14 @@ def verify_train(graph: fx.Graph, module: nn.Module, spec: CallSpec, call: Call,
             for seed in seeds:
                 torch.manual_seed(seed)
                 random.seed(seed)
-                want = module(*_clone(call.args), **_clone(call.kwargs))
+                args, kwargs = _clone(call.args), _clone(call.kwargs)
+                want = module(*args, **kwargs)
                 torch.manual_seed(seed)
                 random.seed(seed)
+                flat = _flat_inputs(spec, call)
                 with materialized(module, graph):
-                    got = forward(module, *_flat_inputs(spec, call))
-                bad = _mismatch(got, want)
+                    got = forward(module, *flat)
+                bad = _mismatch(got, want, given=_given(_bound_inputs(spec, args, kwargs), flat))
                 if bad is not None:
                     return f"in train mode the traced graph does not reproduce the forward: {bad}"
     except Exception as e:
