@@ -725,12 +725,41 @@ def _trace_once(module: nn.Module, name: str, spec: CallSpec, calls: dict[str, C
                                           "__getattribute__": __getattribute__,
                                           "__module__": cls.__module__})
     module.__class__ = stand_in
+    tracer = _Tracer(name, calls, lambda: _flat_inputs(spec, calls[name]))
     try:
-        graph = _Tracer(name, calls, lambda: _flat_inputs(spec, calls[name])).trace(module)
+        with _direct_calls_as_leaves(module, tracer):
+            graph = tracer.trace(module)
     finally:
         module.__class__ = cls
     _tidy(graph)
     return graph
+
+
+@contextlib.contextmanager
+def _direct_calls_as_leaves(root: nn.Module, tracer: _Tracer) -> Iterator[None]:
+    """Inside, a submodule of `root` that its forward calls as `block.forward(x)` (which runs
+    no `__call__`, so fx would trace through it) is a `call_module` leaf like `block(x)`: the
+    adds in the block's code are the block's, found once, in its own graph."""
+    patched: list[tuple[nn.Module, Any]] = []
+    for m in root.modules():
+        if m is root:
+            continue
+        own = m.__dict__.get("forward")
+        forward = m.forward
+
+        def direct(*args: Any, _m: nn.Module = m, _forward: Any = forward, **kwargs: Any) -> Any:
+            return tracer.call_module(_m, _forward, args, kwargs)
+
+        m.forward = direct
+        patched.append((m, own))
+    try:
+        yield
+    finally:
+        for m, own in patched:
+            if own is not None:
+                m.forward = own
+            else:
+                m.__dict__.pop("forward", None)
 
 
 def _call_shape(spec: CallSpec, arguments: dict[str, Any], n_positional: int
