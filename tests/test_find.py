@@ -151,8 +151,6 @@ class _DirectNet(nn.Module):
         return x
 
 
-@pytest.mark.xfail(strict=True, reason="the caller's graph traces through block.forward(x), so "
-                   "each add is also reported at the root (known defect, issue 14)")
 def test_blocks_called_by_forward_are_found() -> None:
     model = _DirectNet().eval()
     x = torch.randn(2, 5, 16)

@@ -1,5 +1,6 @@
 """surgeon.save / surgeon.load: every zoo model converted with AION + ADyT reloads strictly with
-bit-identical outputs; tied weights are stored once; a tampered manifest fails clearly."""
+bit-identical outputs, also after a training step; tied weights are stored once; a tampered
+manifest fails clearly."""
 
 from __future__ import annotations
 
@@ -57,6 +58,33 @@ def test_save_load_round_trip(case: ZooCase, combo: tuple[str, ...], tmp_path: P
         assert torch.equal(output_sum(loaded, example), output_sum(model, example))
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", ["hf_levit", "hf_bert"])
+def test_reload_after_a_training_step_gives_the_same_outputs(name: str, tmp_path: Path) -> None:
+    """The support matrix's save_load cell: train (here: weights moved well off their initial
+    values, in train mode), then save and load. `surgeon.load` replays the passes (running the
+    example) before it loads the weights, so a cache that an eval-mode forward fills from the
+    weights (LeViT's attention biases) must not outlive the runs made while tracing."""
+    case = next(c for c in ZOO if c.name == name)
+    model, example = converted(case)
+    model.train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    loaded = surgeon.load(surgeon.save(model, tmp_path / "converted"))
+    with torch.no_grad():
+        assert torch.equal(output_sum(loaded, example), output_sum(model, example))
+
+
+def test_a_conversion_leaves_no_cache_behind() -> None:
+    """Runs made while tracing write nothing into the modules' plain attributes: LeViT's
+    attention bias caches are as empty after the conversion as before it (no entry keyed by
+    a Proxy's name either)."""
+    model, _ = converted(next(c for c in ZOO if c.name == "hf_levit"))
+    caches = [m.attention_bias_cache for m in model.modules() if hasattr(m, "attention_bias_cache")]
+    assert caches and all(c == {} for c in caches)
 
 
 def test_tied_weights_are_stored_once(tmp_path: Path) -> None:

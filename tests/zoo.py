@@ -988,9 +988,25 @@ def hf_squeezebert() -> nn.Module:
         num_attention_heads=4, vocab_size=128, max_position_embeddings=64))
 
 
+def hf_levit() -> nn.Module:
+    """LeViT: its attention keeps an eval-mode cache of biases gathered from a parameter (cleared
+    by `train()`): runs made while tracing must not leave one behind, or a reloaded model would
+    keep the biases of the weights it had before loading."""
+    from transformers import LevitConfig, LevitForImageClassification
+
+    return LevitForImageClassification(LevitConfig(
+        image_size=32, patch_size=16, hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+        depths=[1, 1], key_dim=[8, 8], mlp_ratio=[2, 2], attention_ratio=[2, 2],
+        down_ops=[["Subsample", 8, 1, 4, 2, 2]], num_labels=4))
+
+
 DETECT_ZOO = [
     ZooCase("hf_resnet", hf_resnet, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)},
             {"plain": 4}, {}, [2]),  # one trunk: the two stages, across the downsampling
+    ZooCase("hf_levit", hf_levit, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)},
+            {"plain": 5}, {}, [2],  # one trunk over the two stages; the subsample has no add
+            {f"levit.encoder.stages.{i}" for i in ("0.layers.0", "0.layers.1", "0.layers.3",
+                                                   "1.layers.0", "1.layers.1")}),
     ZooCase("repvgg", TinyRepVGG, lambda: (torch.randn(2, 3, 8, 8),), {"plain": 1}, {}, [1],
             {"blocks.2"}),
     ZooCase("looped_shared", LoopedShared, lambda: (torch.randn(2, 5, 16),), {"pre_norm": 1},

@@ -338,20 +338,54 @@ def watch_calls(modules: list[nn.Module], pre: Callable[[nn.Module, tuple, dict]
 def as_recorded(model: nn.Module) -> Iterator[None]:
     """Inside, `model` runs as tracing records it: eval mode, and torch's fused
     TransformerEncoderLayer/MultiheadAttention path off, so a recorded call runs the same ops the
-    trace sees. Every module's train/eval mode and the fast-path switch are restored on exit."""
+    trace sees. Every module's train/eval mode and the fast-path switch are restored on exit,
+    and so is what the runs wrote into the modules' plain attributes (`plain_state_kept`)."""
     modes = {m: m.training for m in model.modules()}
     backend = getattr(torch.backends, "mha", None)
     fastpath = backend.get_fastpath_enabled() if backend is not None else False
     if backend is not None:
         backend.set_fastpath_enabled(False)
     try:
-        model.eval()
-        yield
+        with plain_state_kept(model):
+            model.eval()
+            yield
     finally:
         if backend is not None:
             backend.set_fastpath_enabled(fastpath)
         for m, mode in modes.items():
             m.training = mode
+
+
+# nn.Module's own slots (parameters, buffers, children, hooks, mode) and the forward that
+# `watch_calls` and `_replaying` set: those have owners of their own
+_MODULE_SLOTS = frozenset(nn.Module().__dict__) | {"forward"}
+
+
+def _plain(key: str) -> bool:
+    """A module attribute that a forward may write as a cache: not a torch slot, and not
+    surgeon's own (a rewritten module's graphs for other calls are kept)."""
+    return key not in _MODULE_SLOTS and not key.startswith("_surgeon")
+
+
+@contextlib.contextmanager
+def plain_state_kept(model: nn.Module) -> Iterator[None]:
+    """Inside, forwards may fill caches kept in the modules' plain dicts, lists and sets; on
+    exit each of those holds what it held before. Runs made while tracing must leave no such
+    trace: LeViT's eval-mode `attention_bias_cache` would keep biases gathered from the weights
+    of that moment (`surgeon.load` traces before it loads the checkpoint's weights), and a key
+    that tracing made from a Proxy. Attributes a forward sets or rebinds stay (transformers
+    marks a model whose output-capturing hooks it installed, and the hooks stay too)."""
+    saved = [(v, copy.copy(v)) for m in model.modules() for k, v in m.__dict__.items()
+             if _plain(k) and type(v) in (dict, list, set)]
+    try:
+        yield
+    finally:
+        for held, content in saved:
+            if isinstance(held, list):
+                held[:] = content
+            else:
+                held.clear()
+                held.update(content)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,12 +725,41 @@ def _trace_once(module: nn.Module, name: str, spec: CallSpec, calls: dict[str, C
                                           "__getattribute__": __getattribute__,
                                           "__module__": cls.__module__})
     module.__class__ = stand_in
+    tracer = _Tracer(name, calls, lambda: _flat_inputs(spec, calls[name]))
     try:
-        graph = _Tracer(name, calls, lambda: _flat_inputs(spec, calls[name])).trace(module)
+        with _direct_calls_as_leaves(module, tracer):
+            graph = tracer.trace(module)
     finally:
         module.__class__ = cls
     _tidy(graph)
     return graph
+
+
+@contextlib.contextmanager
+def _direct_calls_as_leaves(root: nn.Module, tracer: _Tracer) -> Iterator[None]:
+    """Inside, a submodule of `root` that its forward calls as `block.forward(x)` (which runs
+    no `__call__`, so fx would trace through it) is a `call_module` leaf like `block(x)`: the
+    adds in the block's code are the block's, found once, in its own graph."""
+    patched: list[tuple[nn.Module, Any]] = []
+    for m in root.modules():
+        if m is root:
+            continue
+        own = m.__dict__.get("forward")
+        forward = m.forward
+
+        def direct(*args: Any, _m: nn.Module = m, _forward: Any = forward, **kwargs: Any) -> Any:
+            return tracer.call_module(_m, _forward, args, kwargs)
+
+        m.forward = direct
+        patched.append((m, own))
+    try:
+        yield
+    finally:
+        for m, own in patched:
+            if own is not None:
+                m.forward = own
+            else:
+                m.__dict__.pop("forward", None)
 
 
 def _call_shape(spec: CallSpec, arguments: dict[str, Any], n_positional: int
