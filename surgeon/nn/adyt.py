@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.nn.scalars import promote_scalars, scalar_parameter
+from surgeon.nn.scalars import scalar_parameter
+from surgeon.nn.state import RebuildsOptionalState
 
 # DyT's LLaMA α0 by width (official code): (width ≤, attention, ffn, final).
 _LLAMA_ALPHA0 = ((4096, 0.8, 0.2, 0.2), (5120, 0.6, 0.15, 0.15), (None, 0.2, 0.05, 0.05))
@@ -59,7 +60,7 @@ class InwardClamp(torch.autograd.Function):
         return grad.masked_fill(outward, 0.0), None, None
 
 
-class ADyT(nn.Module):
+class ADyT(RebuildsOptionalState):
     """Adaptive dynamic tanh over the last `len(normalized_shape)` dimensions, or over axis 1
     with `channels_first=True` (the stand-in for a `LayerNorm2d` on `(b, c, h, w)`)."""
 
@@ -188,17 +189,6 @@ class ADyT(nn.Module):
             else:
                 self.grad_norm_steps.copy_(value)
         return self
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        missing_keys: list[str] = args[2]  # (local_metadata, strict, missing, unexpected, errors)
-        absent = tuple(n for n in self.optional_state if prefix + n not in state_dict)
-        promote_scalars(self, state_dict, prefix)  # a 0-dim alpha0 of an older checkpoint
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        for name in absent:
-            if prefix + name in missing_keys:
-                missing_keys.remove(prefix + name)
-        if absent:
-            self.reset_optional_state_(absent)
 
     def extra_repr(self) -> str:
         kind = "adaptive" if self.adaptive else "DyT"

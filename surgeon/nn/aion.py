@@ -21,9 +21,9 @@ import math
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from surgeon.nn.scalars import promote_scalars, scalar_parameter
+from surgeon.nn.scalars import scalar_parameter
+from surgeon.nn.state import RebuildsOptionalState
 
 PRESETS = ("aion", "deepnorm", "preln", "rezero")
 
@@ -34,7 +34,7 @@ def energy(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return t.float().pow(2).mean(dim)
 
 
-class AionResidual(nn.Module):
+class AionResidual(RebuildsOptionalState):
     """`x + α·y` with `α = alpha0 / (1 + beta·r_s)`; see the module docstring.
 
     `ema_gamma = 1` turns smoothing off (training uses the batch ratio, as aion-torch does;
@@ -231,19 +231,6 @@ class AionResidual(nn.Module):
             else:
                 getattr(self, name).copy_(value)
         return self
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # A state dict without aion-torch's records (written by an older surgeon, or by hand)
-        # loads strictly too: they are rebuilt from what was loaded.
-        missing_keys: list[str] = args[2]  # (local_metadata, strict, missing, unexpected, errors)
-        absent = tuple(n for n in self.optional_state if prefix + n not in state_dict)
-        promote_scalars(self, state_dict, prefix)  # aion-torch's (and older) 0-dim scalars
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        for name in absent:
-            if prefix + name in missing_keys:
-                missing_keys.remove(prefix + name)
-        if absent:
-            self.reset_optional_state_(absent)
 
     def extra_repr(self) -> str:
         # aion-torch's "alpha0=0.1000, beta=0.0500, ema_gamma=0.99", then surgeon's own fields.
