@@ -162,3 +162,14 @@ def test_reshapes_of_folded_streams_act_per_stream() -> None:
     torch.testing.assert_close(moved.unflatten(0, (n, -1)), per.transpose(1, 2))
     torch.testing.assert_close(stream_permute(h, n, "permute", 2, 0, 1).unflatten(0, (n, -1)),
                                per.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("name", ["parallel", "hf_mixtral"])
+def test_coverage_after_aion_counts_the_aion_calls(name: str) -> None:
+    torch.manual_seed(0)
+    case = CASES[name]
+    model, example = case.build().eval(), case.example()
+    adds = sum(case.residuals.values())
+    apply(model, ["aion", "hyper"], example)
+    assert model.surgeon_hyper_coverage == (
+        f"covers {adds} of {adds} residual adds in {len(case.trunks)} trunk")
