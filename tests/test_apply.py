@@ -58,8 +58,9 @@ PARALLEL = {"parallel", "hf_neox_parallel"}  # attention and MLP added to one in
 # Known defect from merging issue 14's branches: adyt run after hyper leaves one norm of a
 # hyper-wrapped block unconverted (e.g. Mixtral's model.layers.0.post_attention_layernorm).
 # strict: the rows fail loudly once it is fixed, so the mark must then go.
-# hyper on ConvNeXt-style channels-first toy streams rounds (≤ 1e-6) where the others are exact
-HYPER_ROUNDS = {"convnext_ish": 1e-6}
+# hyper on ConvNeXt-style channels-first toy streams rounds (≤ 1e-6) where the others are exact;
+# on LeViT (its stages' subsample-attention shortcuts reshape the stream) by a few fp32 ulps
+HYPER_ROUNDS = {"convnext_ish": 1e-6, "hf_levit": 1e-6}
 
 
 ROWS = [pytest.param(case, combo, id=f"{case.name}-{'+'.join(combo)}")

@@ -159,9 +159,12 @@ def test_transformers_progress_bars_only_with_verbose() -> None:
 
 def test_ctrl_c_exits_130_with_one_line(factory_dir: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # SIGINT back to its default in the child: a test run started in the background of a
+    # shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "surgeon", "inspect", "smallnet:slow"],
                             cwd=factory_dir, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (factory_dir / "started").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
