@@ -1,0 +1,138 @@
+"""DyT's recipe in the `adyt` pass (passes/dyt_recipe.py): per-role α0, a learnable scale on the
+trunk input of a token model, chosen automatically for untrained models and recorded so a
+reload replays the same rewrite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import zoo
+from torch import nn
+
+import surgeon
+from surgeon.applying import applied_passes
+from surgeon.nn import ADyT, InputScale
+
+TOKEN_MODELS = {  # zoo factory → the first block's name
+    "llama": (zoo.hf_llama, "model.layers.0"),
+    "gpt2": (zoo.hf_gpt2, "transformer.h.0"),
+}
+
+
+def example() -> dict:
+    return {"input_ids": zoo.tokens(vocab=128, seq=16)}
+
+
+def scales(model: nn.Module) -> dict[str, float]:
+    return {n: float(m.scale) for n, m in model.named_modules() if isinstance(m, InputScale)}
+
+
+def alphas(model: nn.Module) -> dict[str, float]:
+    return {n: round(float(m.alpha0), 4) for n, m in model.named_modules() if isinstance(m, ADyT)}
+
+
+def first_block_input_rms(model: nn.Module, block: str, ex: dict) -> float:
+    seen = []
+    hook = model.get_submodule(block).register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True)
+    with torch.no_grad():
+        model(**ex)
+    hook.remove()
+    return float(seen[0].pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_MODELS))
+@pytest.mark.parametrize("passes", [["adyt"], ["aion", "hyper", "adyt"]])
+def test_untrained_token_model_gets_the_recipe(name: str, passes: list[str]) -> None:
+    build, block = TOKEN_MODELS[name]
+    torch.manual_seed(0)
+    model, ex = build().eval(), example()
+    rms = first_block_input_rms(model, block, ex)
+    surgeon.apply(model, passes, ex)
+    assert applied_passes(model)[-1]["_data"]["recipe"] == "dyt"  # recorded, not "auto"
+    assert scales(model) == {f"{block}.input_scale": pytest.approx(1 / rms, rel=1e-5)}
+    assert 1 / rms > 10  # HF's std-0.02 embedding: the stream starts far below rms 1
+    assert first_block_input_rms(model, block, ex) == pytest.approx(rms, rel=1e-6)  # before it
+    got = alphas(model)
+    final = [n for n in got if not n.startswith(block.rsplit(".", 1)[0])]
+    first_norms = [n for n in got if n.startswith(block + ".")]
+    assert len(final) == 1 and got[final[0]] == 0.2  # DyT's final-norm α0
+    assert sorted(got[n] for n in first_norms) == [0.2, 0.8]  # attention 0.8, ffn 0.2
+    assert applied_passes(model)[-1]["_data"]["recipe"] == "dyt"
+
+
+def test_the_scale_trains_and_the_model_learns() -> None:
+    torch.manual_seed(0)
+    model, ex = zoo.hf_llama(), example()
+    surgeon.apply(model, ["adyt"], ex)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    surgeon.attach(model, opt)
+    ids = ex["input_ids"]
+    (scale,) = [m.scale for m in model.modules() if isinstance(m, InputScale)]
+    start, losses = scale.detach().clone(), []
+    for _ in range(20):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0]
+    assert not torch.equal(scale.detach(), start)
+
+
+def test_trained_model_keeps_plain_alpha0_and_no_scale() -> None:
+    torch.manual_seed(0)
+    model, ex = zoo.hf_llama().eval(), example()
+    with torch.no_grad():  # gains that training moved
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight.mul_(1 + 0.1 * torch.randn_like(m.weight))
+    surgeon.apply(model, ["adyt"], ex)
+    assert applied_passes(model)[-1]["_data"]["recipe"] == "none"
+    assert scales(model) == {}
+    assert set(alphas(model).values()) == {0.5}
+
+
+@pytest.mark.parametrize("spec, expect_scale", [("adyt:recipe=none", False),
+                                                ("adyt:recipe=dyt", True)])
+def test_explicit_recipe_wins(spec: str, expect_scale: bool) -> None:
+    torch.manual_seed(0)
+    model = zoo.hf_gpt2().eval()
+    surgeon.apply(model, [spec], example())
+    assert bool(scales(model)) is expect_scale
+
+
+def test_sqrt_d_start() -> None:
+    torch.manual_seed(0)
+    model = zoo.hf_llama().eval()
+    surgeon.apply(model, ["adyt:recipe=dyt,input_scale=sqrt_d"], example())
+    assert list(scales(model).values()) == [pytest.approx(32 ** 0.5)]
+
+
+def test_model_without_token_embedding_gets_no_scale() -> None:
+    torch.manual_seed(0)
+    case = {c.name: c for c in zoo.ZOO}["swin_ish"]  # a hierarchical vision transformer
+    model = case.build().eval()
+    surgeon.apply(model, ["adyt:recipe=dyt"], case.example())
+    assert scales(model) == {}
+    assert set(alphas(model).values()) == {0.5}  # DyT's default outside language models
+
+
+def test_reload_replays_the_recipe(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, ex = zoo.hf_llama().eval(), example()
+    surgeon.apply(model, ["aion", "adyt"], ex)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, InputScale):
+                m.scale.fill_(3.0)  # as if trained
+            if isinstance(m, ADyT):
+                m.weight.mul_(1.5)  # trained gains: a replay must not pick recipe=none
+    loaded = surgeon.load(surgeon.save(model, tmp_path / "converted"))
+    assert scales(loaded) == scales(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(**ex).logits, model(**ex).logits)
