@@ -15,7 +15,7 @@ import surgeon
 from surgeon import NoEffectWarning
 from surgeon.applying import apply, plain_output
 from surgeon.graph.tracing import flatten, run_example
-from surgeon.nn import ADyT, AionResidual
+from surgeon.nn import ADyT, AionResidual, InputScale
 from surgeon.nn.hyper import StreamMixer
 from surgeon.recipe import PassError, parse_pass
 
@@ -48,7 +48,15 @@ def expected_new(case: ZooCase, name: str) -> int:
         return sum(case.residuals.values())
     if name == "hyper":  # the residual adds inside the trunks' blocks
         return residuals_in_trunks(case.name)
-    return sum(case.norms.values())
+    return sum(case.norms.values()) + INPUT_SCALES.get(case.name, 0)
+
+
+# adyt's recipe on these untrained models: DyT's learnable scale on each trunk's input where a
+# token embedding feeds the trunk (encoder-decoders: both stacks; Whisper: its decoder)
+INPUT_SCALES = {name: 1 for name in (
+    "nanogpt", "hf_gpt2", "hf_llama", "hf_bert", "hf_whisper", "flat_moe", "parallel",
+    "hf_mixtral", "hf_mamba", "hf_mamba2", "hf_neox_parallel", "functional_norms",
+    "hf_modernbert", "hf_qwen2_moe", "hf_bloom")} | {"hf_t5": 2, "hf_bart": 2, "hf_led": 2}
 
 
 # The slowest models to trace (encoder-decoders, caches copied per call) take fewer rows.
@@ -90,7 +98,9 @@ def test_apply_row(case: ZooCase, combo: tuple[str, ...]) -> None:
     assert sum(isinstance(m, AionResidual) for m in model.modules()) == (
         expected_new(case, "aion") if "aion" in names else 0)
     assert sum(isinstance(m, ADyT) for m in model.modules()) == (
-        expected_new(case, "adyt") if "adyt" in names else 0)
+        sum(case.norms.values()) if "adyt" in names else 0)
+    assert sum(isinstance(m, InputScale) for m in model.modules()) == (
+        INPUT_SCALES.get(case.name, 0) if "adyt" in names else 0)
     assert sum(isinstance(m, StreamMixer) for m in model.modules()) == (
         expected_new(case, "hyper") if "hyper" in names else 0)
     if "adyt" not in names[:names.index("hyper")] if "hyper" in names else False:
