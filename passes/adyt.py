@@ -32,6 +32,7 @@ from surgeon.nn.adyt import ADyT as ADyTModule
 from surgeon.nn.adyt import dyt_llama_alpha0
 from surgeon.nn.aion import AionResidual
 from surgeon.nn.hyper import StreamMixer
+from surgeon.nn.input_scale import InputScale
 from surgeon.recipe import PassConfig, PassError, bounded, register
 
 
@@ -74,9 +75,12 @@ class ADyT(PassConfig):
         """`recipe=auto` decided: "dyt" when every norm in scope is still at its init."""
         if self.recipe != "auto":
             return self
+        if any(isinstance(m, InputScale) for m in surgery.model.modules()):
+            return dataclasses.replace(self, recipe="dyt")  # applied before: the same again
         norms = [surgery.module(n.module) for n in surgery.inspection.norms
                  if n.node is None and self.selects(n.module)]
-        return dataclasses.replace(self, recipe="dyt" if untrained(norms) else "none")
+        fresh = bool(norms) and untrained(norms)
+        return dataclasses.replace(self, recipe="dyt" if fresh else "none")
 
     def run(self, surgery: Surgery) -> list[str]:
         if self.recipe == "auto":

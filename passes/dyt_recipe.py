@@ -56,6 +56,8 @@ def scale_trunk_inputs(surgery: Surgery, how: str) -> list[str]:
     measured = _fed_inputs(surgery, embeddings, firsts)
     new = []
     for block, (rms, width) in measured.items():
+        if any(isinstance(m, InputScale) for m in surgery.module(block).children()):
+            continue  # scaled by an earlier run of the pass
         graph = surgery.graph(block)
         expand = next((n for n in graph.nodes
                        if n.op == "call_function" and n.target is expand_streams), None)

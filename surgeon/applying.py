@@ -211,6 +211,10 @@ def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | 
         with _blaming(model, surgery, pending[0].name if pending else "",
                       "fails on the example after this pass", ExampleError):
             surgery = Surgery(model, example)
+        with _blaming(model, surgery, config.name, "rewriting it failed"):
+            config = config.resolved(surgery)
+        if config.to_json() in done:  # what `recipe=auto` and the like decide: already applied
+            continue
         # Tracing ran the model once: its output is the one before this pass and after the last.
         current = output_vector(_recorded_output(surgery))
         if reference is None:
@@ -219,7 +223,6 @@ def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | 
             reports.append(drift(reference, current, pending[0].name, len(pending[1]),
                                  pending[2], pending[0].preserves()))
         with _blaming(model, surgery, config.name, "rewriting it failed", touched=True):
-            config = config.resolved(surgery)
             new = config.run(surgery)
             if not new:
                 warnings.warn(no_effect(config, surgery), NoEffectWarning, stacklevel=3)
