@@ -10,6 +10,7 @@ width: a hierarchical model's early stages are narrow too) are "qk" norms; both 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -79,7 +80,10 @@ class ADyT(PassConfig):
             return dataclasses.replace(self, recipe="dyt")  # applied before: the same again
         norms = [surgery.module(n.module) for n in surgery.inspection.norms
                  if n.node is None and self.selects(n.module)]
-        fresh = bool(norms) and untrained(norms)
+        with contextlib.ExitStack() as stack:  # weights streamed from disk: read them
+            for norm in norms:
+                stack.enter_context(materialized(norm))
+            fresh = bool(norms) and untrained(norms)
         return dataclasses.replace(self, recipe="dyt" if fresh else "none")
 
     def run(self, surgery: Surgery) -> list[str]:

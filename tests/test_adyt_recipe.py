@@ -136,3 +136,19 @@ def test_reload_replays_the_recipe(tmp_path: Path) -> None:
     assert scales(loaded) == scales(model)
     with torch.no_grad():
         assert torch.equal(loaded(**ex).logits, model(**ex).logits)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_convert_decides_from_the_weights_on_disk(trained: bool, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = zoo.hf_llama()
+    if trained:
+        with torch.no_grad():
+            for m in model.modules():
+                if type(m).__name__.endswith("RMSNorm"):
+                    m.weight.mul_(1.25)
+    model.save_pretrained(tmp_path / "src")
+    result = surgeon.convert(str(tmp_path / "src"), tmp_path / "dst", ["adyt"])
+    loaded = surgeon.load(result.path if hasattr(result, "path") else tmp_path / "dst")
+    assert applied_passes(loaded)[-1]["_data"]["recipe"] == ("none" if trained else "dyt")
+    assert bool(scales(loaded)) is not trained

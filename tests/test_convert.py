@@ -239,7 +239,8 @@ def test_cli_convert_prints_the_summary_and_repeats_byte_for_byte(source, tmp_pa
     assert table[0].split() == ["pass", "modules", "drift", "promise", "max", "|Δ|"]
     assert table[1].split() == ["aion", "4", "0", "1e-05", "0"]
     assert table[2].split() == ["hyper", "4", "0", "1e-05", "0"]
-    assert table[3].split()[:2] == ["adyt", "5"] and table[3].split()[3] == "-"
+    # adyt: 5 norms + the recipe's InputScale
+    assert table[3].split()[:2] == ["adyt", "6"] and table[3].split()[3] == "-"
     assert f"new parameters: {again.new_parameters:,}" in lines
     assert any(line.startswith(f"tensors: {again.tensors} (") for line in lines)
     wrote = next(line for line in lines if line.startswith(f"wrote {dst} in "))
