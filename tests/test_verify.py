@@ -95,7 +95,7 @@ def test_verify_cli_table(src, dst, against):
     rows = lines[lines.index(title) + 2:lines.index(title) + 5]
     assert rows[0].split() == ["aion", "4", "0", "1e-05", "0", "1.000000", "ok"]
     assert rows[1].split() == ["hyper", "4", "0", "1e-05", "0", "1.000000", "ok"]
-    assert rows[2].split()[:2] == ["adyt", "5"] and rows[2].split()[3] == "-"
+    assert rows[2].split()[:2] == ["adyt", "6"] and rows[2].split()[3] == "-"
     assert rows[2].split()[-1] == "ok"
     assert lines[-1] == "result: ok"
 
