@@ -15,13 +15,14 @@ import inspect
 import math
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from passes.dyt_recipe import scale_trunk_inputs, untrained
 from surgeon.files.lazy import materialized
 from surgeon.graph.attention_inputs import qk_norm_modules
 from surgeon.graph.find import norm_input, strip_casts
@@ -29,6 +30,8 @@ from surgeon.graph.report import Norm
 from surgeon.graph.rewrite import Surgery, node_named
 from surgeon.nn.adyt import ADyT as ADyTModule
 from surgeon.nn.adyt import dyt_llama_alpha0
+from surgeon.nn.aion import AionResidual
+from surgeon.nn.hyper import StreamMixer
 from surgeon.recipe import PassConfig, PassError, bounded, register
 
 
@@ -62,13 +65,29 @@ class ADyT(PassConfig):
     final_norms: bool = True
     qk_norms: bool = False
     calibrate: bool = False  # fit each α0 on the example so the outputs move less
+    # DyT's recipe for training from scratch (passes/dyt_recipe.py): per-role α0 and a
+    # learnable scale on the trunk input of a token model. "auto": on for an untrained model.
+    recipe: Literal["auto", "dyt", "none"] = "auto"
+    input_scale: Literal["rms", "sqrt_d"] = "rms"  # the trunk scale's start: 1/rms or √d
 
+    def resolved(self, surgery: Surgery) -> ADyT:
+        """`recipe=auto` decided: "dyt" when every norm in scope is still at its init."""
+        if self.recipe != "auto":
+            return self
+        norms = [surgery.module(n.module) for n in surgery.inspection.norms
+                 if n.node is None and self.selects(n.module)]
+        return dataclasses.replace(self, recipe="dyt" if untrained(norms) else "none")
 
     def run(self, surgery: Surgery) -> list[str]:
+        if self.recipe == "auto":
+            return self.resolved(surgery).run(surgery)
+        scaled = scale_trunk_inputs(surgery, self.input_scale) if self.recipe == "dyt" else []
+        # DyT's LLaMA α0 by role where a token embedding feeds the trunk; its default otherwise
+        by_role = self.llama_init or bool(scaled)
         norms = [n for n in surgery.inspection.norms if n.node is None and self.selects(n.module)]
-        blocks = {b for t in surgery.inspection.trunks for b in t.blocks}
+        blocks = _blocks(surgery)
         qk = qk_norm_modules(surgery.model, [n.module for n in norms], surgery.run_example)
-        roles = _roles(surgery)
+        roles = _roles(surgery, blocks, [n.module for n in norms])
         seen = _record_inputs(surgery, [n.module for n in norms]) if self.calibrate else {}
         todo = []
         for norm in norms:
@@ -87,7 +106,7 @@ class ADyT(PassConfig):
             role = roles.get(norm.module, "ffn" if inside else "final")
             norm = _with_width(surgery, norm, layouts[norm.module])
             d = norm.shape[-1] if norm.shape else None
-            alpha0 = dyt_llama_alpha0(role, d or 0) if self.llama_init else self.alpha0
+            alpha0 = dyt_llama_alpha0(role, d or 0) if by_role else self.alpha0
             adyt = self._convert(module, norm, alpha0, layouts[norm.module])
             adyt.gate = gates[norm.module]
             if norm.module in fused:  # the parent reads these itself: kept, and guarded
@@ -105,8 +124,8 @@ class ADyT(PassConfig):
                 _guard_parent(surgery.module(parent), attr)
             if isinstance(surgery.module(parent), _FAST_PATH) and parent in surgery.trace.traces:
                 surgery.graph(parent)  # reinstall traced: the fast path reads norm weights itself
-        new += self._functional(surgery, spans)
-        return new
+        new += self._functional(surgery, spans, by_role)
+        return new + scaled
 
     def _functional_spans(self, surgery: Surgery, blocks: set[str]) -> list[tuple]:
         """The functional norms in scope, each with its sub-graph (see `_span`, which refuses
@@ -120,7 +139,7 @@ class ADyT(PassConfig):
                 spans.append((norm, inside, _span(surgery, norm)))
         return spans
 
-    def _functional(self, surgery: Surgery, spans: list[tuple]) -> list[str]:
+    def _functional(self, surgery: Surgery, spans: list[tuple], by_role: bool) -> list[str]:
         """Norms computed in a larger module's forward (`F.layer_norm`, an inline
         `x·rsqrt(mean(x²) + eps)·w`): the norm's sub-graph, gain and bias included, becomes a
         call of an ADyT module that holds the norm's own gain and bias parameters (shared, so
@@ -129,7 +148,7 @@ class ADyT(PassConfig):
         for norm, inside, (x, chain, weight, bias, d) in spans:
             graph = surgery.graph(norm.module)
             role = "ffn" if inside else "final"
-            alpha0 = dyt_llama_alpha0(role, d) if self.llama_init else self.alpha0
+            alpha0 = dyt_llama_alpha0(role, d) if by_role else self.alpha0
             adyt = ADyTModule(d, alpha0=alpha0, bias=bias is not None, adaptive=self.adaptive)
             ref = weight if weight is not None else bias
             if ref is not None:
@@ -459,16 +478,26 @@ def fit_alpha0_(adyt: ADyTModule, x: torch.Tensor, target: torch.Tensor) -> floa
     return alpha
 
 
-def _roles(surgery: Surgery) -> dict[str, str]:
-    """Norm module → "attention" (feeds a block's first residual branch) or "ffn" (later ones)."""
+_RESIDUAL_MODULES = (AionResidual, StreamMixer)
+
+
+def _blocks(surgery: Surgery) -> set[str]:
+    """The residual blocks: the trunks' blocks, and after `aion`/`hyper` the modules holding
+    their residual modules (the trunks hyper-connections folded are not trunks any more)."""
+    blocks = {b for t in surgery.inspection.trunks for b in t.blocks}
+    for name, mt in surgery.trace.traces.items():
+        if any(isinstance(c, _RESIDUAL_MODULES) for c in mt.module.children()):
+            blocks.add(name)
+    return blocks
+
+
+def _roles(surgery: Surgery, blocks: set[str], norms: list[str]) -> dict[str, str]:
+    """Norm module → "attention" (the first norm its block calls, which feeds the block's first
+    branch) or "ffn" (the norms the block calls later), in the order of the example's run."""
+    order = {n: surgery.trace.calls[n].order for n in norms if n in surgery.trace.calls}
     roles: dict[str, str] = {}
-    seen: dict[str, int] = {}
-    for r in surgery.inspection.residuals:
-        k = seen[r.module] = seen.get(r.module, -1) + 1
-        if r.x_norm is None:
-            continue
-        graph = surgery.trace.traces[r.module].graph
-        node = next((n for n in graph.nodes if n.name == r.x_norm), None)
-        if node is not None and node.op == "call_module":
-            roles[f"{r.module}.{node.target}"] = "attention" if k == 0 else "ffn"
+    for block in blocks:
+        inside = sorted((n for n in order if n.startswith(block + ".")), key=order.get)
+        for i, name in enumerate(inside):
+            roles.setdefault(name, "attention" if i == 0 else "ffn")
     return roles

@@ -421,7 +421,7 @@ def _when(surgery: Surgery, owner: str, node: str) -> tuple:
     graph = surgery.trace.traces[owner].graph
     key: tuple = (next(i for i, n in enumerate(graph.nodes) if n.name == node),)
     while True:
-        found = surgery._caller(owner)
+        found = surgery.caller(owner)
         if found is None:
             return (surgery.trace.calls[owner].order, *key)
         owner, rel = found

@@ -219,6 +219,7 @@ def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | 
             reports.append(drift(reference, current, pending[0].name, len(pending[1]),
                                  pending[2], pending[0].preserves()))
         with _blaming(model, surgery, config.name, "rewriting it failed", touched=True):
+            config = config.resolved(surgery)
             new = config.run(surgery)
             if not new:
                 warnings.warn(no_effect(config, surgery), NoEffectWarning, stacklevel=3)

@@ -138,6 +138,11 @@ class PassConfig:
         pass created or replaced (the manifest)."""
         raise NotImplementedError
 
+    def resolved(self, surgery: Surgery) -> PassConfig:
+        """This config with the options the model decides fixed (adyt's `recipe=auto`), so
+        what `surgeon.json` records replays the same rewrite on any copy of the model."""
+        return self
+
     def after_commit(self, surgery: Surgery, new: list[str]) -> None:
         """Work that needs the rewritten model in place (calibration on the example)."""
         return None

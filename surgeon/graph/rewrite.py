@@ -155,7 +155,7 @@ class Surgery:
         that values of both meet in one graph (BERT's residual adds take their skip from the
         caller). The child's submodules stay where they are, called by their dotted paths.
         Returns False, changing nothing, where that cannot be done."""
-        found = self._caller(child)
+        found = self.caller(child)
         child_trace = self.trace.traces.get(child)
         if found is None or child_trace is None:
             return False
@@ -192,7 +192,7 @@ class Surgery:
         self.graphs.pop(child, None)
         return True
 
-    def _caller(self, name: str) -> tuple[str, str] | None:
+    def caller(self, name: str) -> tuple[str, str] | None:
         """The nearest traced ancestor whose graph calls module `name`, and the call's target."""
         parts = name.split(".")
         for cut in range(len(parts) - 1, -1, -1):

@@ -1,7 +1,8 @@
 """The modules that rewritten graphs call, usable on their own as well.
 
 `AionResidual` (adaptive residual scale), `HyperConnections` / `ManifoldHyperConnections`
-(n residual streams; mHC), `ADyT` (adaptive dynamic tanh, DyT with adaptation off), and
+(n residual streams; mHC), `ADyT` (adaptive dynamic tanh, DyT with adaptation off),
+`InputScale` (DyT's learnable scale on the trunk input), and
 `attach(model, optimizer)`, which moves their statistics to the optimizer step (and warns with
 `ParametersNotOptimizedWarning` about trainable parameters the optimizer does not hold).
 """
@@ -15,6 +16,7 @@ from surgeon.nn.hyper import (
     expand_streams,
     reduce_streams,
 )
+from surgeon.nn.input_scale import InputScale
 from surgeon.nn.mhc import ManifoldHyperConnections, hyper_connections, sinkhorn
 from surgeon.nn.stats import (
     Attachment,
@@ -29,6 +31,7 @@ __all__ = [
     "Attachment",
     "ExpandStreams",
     "HyperConnections",
+    "InputScale",
     "ManifoldHyperConnections",
     "ParametersNotOptimizedWarning",
     "ReduceStreams",
