@@ -3,7 +3,8 @@
 A tiny Llama and a tiny GPT-2 (`char_lm.build`: random weights, nothing downloaded) learn the
 shipped character corpus in five arms: plain; DyT (`adyt` with DyT's recipe, α fixed);
 ADyT (the recipe, α(t) adapting); AION+ADyT (`aion`, then ADyT with the recipe); and
-"ADyT (no recipe)" (today's default `adyt`), a reference row that shows what the recipe fixes.
+"ADyT (no recipe)" (`adyt:recipe=none`, the norms swapped with α0 0.5 and nothing else: the
+`adyt` pass before the recipe), a reference row that shows what the recipe fixes.
 Each converted arm goes through `surgeon.apply(model, passes, example)` on the freshly built
 model, then its optimizer is built and `surgeon.attach`ed (so ADyT's α(t) and AION's statistics
 move at each step). For one seed every arm starts from the same random weights and sees the same
@@ -45,13 +46,13 @@ import char_lm  # noqa: E402
 import surgeon  # noqa: E402
 from surgeon.nn import ADyT, AionResidual  # noqa: E402
 
-RECIPE = "llama_init=true"  # the recipe arms' adyt options (recipe=dyt once it lands)
+RECIPE = "recipe=dyt"  # the recipe arms' adyt options; `--recipe` swaps them
 ARMS = {  # name → pass specs; "{recipe}" is filled with `--recipe`
     "plain": [],
     "DyT": ["adyt:{recipe},adaptive=false"],
     "ADyT": ["adyt:{recipe}"],
     "AION+ADyT": ["aion", "adyt:{recipe}"],
-    "ADyT (no recipe)": ["adyt"],
+    "ADyT (no recipe)": ["adyt:recipe=none"],
 }
 GOAL_ARMS, GOAL_RATIO = ("DyT", "ADyT"), 1.05
 ARCHS = ("llama", "gpt2")
