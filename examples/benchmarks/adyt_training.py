@@ -14,7 +14,8 @@ validation loss. Prints a table (mean ± std over seeds, ratio to plain, PASS/MI
 examples/benchmarks/results/adyt_training.{json,md}, with each converted run's α after training
 (per norm role) and the parameters the passes added outside the norms (the recipe's trunk scale).
 
-    python examples/benchmarks/adyt_training.py                  # 1000 steps, 3 seeds, ~20 min
+    python examples/benchmarks/adyt_training.py                  # 1000 steps, 3 seeds: ~22 min
+                                                                 # on 2 idle cores, 43 under load 6
     python examples/benchmarks/adyt_training.py --sweep-lr 1e-3  # also one seed at a second lr
     python examples/benchmarks/adyt_training.py --quick          # a few steps, 1 seed, no files
 """
