@@ -1,0 +1,119 @@
+"""Fit an ADyT to the norm it replaces, on that norm's recorded inputs and outputs.
+
+A trained model's norm inputs have rms anywhere from 0.01 to 100, so the slope `α·s` that makes
+`w·tanh(α·s·x) + b` follow `norm(x)` spans several decades, far outside the range α(t) is
+clamped to. The fit is local (one norm at a time, no backprop through the model) and cheap:
+for each candidate slope `k` on a log grid of `DECADES` decades centred on `1/rms(x)` (then a
+finer grid around the best), the per-channel least-squares gain and bias of the target on
+`[tanh(k·x), 1]` have a closed form; the slope with the least squared error wins. A norm without
+a bias (RMSNorm) fits the gain alone. The ADyT keeps α0, so α(t) stays where it was inside its
+clamp range, and the slope goes into its `input_scale`: `s = k/α(t)`.
+
+The slope is one scalar per norm (per-channel slopes would be another module); what no choice of
+`k, w, b` can express is LayerNorm's subtraction of the per-token mean, and the per-token
+rescaling itself (`tanh` is elementwise): the error left is reported by `fit_adyt_`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from surgeon.nn.adyt import ADyT
+
+DECADES = 6.0  # the coarse grid spans 10^±3 around 1/rms(x)
+COARSE = 49  # coarse grid points (8 a decade)
+FINE = 33  # points of the refined grid, between the coarse neighbours of the best
+MAX_ROWS = 32768  # rows (tokens) the fit uses at most, evenly spaced; enough for d ≤ 10^4
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One norm's fitted slope `α·s`, and the fit's quality on the recorded inputs."""
+
+    slope: float
+    input_scale: float
+    relative_error: float  # ‖ADyT(x) − norm(x)‖² / ‖norm(x) − mean‖² (0: exact; 1: no better
+    cosine: float  # than a constant); cosine of ADyT(x) with norm(x), all values flattened
+
+
+def as_rows(x: torch.Tensor, channels_first: bool) -> torch.Tensor:
+    """`x` as `(rows, channels)` float64: channels are the last axis, or axis 1 for a
+    channels-first (`(b, c, h, w)`) norm."""
+    if channels_first:
+        x = x.movedim(1, -1)
+    return x.reshape(-1, x.shape[-1]).double()
+
+
+def subsample(x: torch.Tensor, y: torch.Tensor, limit: int = MAX_ROWS
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most `limit` evenly spaced rows of `x` and `y` (the same ones)."""
+    if len(x) <= limit:
+        return x, y
+    keep = torch.linspace(0, len(x) - 1, limit).long()
+    return x[keep], y[keep]
+
+
+def least_squares(t: torch.Tensor, y: torch.Tensor, bias: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel (gain, bias, summed squared error) of `y ≈ gain·t + bias` (bias 0 without
+    `bias`), closed form. `t`, `y`: `(rows, channels)` float64."""
+    if bias:
+        tm, ym = t.mean(0), y.mean(0)
+        tc, yc = t - tm, y - ym
+        var = tc.pow(2).sum(0)
+        gain = (tc * yc).sum(0) / var.clamp_min(1e-300)
+        shift = ym - gain * tm
+    else:
+        gain = (t * y).sum(0) / t.pow(2).sum(0).clamp_min(1e-300)
+        shift = torch.zeros_like(gain)
+    error = (y - gain * t - shift).pow(2).sum()
+    return gain, shift, error
+
+
+def fit_slope(x: torch.Tensor, y: torch.Tensor, bias: bool
+              ) -> tuple[float, torch.Tensor, torch.Tensor, float]:
+    """(slope, gain, bias, summed squared error) of the best `y ≈ gain·tanh(slope·x) + bias`
+    over `(rows, channels)` float64 `x`, `y`: a log grid of `DECADES` decades around
+    `1/rms(x)`, then a finer one between the best point's neighbours."""
+    rms = float(x.pow(2).mean().sqrt())
+    centre = 1.0 / rms if rms > 0 else 1.0
+    half = DECADES / 2
+    grid = torch.logspace(-half, half, COARSE, dtype=torch.float64) * centre
+
+    def scan(slopes: torch.Tensor) -> tuple[int, list[tuple]]:
+        results = [least_squares(torch.tanh(k * x), y, bias) for k in slopes.tolist()]
+        best = min(range(len(results)), key=lambda i: float(results[i][2]))
+        return best, results
+
+    i, _ = scan(grid)
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    fine = torch.logspace(float(lo.log10()), float(hi.log10()), FINE, dtype=torch.float64)
+    j, results = scan(fine)
+    gain, shift, error = results[j]
+    return float(fine[j]), gain, shift, float(error)
+
+
+@torch.no_grad()
+def fit_adyt_(adyt: ADyT, calls: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Fit:
+    """Fit `adyt` to the norm whose `(input, output)` at each call on the calibration batches
+    were recorded (a gated norm's ungated part): its `input_scale` (slope / α(t)), gain and
+    bias (where it has one), in place, on all calls' rows together. α0 is left as it is."""
+    first = adyt.channels_first
+    rows = torch.cat([as_rows(x, first) for x, _ in calls])
+    want = torch.cat([as_rows(y, first) for _, y in calls])
+    rows, want = subsample(rows, want)
+    slope, gain, shift, error = fit_slope(rows, want, adyt.bias is not None)
+    alpha = float(adyt.alpha())
+    adyt.input_scale.data = torch.full((1,), slope / alpha, dtype=torch.float32,
+                                       device=adyt.input_scale.device)
+    adyt.weight.copy_(gain.view(adyt.weight.shape).to(adyt.weight))
+    if adyt.bias is not None:
+        adyt.bias.copy_(shift.view(adyt.bias.shape).to(adyt.bias))
+    fitted = gain * torch.tanh(slope * rows) + shift
+    spread = (want - want.mean()).pow(2).sum().clamp_min(1e-300)
+    cosine = torch.nn.functional.cosine_similarity(fitted.flatten(), want.flatten(), dim=0,
+                                                   eps=1e-30)
+    return Fit(slope, slope / alpha, error / float(spread), float(cosine))
