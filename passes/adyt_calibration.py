@@ -25,8 +25,9 @@ from surgeon.nn.adyt import ADyT
 
 DECADES = 6.0  # the coarse grid spans 10^±3 around 1/rms(x)
 COARSE = 49  # coarse grid points (8 a decade)
-FINE = 33  # points of the refined grid, between the coarse neighbours of the best
-MAX_ROWS = 32768  # rows (tokens) the fit uses at most, evenly spaced; enough for d ≤ 10^4
+FINE = 17  # points of the refined grid, between the coarse neighbours of the best (±4 %)
+MAX_ROWS = 16384  # rows (tokens) the fit uses at most, evenly spaced
+COARSE_ROWS = 1024  # ... and the coarse scan, which only has to find the right neighbourhood
 
 
 @dataclass(frozen=True)
@@ -77,21 +78,23 @@ def fit_slope(x: torch.Tensor, y: torch.Tensor, bias: bool
               ) -> tuple[float, torch.Tensor, torch.Tensor, float]:
     """(slope, gain, bias, summed squared error) of the best `y ≈ gain·tanh(slope·x) + bias`
     over `(rows, channels)` float64 `x`, `y`: a log grid of `DECADES` decades around
-    `1/rms(x)`, then a finer one between the best point's neighbours."""
+    `1/rms(x)` (on `COARSE_ROWS` of the rows), then a finer one between the best point's
+    neighbours (on all)."""
     rms = float(x.pow(2).mean().sqrt())
     centre = 1.0 / rms if rms > 0 else 1.0
     half = DECADES / 2
     grid = torch.logspace(-half, half, COARSE, dtype=torch.float64) * centre
 
-    def scan(slopes: torch.Tensor) -> tuple[int, list[tuple]]:
+    def scan_rows(slopes: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                  ) -> tuple[int, list[tuple]]:
         results = [least_squares(torch.tanh(k * x), y, bias) for k in slopes.tolist()]
         best = min(range(len(results)), key=lambda i: float(results[i][2]))
         return best, results
 
-    i, _ = scan(grid)
+    i, _ = scan_rows(grid, *subsample(x, y, COARSE_ROWS))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
     fine = torch.logspace(float(lo.log10()), float(hi.log10()), FINE, dtype=torch.float64)
-    j, results = scan(fine)
+    j, results = scan_rows(fine, x, y)
     gain, shift, error = results[j]
     return float(fine[j]), gain, shift, float(error)
 

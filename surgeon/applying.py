@@ -235,6 +235,8 @@ def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | 
            calibration: list[tuple | dict] | None = None) -> nn.Module:
     if not hasattr(model, "_surgeon_example"):
         model._surgeon_example = example  # what surgeon.save records (None: the default one)
+    if calibration is not None:  # ... and the batches calibration fitted on
+        model._surgeon_calibration = calibration
     example = example_for(model, example)
     done = applied_passes(model)
     _check_order(done, configs)
