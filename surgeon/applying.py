@@ -210,9 +210,7 @@ def calibration_batches(calibration: Sequence[Any] | None, configs: list[PassCon
             or not calibration:
         raise ExampleError("calibration must be a non-empty list of batches, each a dict or "
                            "tuple of forward inputs or a tensor of token ids")
-    if not any(getattr(c, "calibrate", False) for c in configs):
-        raise PassError("calibration inputs were given but no pass calibrates; turn it on with "
-                        "calibrate=true (e.g. adyt:calibrate=true)")
+    require_calibrating_pass(configs)
     batches: list[tuple | dict] = []
     for i, batch in enumerate(calibration):
         if isinstance(batch, torch.Tensor):
@@ -224,6 +222,13 @@ def calibration_batches(calibration: Sequence[Any] | None, configs: list[PassCon
                                "or tuple of forward inputs, or a tensor of token ids")
         batches.append(batch)
     return batches
+
+
+def require_calibrating_pass(configs: list[PassConfig]) -> None:
+    """Refuse calibration inputs that no pass would use (a forgotten `calibrate=true`)."""
+    if not any(getattr(c, "calibrate", False) for c in configs):
+        raise PassError("calibration inputs were given but no pass calibrates; turn it on with "
+                        "calibrate=true (e.g. -p adyt:calibrate=true)")
 
 
 def _calibration_output(surgery: Surgery) -> torch.Tensor:
