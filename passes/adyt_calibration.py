@@ -30,7 +30,7 @@ COARSE = 49  # coarse grid points (8 a decade)
 FINE = 17  # points of the refined grid, between the coarse neighbours of the best (±4 %)
 MAX_ROWS = 16384  # rows (tokens) the fit uses at most, evenly spaced
 COARSE_ROWS = 1024  # ... and the coarse scan, which only has to find the right neighbourhood
-PRIOR_ROWS = 16.0  # the norm's own gain and bias count as this many rows (see least_squares)
+PRIOR_ROWS = 1.0  # the norm's own gain and bias count as this many rows (see least_squares)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def test_the_local_fit_recovers_slope_gain_and_bias(rms: float, bias: bool) -> N
 def test_fit_puts_the_slope_into_input_scale_and_keeps_alpha(adaptive: bool) -> None:
     m = ADyT(D, adaptive=adaptive, channels_first=True, bias=False)
     alpha = float(m.alpha().detach())
-    x = 50 * torch.randn(8, D, 4, 4)  # channels first: (b, c, h, w)
+    x = 50 * torch.randn(32, D, 4, 4)  # channels first: (b, c, h, w)
     y = 2 * torch.tanh(0.02 * x)
     fit = fit_adyt_(m, [(x, y)])
     assert float(m.alpha().detach()) == alpha and m.input_scale.dtype == torch.float32
@@ -55,7 +55,7 @@ def test_fit_puts_the_slope_into_input_scale_and_keeps_alpha(adaptive: bool) -> 
     assert torch.allclose(m.weight, torch.full((D,), 2.0), rtol=0.05)
     assert fit.cosine > 0.999
     with torch.no_grad():
-        assert torch.allclose(m(x), y, atol=0.02)
+        assert torch.allclose(m(x), y, atol=0.05)  # the slope is found to within ~2 %
 
 
 def tiny_llama(scale: float) -> nn.Module:
