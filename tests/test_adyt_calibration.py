@@ -19,8 +19,8 @@ from torch import nn
 import surgeon
 from passes.adyt_calibration import fit_adyt_, fit_slope
 from surgeon.checkpoint import read_calibration_batches
-from surgeon.recipe import PassError
 from surgeon.nn.adyt import ADyT
+from surgeon.recipe import PassError
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,7 +36,7 @@ def test_the_local_fit_recovers_slope_gain_and_bias(rms: float, bias: bool) -> N
     x = rms * torch.randn(4096, D, generator=gen, dtype=torch.float64)
     slope = 0.7 / rms
     gain = 0.5 + torch.rand(D, generator=gen, dtype=torch.float64)
-    shift = torch.randn(D, generator=gen, dtype=torch.float64) if bias else torch.zeros(D, dtype=torch.float64)
+    shift = torch.randn(D, generator=gen, dtype=torch.float64) * bias  # RMSNorm: no bias
     found, g, b, error = fit_slope(x, gain * torch.tanh(slope * x) + shift, bias)
     assert found == pytest.approx(slope, rel=0.05)
     assert torch.allclose(g, gain, rtol=0.05) and torch.allclose(b, shift, atol=0.05)
