@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from passes.dyt_recipe import scale_trunk_inputs, untrained
+from passes.adyt_calibration import fit_adyt_
 from surgeon.files.lazy import materialized
 from surgeon.graph.attention_inputs import qk_norm_modules
 from surgeon.graph.find import norm_input, strip_casts
@@ -66,7 +67,7 @@ class ADyT(PassConfig):
     llama_init: bool = False  # DyT's per-role α0 (attention / ffn / final), shrinking with width
     final_norms: bool = True
     qk_norms: bool = False
-    calibrate: bool = False  # fit each α0 on the example so the outputs move less
+    calibrate: bool = False  # fit each ADyT to its norm on the calibration inputs (or example)
     # DyT's recipe for training from scratch (passes/dyt_recipe.py): per-role α0 and a
     # learnable scale on the trunk input of a token model. "auto": on for an untrained model.
     recipe: Literal["auto", "dyt", "none"] = "auto"
@@ -124,7 +125,7 @@ class ADyT(PassConfig):
                         setattr(adyt, read, value)
                 adyt.register_forward_pre_hook(_CalledMark())
             if norm.module in seen:
-                fit_alpha0_(adyt, *seen[norm.module])
+                fit_adyt_(adyt, seen[norm.module])
             surgery.replace(norm.module, adyt)
             new.append(norm.module)
             parent, _, attr = norm.module.rpartition(".")
@@ -427,30 +428,38 @@ def _erase_dead(graph: fx.Graph, end: fx.Node, keep: fx.Node) -> None:
 _FAST_PATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
-def _record_inputs(surgery: Surgery, names: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Each norm's input and output on the example, for calibration."""
-    seen: dict[str, tuple[torch.Tensor, ...]] = {}
+def _record_inputs(surgery: Surgery, names: list[str]
+                   ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each norm's `(input, output)` at every call on the calibration batches (the example where
+    none were given), for `fit_adyt_`; a gated norm gives its ungated part."""
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+    busy: set[str] = set()  # a gated norm re-run below records nothing
 
     def recorder(name: str):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if name not in seen and args and isinstance(args[0], torch.Tensor):
-                x, gate = args[0], args[1] if len(args) > 1 else None
-                if isinstance(gate, torch.Tensor):  # a gated norm: fit the ungated part
-                    seen[name] = None  # (a re-entrant call below records nothing)
+            if name in busy or not args or not isinstance(args[0], torch.Tensor):
+                return
+            x, gate = args[0], args[1] if len(args) > 1 else None
+            if isinstance(gate, torch.Tensor):  # a gated norm: fit the ungated part
+                busy.add(name)
+                try:
                     if _gated_before(module, x, gate, output):
                         x = x * F.silu(gate)  # norm(x·silu(g)): the ADyT sees x·silu(g)
                     else:
                         output = module(x)  # norm(x)·silu(g): the ADyT's own part
-                seen[name] = (x.detach(), output.detach())
+                finally:
+                    busy.discard(name)
+            if isinstance(output, torch.Tensor):
+                seen[name].append((x.detach(), output.detach()))
         return hook
 
     handles = [surgery.module(n).register_forward_hook(recorder(n)) for n in names]
     try:
-        surgery.run_example()
+        surgery.run_calibration()
     finally:
         for h in handles:
             h.remove()
-    return {k: v for k, v in seen.items() if v is not None}
+    return {k: v for k, v in seen.items() if v}
 
 
 def _gated_before(module: nn.Module, x: torch.Tensor, gate: torch.Tensor,
@@ -460,30 +469,6 @@ def _gated_before(module: nn.Module, x: torch.Tensor, gate: torch.Tensor,
         return bool(torch.allclose(module(x * F.silu(gate)), output, rtol=1e-4, atol=1e-5))
     except (RuntimeError, TypeError):
         return False
-
-
-@torch.no_grad()
-def fit_alpha0_(adyt: ADyTModule, x: torch.Tensor, target: torch.Tensor) -> float:
-    """Set `adyt.alpha0` so that α(t) (as it is now) minimises the squared error to the norm's
-    output on `x`: a log-spaced scan over the allowed α, refined once around the best."""
-    x, target = x.float(), target.float()
-    if adyt.channels_first:  # (b, c, ...) → (b, ..., c): the weight broadcasts over the last axis
-        x, target = x.movedim(1, -1), target.movedim(1, -1)
-    lo, hi = (adyt.alpha_min, adyt.alpha_max) if adyt.adaptive else (1e-3, 1e2)
-
-    def error(alpha: torch.Tensor) -> torch.Tensor:  # alpha: (k,)
-        y = torch.tanh(alpha.view(-1, *[1] * x.dim()) * x) * adyt.weight.float()
-        if adyt.bias is not None:
-            y = y + adyt.bias.float()
-        return (y - target).pow(2).flatten(1).mean(1)
-
-    grid = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), 64)
-    best = grid[error(grid).argmin()]
-    fine = torch.linspace(best / 1.15, best * 1.15, 64).clamp(lo, hi)
-    alpha = float(fine[error(fine).argmin()])
-    scale = 1.0 + adyt.lam / (adyt.eps + float(adyt.grad_norm_ema)) if adyt.adaptive else 1.0
-    adyt.alpha0.fill_(alpha / scale)
-    return alpha
 
 
 _RESIDUAL_MODULES = (AionResidual, StreamMixer)

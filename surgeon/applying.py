@@ -63,6 +63,10 @@ class Drift:
     modules: int  # modules the pass created or replaced
     step: float = 0.0  # max |Δ| from the output before this pass, relative to its max |value|
     promise: float | None = None  # the pass's `preserves()`: the largest `step` it allows
+    # a pass that calibrated (`calibrate=true`): the output on its calibration inputs measured
+    # against the original's after it ran: {"inputs": "calibration" | "example", "batches",
+    # "cosine", "max_abs"}. No promise: a measurement `surgeon verify` reports and re-measures
+    calibrated: dict[str, Any] | None = None
 
     @property
     def broken(self) -> bool:
@@ -161,10 +165,13 @@ def _check_order(done: list[dict[str, Any]], configs: list[PassConfig]) -> None:
 
 def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
           example: tuple | dict | None = None, *, calibrate: bool = False,
-          exclude: Sequence[str] = ()) -> nn.Module:
+          exclude: Sequence[str] = (), calibration: Sequence[Any] | None = None) -> nn.Module:
     """Rewrite `model` in place with `passes` (configs, names like `"aion"`, or
     `"name:key=value,..."`) and return it; see the module docstring. `calibrate=True` turns on
-    the passes' calibration on the example (ADyT fits each α0 to shrink its drift).
+    the passes' calibration (ADyT fits each ADyT to the norm it replaces). `calibration` is a
+    list of batches, each like `example` (a dict or tuple of forward inputs, or a tensor of
+    token ids) that calibration runs on instead of the example; a calibrating pass's drift
+    report records the cosine it reached on them (`Drift.calibrated`).
     `exclude` holds fnmatch patterns of module names that no pass touches (added to each
     pass's own `exclude`).
 
@@ -184,18 +191,57 @@ def apply(model: nn.Module, passes: list[str | PassConfig] | str | PassConfig,
     if exclude:
         configs = [dataclasses.replace(c, exclude=tuple(c.exclude) + tuple(
             p for p in exclude if p not in c.exclude)) for c in configs]
+    batches = calibration_batches(calibration, configs)
     saved = snapshot(model)
     try:
-        return _apply(model, configs, example)
+        return _apply(model, configs, example, batches)
     except BaseException:
         saved.restore()
         raise
 
 
-def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | None
-           ) -> nn.Module:
+def calibration_batches(calibration: Sequence[Any] | None, configs: list[PassConfig]
+                        ) -> list[tuple | dict] | None:
+    """`calibration` as forward inputs (a tensor of token ids becomes `(ids,)`), checked: a
+    non-empty list, and at least one pass in `configs` that calibrates."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, (torch.Tensor, dict)) or not isinstance(calibration, Sequence) \
+            or not calibration:
+        raise ExampleError("calibration must be a non-empty list of batches, each a dict or "
+                           "tuple of forward inputs or a tensor of token ids")
+    require_calibrating_pass(configs)
+    batches: list[tuple | dict] = []
+    for i, batch in enumerate(calibration):
+        if isinstance(batch, torch.Tensor):
+            batch = (batch,)
+        if isinstance(batch, list):
+            batch = tuple(batch)
+        if not isinstance(batch, (tuple, dict)):
+            raise ExampleError(f"calibration batch {i} is a {type(batch).__name__}: give a dict "
+                               "or tuple of forward inputs, or a tensor of token ids")
+        batches.append(batch)
+    return batches
+
+
+def require_calibrating_pass(configs: list[PassConfig]) -> None:
+    """Refuse calibration inputs that no pass would use (a forgotten `calibrate=true`)."""
+    if not any(getattr(c, "calibrate", False) for c in configs):
+        raise PassError("calibration inputs were given but no pass calibrates; turn it on with "
+                        "calibrate=true (e.g. -p adyt:calibrate=true)")
+
+
+def _calibration_output(surgery: Surgery) -> torch.Tensor:
+    """The model's outputs on `surgery`'s calibration batches, as one vector."""
+    return torch.cat([output_vector(out) for out in surgery.run_calibration()])
+
+
+def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | None,
+           calibration: list[tuple | dict] | None = None) -> nn.Module:
     if not hasattr(model, "_surgeon_example"):
         model._surgeon_example = example  # what surgeon.save records (None: the default one)
+    if calibration is not None:  # ... and the batches calibration fitted on
+        model._surgeon_calibration = calibration
     example = example_for(model, example)
     done = applied_passes(model)
     _check_order(done, configs)
@@ -205,12 +251,14 @@ def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | 
     current: torch.Tensor | None = None
     surgery: Surgery | None = None
     rewrote: dict[str, list[str]] = {}  # pass name → the modules it created or replaced
+    calibrated: dict[str, dict[str, Any]] = {}  # pass name → `Drift.calibrated`
+    calibration_reference: torch.Tensor | None = None  # the original's calibration outputs
     for config in configs:
         if config.to_json() in done:
             continue
         with _blaming(model, surgery, pending[0].name if pending else "",
                       "fails on the example after this pass", ExampleError):
-            surgery = Surgery(model, example)
+            surgery = Surgery(model, example, calibration=calibration)
         with _blaming(model, surgery, config.name, "rewriting it failed"):
             config = config.resolved(surgery)
         if config.to_json() in done:  # what `recipe=auto` and the like decide: already applied
@@ -219,9 +267,13 @@ def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | 
         current = output_vector(_recorded_output(surgery))
         if reference is None:
             reference = current
+            if any(getattr(c, "calibrate", False) for c in configs):  # the original's outputs
+                with _blaming(model, surgery, "", "fails on the calibration inputs"):
+                    calibration_reference = _calibration_output(surgery)
         if pending is not None:
             reports.append(drift(reference, current, pending[0].name, len(pending[1]),
                                  pending[2], pending[0].preserves()))
+        calibrates = bool(getattr(config, "calibrate", False))
         with _blaming(model, surgery, config.name, "rewriting it failed", touched=True):
             new = config.run(surgery)
             if not new:
@@ -229,6 +281,14 @@ def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | 
             surgery.commit()
         with _blaming(model, surgery, config.name, "fails on the example after this pass"):
             config.after_commit(surgery, new)
+        if calibrates and calibration_reference is not None:
+            with _blaming(model, surgery, config.name, "fails on the calibration inputs"):
+                measured = drift(calibration_reference, _calibration_output(surgery),
+                                 config.name, len(new))
+            calibrated[config.name] = {
+                "inputs": "example" if calibration is None else "calibration",
+                "batches": len(calibration or [example]), "cosine": measured.cosine,
+                "max_abs": measured.max_abs}
         done.append(config.to_json())
         pending = (config, new, current)
         rewrote[config.name] = new
@@ -238,7 +298,10 @@ def _apply(model: nn.Module, configs: list[PassConfig], example: tuple | dict | 
             current = output_vector(surgery.run_example())
         reports.append(drift(reference, current, pending[0].name, len(pending[1]), pending[2],
                              pending[0].preserves()))
-    for report in reports[len(getattr(model, "surgeon_drift", [])):]:
+    old = len(getattr(model, "surgeon_drift", []))
+    reports[old:] = [dataclasses.replace(r, calibrated=calibrated[r.pass_name])
+                     if r.pass_name in calibrated else r for r in reports[old:]]
+    for report in reports[old:]:
         _keep_promise(report, model, rewrote.get(report.pass_name, []))
     model._surgeon_passes = done
     model.surgeon_drift = reports

@@ -41,6 +41,7 @@ from surgeon.files.hf_config import (
     decode_special_floats,
 )
 from surgeon.files.recipe_file import (
+    CALIBRATION,
     EXAMPLE,
     FORMAT,
     RECIPE,
@@ -114,6 +115,49 @@ def read_example(record: dict[str, Any], path: Path) -> Any:
     return dict(items) if record["kind"] == "dict" else tuple(v for _, v in items)
 
 
+def _calibration_record(batches: list[tuple | dict], out: Path) -> dict[str, Any]:
+    """Write the calibration batches a pass fitted on to `out/calibration.safetensors` (tensor
+    `"{i}.{key}"` for batch i's entry key), so `surgeon verify --against` replays the
+    conversion exactly; the record says how to put them back together."""
+    tensors: dict[str, torch.Tensor] = {}
+    records = []
+    for i, batch in enumerate(batches):
+        items = list(batch.items()) if isinstance(batch, dict) else [
+            (str(j), v) for j, v in enumerate(batch)]
+        values = {}
+        for key, value in items:
+            if isinstance(value, torch.Tensor):
+                tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                values[key] = value
+            else:
+                raise CheckpointError(f"calibration batch {i} entry {key!r} is a "
+                                      f"{type(value).__name__}: only tensors and plain values "
+                                      "can be saved with the recipe")
+        records.append({"kind": "dict" if isinstance(batch, dict) else "tuple",
+                        "keys": [k for k, _ in items], "values": values})
+    if tensors:
+        write_file(out / CALIBRATION, tensors)
+    return {"batches": records}
+
+
+def read_calibration_batches(record: dict[str, Any] | None, path: Path) -> list | None:
+    """The calibration batches `_calibration_record` wrote (None where none were recorded)."""
+    if record is None:
+        return None
+    file = path / CALIBRATION
+    try:
+        tensors = load_file(str(file)) if file.is_file() else {}
+    except Exception as e:  # a damaged file fails in safetensors' own ways
+        raise CheckpointError(f"cannot read {file}: {one_line(e)}") from None
+    batches = []
+    for i, entry in enumerate(record["batches"]):
+        values = entry.get("values", {})
+        items = [(k, tensors.get(f"{i}.{k}", values.get(k))) for k in entry["keys"]]
+        batches.append(dict(items) if entry["kind"] == "dict" else tuple(v for _, v in items))
+    return batches
+
+
 def _versions() -> dict[str, str]:
     versions = {"surgeon": __version__, "torch": torch.__version__}
     try:
@@ -153,14 +197,17 @@ def tensors_to_write(model: nn.Module, lazy: LazyWeights | None = None, *,
 def write_recipe(out: Path, model: nn.Module, reference: dict[str, Any],
                  extra: dict[str, Any] | None = None, *,
                  state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Write `surgeon.json` (and `example.safetensors` when the example is not the default),
-    with the digest of every tensor already written into `out` and of the example's."""
+    """Write `surgeon.json` (and `example.safetensors` when the example is not the default,
+    `calibration.safetensors` when a pass calibrated on batches of their own), with the digest
+    of every tensor already written into `out` and of the example's and batches'."""
     recipe = {
         "format": FORMAT,
         "versions": _versions(),
         "base": reference,
         **(extra or {}),
         "example": _example_record(getattr(model, "_surgeon_example", None), out),
+        **({"calibration": _calibration_record(model._surgeon_calibration, out)}
+           if getattr(model, "_surgeon_calibration", None) is not None else {}),
         "passes": getattr(model, "_surgeon_passes", []),
         "manifest": {"modules": list(getattr(model, "_surgeon_manifest", [])),
                      "parameters": sorted(model.state_dict() if state is None else state)},

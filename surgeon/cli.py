@@ -156,7 +156,7 @@ def inspect_cmd(src: str, as_json: bool, revision: str | None, example: str | No
     "surgeon convert examples/tiny-llama /tmp/tiny-llama-surgeon -p aion -p hyper:streams=4 "
     "-p adyt",
     "surgeon convert meta-llama/Llama-3.2-1B out/ -p aion -p adyt:calibrate=true "
-    "--max-shard-size 5GB",
+    "--calibration corpus.txt --max-shard-size 5GB",
     "surgeon convert mypkg.models:build out/ -p aion --weights model.safetensors "
     "--example mypkg.models:example",
     "surgeon list-passes              # the passes and their options"))
@@ -173,6 +173,13 @@ def inspect_cmd(src: str, as_json: bool, revision: str | None, example: str | No
               help="The weights of a 'package.module:factory' SRC.")
 @click.option("--example", default=None, metavar="package.module:function",
               help="A function returning the example input (transformers models need none).")
+@click.option("--calibration", default=None, metavar="FILE",
+              help="Inputs a calibrating pass (adyt:calibrate=true) fits on instead of the "
+                   "example: token ids (.safetensors with input_ids (N, T), .json list of "
+                   "lists) or text (.txt, tokenised with SRC's own tokenizer).")
+@click.option("--calibration-length", default=256, show_default=True, metavar="TOKENS",
+              help="Window length a .txt --calibration file is cut into (at most the model's "
+                   "max_position_embeddings).")
 @click.option("--max-shard-size", default="50GB", show_default=True,
               help="Largest weights file; bigger checkpoints are sharded with an index.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (a surgeon checkpoint).")
@@ -186,7 +193,8 @@ def inspect_cmd(src: str, as_json: bool, revision: str | None, example: str | No
 @trust_option
 def convert_cmd(src: str, dst: str, passes: tuple[str, ...], exclude: tuple[str, ...],
                 revision: str | None,
-                weights: str | None, example: str | None, max_shard_size: str, overwrite: bool,
+                weights: str | None, example: str | None, calibration: str | None,
+                calibration_length: int, max_shard_size: str, overwrite: bool,
                 allow_pickle: bool, push: str | None, private: bool, quiet: bool,
                 as_json: bool, trust_remote_code: bool) -> None:
     """Convert the model SRC with the passes and write the checkpoint directory DST.
@@ -201,7 +209,8 @@ def convert_cmd(src: str, dst: str, passes: tuple[str, ...], exclude: tuple[str,
     result = convert(src, dst, list(passes), revision=revision, weights=weights,
                      example=example, max_shard_size=max_shard_size, overwrite=overwrite,
                      allow_pickle=allow_pickle, progress=progress,
-                     trust_remote_code=trust_remote_code, exclude=exclude)
+                     trust_remote_code=trust_remote_code, exclude=exclude,
+                     calibration=calibration, calibration_length=calibration_length)
     if push:
         from surgeon.files.hub import push_to_hub
         from surgeon.files.source import public_name  # the commit is public: no local path
@@ -462,6 +471,8 @@ def format_conversion(c: Conversion) -> str:
     lines += _section("Passes", ("pass", "modules", "drift", "promise", "max |Δ|"),
                       [(p["name"], str(p["modules"]), f"{p['step']:.3g}", _promise(p["promise"]),
                         f"{p['max_abs']:.3g}") for p in c.passes])
+    lines += [calibrated_line(p["name"], p["calibrated"]) for p in c.passes
+              if p.get("calibrated")]
     lines.append(f"new parameters: {c.new_parameters:,}")
     lines.append(f"tensors: {c.tensors} ({_bytes(c.copied_bytes)} copied unchanged, "
                  f"{_bytes(c.written_bytes)} computed)")
@@ -470,6 +481,15 @@ def format_conversion(c: Conversion) -> str:
     if c.pushed_to:
         lines.append(f"pushed to {c.pushed_to}")
     return "\n".join(lines)
+
+
+def calibrated_line(name: str, calibrated: dict[str, Any]) -> str:
+    """What a calibrating pass measured on its calibration inputs (it promises nothing)."""
+    inputs = (f"{calibrated['batches']} calibration batch"
+              f"{'es' if calibrated['batches'] != 1 else ''}"
+              if calibrated["inputs"] == "calibration" else "the example")
+    return (f"{name} calibrated on {inputs}: output cosine {calibrated['cosine']:.6f}, max |Δ| "
+            f"{calibrated['max_abs']:.3g} (measured, not promised)")
 
 
 def format_verification(v: Verification) -> str:
@@ -490,6 +510,8 @@ def format_verification(v: Verification) -> str:
                       [(p["name"], str(p["modules"]), f"{p['step']:.3g}",
                         _promise(p["promise"]), f"{p['max_abs']:.3g}", f"{p['cosine']:.6f}",
                         "ok" if p["ok"] else "DRIFTED") for p in v.passes])
+    lines += [calibrated_line(p["name"], p["calibrated"]) for p in v.passes
+              if p.get("calibrated")]
     lines.append("result: ok" if v.ok else f"result: FAILED ({len(v.failures)} problem"
                  f"{'' if len(v.failures) == 1 else 's'})")
     return "\n".join(lines)

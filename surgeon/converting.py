@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from surgeon.applying import apply
+from surgeon.applying import apply, require_calibrating_pass
 from surgeon.checkpoint import tensors_to_write, write_recipe
 from surgeon.errors import ExampleError
 from surgeon.files.atomic import MARKER, atomic_directory, check_destination
+from surgeon.files.calibration import DEFAULT_LENGTH, read_calibration
 from surgeon.files.card import write_card
 from surgeon.files.output import carry_files, tensor_progress
-from surgeon.files.recipe_file import EXAMPLE, RECIPE
+from surgeon.files.recipe_file import CALIBRATION, EXAMPLE, RECIPE
 from surgeon.files.remote_code import write_remote_code
 from surgeon.files.source import PICKLE_SUFFIXES, Source, load_example, open_source, public_name
 from surgeon.files.weights import (
@@ -53,7 +54,7 @@ class Conversion:
     destination: str
     model: str
     streamed: bool  # weights read from disk as needed (False: the model was loaded in memory)
-    passes: list[dict[str, Any]]  # name, modules, drift (step), promise, max_abs
+    passes: list[dict[str, Any]]  # name, modules, step, promise, max_abs, cosine, calibrated
     new_parameters: int  # elements of parameters the passes created
     tensors: int
     copied_bytes: int  # copied unchanged from the source files
@@ -73,8 +74,9 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
             example: str | tuple | dict | None = None,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
             allow_pickle: bool = False, progress: bool = False,
-            trust_remote_code: bool = False, exclude: tuple[str, ...] | list[str] = ()
-            ) -> Conversion:
+            trust_remote_code: bool = False, exclude: tuple[str, ...] | list[str] = (),
+            calibration: str | os.PathLike | list | None = None,
+            calibration_length: int = DEFAULT_LENGTH) -> Conversion:
     """Convert the model `src` (a local HF directory, a hub id, or `package.module:factory` with
     `weights=FILE.safetensors`) with `passes` and write it to the directory `dst`.
 
@@ -84,7 +86,10 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
     (`auto_map` in its config) runs only with `trust_remote_code`; a factory `src` and an
     `example` function are the caller's own and run either way. Files written record `src` by
     its name (a hub id, a factory, a directory's name), never a local absolute path. `exclude`
-    (fnmatch patterns of module names) keeps every pass off those modules. Every
+    (fnmatch patterns of module names) keeps every pass off those modules. `calibration` (a
+    file of token ids or text, see `surgeon.files.calibration`, text cut into windows of
+    `calibration_length` tokens; or a list of batches as `surgeon.apply` takes) is what a
+    calibrating pass (`adyt:calibrate=true`) fits on instead of the example. Every
     user mistake raises a
     `SurgeonError` before anything is written, and nothing is left behind.
     """
@@ -97,6 +102,8 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
     given = [p for p in (Path(src).expanduser(), weights and Path(weights).expanduser())
              if p and p.exists()]
     check_destination(dest, overwrite=overwrite, sources=given, label=_LABEL)
+    if calibration is not None:
+        require_calibrating_pass(configs)
     if isinstance(example, str):
         example = load_example(example)
 
@@ -110,6 +117,8 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
         raise ExampleError(f"no example input for {type(model).__name__}: pass --example "
                            "package.module:function (returning a tuple of positional args or a "
                            "dict of keyword args for its forward)")
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = _read_calibration(calibration, source, calibration_length)
     model._surgeon_base = source.base
     before = {name for name, _ in model.named_parameters()}  # a replaced module keeps its names
     if progress:
@@ -117,7 +126,7 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
     lazy = source.lazy if source.lazy is not None else contextlib.nullcontext()
     with torch.random.fork_rng(devices=[]), torch.no_grad(), lazy:
         torch.manual_seed(SEED)
-        apply(model, configs, example, exclude=tuple(exclude))
+        apply(model, configs, example, exclude=tuple(exclude), calibration=calibration)
     rewritten = time.perf_counter()
 
     tensors = tensors_to_write(model, source.lazy)
@@ -136,17 +145,47 @@ def convert(src: str, dst: str | os.PathLike, passes: list[str | PassConfig], *,
         write_card(tmp, model, name, new)
         written = [f.name for f in files] + carried + remote + [RECIPE, "README.md"]
         written += [EXAMPLE] if (tmp / EXAMPLE).is_file() else []  # a factory's example
+        written += [CALIBRATION] if (tmp / CALIBRATION).is_file() else []
     end = time.perf_counter()
     return Conversion(
         source=src, destination=str(dest), model=type(model).__name__,
         streamed=source.lazy is not None,
         passes=[{"name": d.pass_name, "modules": d.modules, "step": d.step,
-                 "promise": d.promise, "max_abs": d.max_abs, "cosine": d.cosine}
+                 "promise": d.promise, "max_abs": d.max_abs, "cosine": d.cosine,
+                 "calibrated": d.calibrated}
                 for d in model.surgeon_drift],
         new_parameters=new, tensors=len(tensors), copied_bytes=copied,
         written_bytes=total - copied,
         files=sorted(written), carried=carried, seconds=end - start,
         phases={"open": opened - start, "passes": rewritten - opened, "write": end - rewritten})
+
+
+def _read_calibration(path: str | os.PathLike, source: Source, length: int
+                      ) -> list[torch.Tensor]:
+    """The batches of the `--calibration` file `path` for `source`'s model: ids bounded by its
+    vocabulary, text tokenised by its own tokenizer (local files only, no remote code), cut
+    into windows of `length` tokens (at most its config's max_position_embeddings)."""
+    config = getattr(source.model, "config", None)
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    vocab = getattr(text_config, "vocab_size", None)
+    longest = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(longest, int) and longest < length:
+        length = longest
+
+    def tokenizer() -> object:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(source.directory), local_files_only=True,
+                                                 trust_remote_code=False)
+        except Exception as e:  # no tokenizer files, or ones transformers cannot read
+            raise ExampleError(f"--calibration {path}: the source has no tokenizer surgeon can "
+                               f"load ({type(e).__name__}); give token ids (.json or "
+                               ".safetensors) instead") from None
+
+    return read_calibration(path, vocab_size=vocab if isinstance(vocab, int) else None,
+                            tokenizer=tokenizer if source.directory is not None else None,
+                            length=length)
 
 
 def read_paths(source: Source, given: list[Path]) -> list[Path]:

@@ -8,6 +8,10 @@ that fits the dtype the model computes in. The drift table is the one
 recorded at conversion, or, `against` a source model, measured afresh by replaying the passes
 on it; then the reloaded output must also match that conversion of the source. A pass that
 promises to preserve the model's function (`PassConfig.preserves`) and drifts more fails it.
+
+A calibrated pass (`adyt:calibrate=true`) promises nothing; its row shows the cosine it reached
+on its calibration inputs at conversion (`Drift.calibrated`). `against` a source, the replay
+calibrates on the same batches (stored in `calibration.safetensors`) and must reach the same.
 """
 
 from __future__ import annotations
@@ -21,10 +25,16 @@ from typing import Any
 import torch
 
 from surgeon.applying import Drift, apply, output_vector
-from surgeon.checkpoint import load, output_signature, read_example, resolve_dtype
+from surgeon.checkpoint import (
+    load,
+    output_signature,
+    read_calibration_batches,
+    read_example,
+    resolve_dtype,
+)
 from surgeon.errors import CheckpointError, NoEffectWarning
 from surgeon.files.digests import output_digest, tensor_digests
-from surgeon.files.recipe_file import EXAMPLE, RECIPE, read_recipe
+from surgeon.files.recipe_file import CALIBRATION, EXAMPLE, RECIPE, read_recipe
 from surgeon.graph.example_inputs import example_for
 from surgeon.graph.tracing import run_example
 
@@ -104,7 +114,8 @@ def verify(path: str | os.PathLike, against: str | None = None, *,
             torch.manual_seed(0)
             with warnings.catch_warnings():  # said at conversion already
                 warnings.simplefilter("ignore", NoEffectWarning)
-                apply(base, recipe["passes"], example)
+                apply(base, recipe["passes"], example,
+                      calibration=read_calibration_batches(recipe.get("calibration"), root))
         drifts = list(base.surgeon_drift)
         converted = _output(base, example)
         source_difference = _relative(output, converted)
@@ -112,14 +123,22 @@ def verify(path: str | os.PathLike, against: str | None = None, *,
             failures.append(f"the checkpoint's output differs from {against} converted with "
                             f"its passes (relative {source_difference:.3g}); it was changed "
                             "after conversion, or converted from another model")
+    recorded = {d["pass_name"]: d.get("calibrated") for d in recipe.get("drift", [])}
     rows = []
     for d in drifts:
+        then = recorded.get(d.pass_name)
+        moved = (d.calibrated is not None and then is not None
+                 and not abs(d.calibrated["cosine"] - then["cosine"]) <= max(tolerance, 1e-6))
         rows.append({"name": d.pass_name, "modules": d.modules, "step": d.step,
                      "promise": d.promise, "max_abs": d.max_abs, "cosine": d.cosine,
-                     "ok": not d.broken})
+                     "calibrated": d.calibrated, "ok": not d.broken and not moved})
         if d.broken:
             failures.append(f"pass {d.pass_name} promises to preserve the output within "
                             f"{d.promise:g} but moved it by {d.step:.3g}")
+        if moved:
+            failures.append(f"pass {d.pass_name} reached cosine {then['cosine']:.6f} on its "
+                            f"calibration inputs at conversion, {d.calibrated['cosine']:.6f} "
+                            f"replayed on {against}")
     return Verification(str(root), type(model).__name__, against, rows, reload_difference,
                         source_difference, failures, recorded_dtype, tolerance, digests, identical)
 
@@ -136,14 +155,16 @@ def check_digests(root: Path, record: Any) -> tuple[list[str], int | None]:
         raise CheckpointError(f"{root / RECIPE}: 'digests' is not a sha256 record")
     failures, checked = [], 0
     for part, opened in (("weights", lambda: Checkpoint.open(root)),
-                         ("example", lambda: Checkpoint.open(root / EXAMPLE))):
+                         ("example", lambda: Checkpoint.open(root / EXAMPLE)),
+                         ("calibration", lambda: Checkpoint.open(root / CALIBRATION))):
         wanted = record.get(part)
         if wanted is None:
             continue
         if not isinstance(wanted, dict):
             raise CheckpointError(f"{root / RECIPE}: digests.{part} is not an object")
-        if part == "example" and not (root / EXAMPLE).is_file():
-            failures.append(f"{EXAMPLE} is missing (surgeon wrote it)")
+        file = {"example": EXAMPLE, "calibration": CALIBRATION}.get(part)
+        if file is not None and not (root / file).is_file():
+            failures.append(f"{file} is missing (surgeon wrote it)")
             continue
         stored = opened()
         found = tensor_digests(stored)

@@ -40,7 +40,8 @@ def test_dyt_is_adyt_without_adaptation() -> None:
     x = torch.randn(4, D)
     assert m.alpha().item() == 5.0  # no adaptation, no clamp
     torch.testing.assert_close(m(x), torch.tanh(5.0 * x))
-    assert set(m.state_dict()) == {"weight", "alpha0", "grad_norm_ema", "grad_norm_steps"}
+    assert set(m.state_dict()) == {"weight", "alpha0", "grad_norm_ema", "grad_norm_steps",
+                                   "input_scale"}
 
 
 @pytest.mark.parametrize(

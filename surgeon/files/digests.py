@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from surgeon.errors import CheckpointError
-from surgeon.files.recipe_file import EXAMPLE
+from surgeon.files.recipe_file import CALIBRATION, EXAMPLE
 from surgeon.files.weights import NAMES, Checkpoint, Stored, byte_view
 
 
@@ -60,9 +60,11 @@ def stored_sha256(stored: Stored) -> str:
 
 def record_digests(out: Path) -> dict[str, Any]:
     """What `surgeon.json` records so `surgeon verify` can prove every byte surgeon wrote: the
-    digests of the weights and of the example's tensors."""
+    digests of the weights and of the example's (and calibration batches') tensors."""
     record: dict[str, Any] = {"algorithm": "sha256",
                               "weights": tensor_digests(Checkpoint.open(out))}
     if (out / EXAMPLE).is_file():
         record["example"] = tensor_digests(Checkpoint.open(out / EXAMPLE))
+    if (out / CALIBRATION).is_file():
+        record["calibration"] = tensor_digests(Checkpoint.open(out / CALIBRATION))
     return record

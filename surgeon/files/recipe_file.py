@@ -16,6 +16,7 @@ from surgeon.errors import CheckpointError
 
 RECIPE = "surgeon.json"
 EXAMPLE = "example.safetensors"
+CALIBRATION = "calibration.safetensors"  # the batches a calibrating pass fitted on, if given
 # 2: config.json is marked for transformers (model_type surgeon_<type>, undone by
 # `read_base_config`, which a format-1 reader lacks: it would stop at transformers'
 # trust_remote_code error), and `digests` and `dtype` are recorded. Format 1 is still read.
@@ -198,13 +199,17 @@ def _digest_map(value: Any, field: str) -> None:
 
 _DRIFT = {"pass_name": (True, _string), "max_abs": (True, _number), "cosine": (True, _number),
           "modules": (True, _integer), "step": (False, _number),
-          "promise": (False, _optional(_number))}
+          "promise": (False, _optional(_number)),
+          "calibrated": (False, _optional(_object({
+              "inputs": (True, _one_of("calibration", "example")), "batches": (True, _integer),
+              "cosine": (True, _number), "max_abs": (True, _number)})))}
 RECIPE_SCHEMA: dict[str, tuple[bool, Any]] = {
     "format": (True, _integer),
     "versions": (False, _string_map),
     "base": (True, _base),
     "source": (False, _object({"name": (True, _string), "revision": (False, _optional(_string))})),
     "example": (False, _example),
+    "calibration": (False, _object({"batches": (True, _list_of(_example))})),
     "passes": (True, _list_of(_pass)),
     "manifest": (True, _object({"modules": (True, _list_of(_string)),
                                 "parameters": (False, _list_of(_string))})),
@@ -215,7 +220,8 @@ RECIPE_SCHEMA: dict[str, tuple[bool, Any]] = {
     "dtype": (False, _optional(_string)),
     "digests": (False, _object({"algorithm": (True, _one_of("sha256")),
                                 "weights": (True, _digest_map),
-                                "example": (False, _digest_map)})),
+                                "example": (False, _digest_map),
+                                "calibration": (False, _digest_map)})),
 }
 
 

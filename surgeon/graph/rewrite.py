@@ -88,6 +88,8 @@ class Surgery:
     # the modules committed or replaced so far, and the one a pass last worked on (for errors)
     changed: list[str] = field(default_factory=list)
     touching: str | None = None
+    # inputs passes calibrate on, each like `example` (None: the example alone)
+    calibration: list[tuple | dict] | None = None
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -102,6 +104,13 @@ class Surgery:
         computed as tracing records it (torch's fused attention fast path off)."""
         with as_recorded(self.model), torch.no_grad():
             return run_example(self.model, self.example)
+
+    def run_calibration(self) -> list[Any]:
+        """The model's outputs on each calibration batch (the example where none were given),
+        run as `run_example` runs the example; hooks a pass installed see every batch."""
+        with as_recorded(self.model), torch.no_grad():
+            return [run_example(self.model, batch) for batch in self.calibration or
+                    [self.example]]
 
     def skipped_in_training(self, names: list[str]) -> list[str]:
         """Those of modules `names` that the model's train-mode forward may not call although

@@ -9,6 +9,11 @@ at each optimizer step by `surgeon.attach` — after GradScaler has unscaled the
 DDP has averaged them, so no collective and no host sync is needed. With `adaptive=False` this
 is plain DyT (Zhu et al. 2025): `α = alpha0`.
 
+`input_scale` (buffer `s`, fp32 `(1,)`, default 1) multiplies the input: the forward computes
+`w ⊙ tanh(α(t)·s·x) + b`. Calibration (`passes/adyt_calibration.py`) sets it so that a trained
+model's norm, whose input rms may be anywhere from 0.01 to 100, gets the slope `α·s` it needs
+while α(t) itself stays inside `[alpha_min, alpha_max]`; it is not trained.
+
 The clamp passes a gradient that would move α back into range and blocks only one that would
 push it further out, so `alpha0` never freezes once α saturates (the public ADyT zeroes it).
 Eval uses the same adapted α as training.
@@ -67,7 +72,7 @@ class ADyT(RebuildsOptionalState):
     _surgeon_atomic = True  # tracing treats it as a leaf: passes never rewrite it again
     # Records a checkpoint may lack (written before the EMA was bias-corrected): rebuilt by
     # `reset_optional_state_`; `load_state_dict` and `surgeon.load` accept their absence.
-    optional_state: ClassVar[tuple[str, ...]] = ("grad_norm_steps",)
+    optional_state: ClassVar[tuple[str, ...]] = ("grad_norm_steps", "input_scale")
 
     def __init__(
         self,
@@ -96,6 +101,7 @@ class ADyT(RebuildsOptionalState):
         self.alpha0 = scalar_parameter(alpha0)  # (1,): FSDP shards no 0-dim parameter
         self.register_buffer("grad_norm_ema", torch.tensor(1.0))  # G_t, bias-corrected
         self.register_buffer("grad_norm_steps", torch.tensor(0, dtype=torch.int64))  # t
+        self.register_buffer("input_scale", torch.ones(1))  # s: tanh(α(t)·s·x), calibrated
         self.adaptive = adaptive
         self.lam, self.smoothing, self.eps = lam, smoothing, eps
         self.alpha_min, self.alpha_max = alpha_min, alpha_max
@@ -127,6 +133,7 @@ class ADyT(RebuildsOptionalState):
         module.to(device=ref.device, dtype=ref.dtype)
         module.alpha0.data = module.alpha0.data.float()
         module.grad_norm_ema.data = module.grad_norm_ema.data.float()
+        module.input_scale.data = module.input_scale.data.float()
         with torch.no_grad():
             if isinstance(weight, torch.Tensor):
                 module.weight.copy_(weight)
@@ -151,7 +158,8 @@ class ADyT(RebuildsOptionalState):
         return y * F.silu(gate) if gate is not None and self.gate == "after" else y
 
     def _dyt(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.tanh(self.alpha() * x)  # (..., *normalized_shape) or (b, c, ...), x's dtype
+        slope = self.alpha() * self.input_scale.reshape(())  # α(t)·s, fp32 scalar
+        y = torch.tanh(slope * x)  # (..., *normalized_shape) or (b, c, ...), x's dtype
         if self.channels_first:
             trail = (1,) * (x.dim() - 2)
             y = y * self.weight.view(-1, *trail)  # (c, 1, ..., 1)
@@ -178,7 +186,14 @@ class ADyT(RebuildsOptionalState):
     def reset_optional_state_(self, names: tuple[str, ...] = optional_state) -> ADyT:
         """Rebuild `grad_norm_steps` for a state dict without it: 0 if `G` is still at its start
         value 1, else the count after which the correction no longer changes fp32 values (an EMA
-        that had run long enough: `G` continues as a plain EMA)."""
+        that had run long enough: `G` continues as a plain EMA). `input_scale` (absent from
+        state dicts written before calibration set it) becomes 1: the forward they computed."""
+        if "input_scale" in names:
+            one = torch.ones(1)
+            if self.input_scale.is_meta:
+                self.input_scale = one.to(self.grad_norm_ema.device)
+            else:
+                self.input_scale.copy_(one)
         if "grad_norm_steps" in names:
             s = self.smoothing
             settled = 0 if s == 0 else math.ceil(math.log(2.0 ** -24) / math.log(s))
