@@ -23,8 +23,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.dyt_recipe import scale_trunk_inputs, untrained
 from passes.adyt_calibration import fit_adyt_
+from passes.dyt_recipe import scale_trunk_inputs, untrained
 from surgeon.files.lazy import materialized
 from surgeon.graph.attention_inputs import qk_norm_modules
 from surgeon.graph.find import norm_input, strip_casts
