@@ -74,9 +74,12 @@ class ADyT(PassConfig):
     input_scale: Literal["rms", "sqrt_d"] = "rms"  # the trunk scale's start: 1/rms or √d
 
     def resolved(self, surgery: Surgery) -> ADyT:
-        """`recipe=auto` decided: "dyt" when every norm in scope is still at its init."""
+        """`recipe=auto` decided: "dyt" when every norm in scope is still at its init (and
+        the pass is not calibrating)."""
         if self.recipe != "auto":
             return self
+        if self.calibrate:  # calibration keeps the function; the recipe's trunk scale would not
+            return dataclasses.replace(self, recipe="none")
         if any(isinstance(m, InputScale) for m in surgery.model.modules()):
             return dataclasses.replace(self, recipe="dyt")  # applied before: the same again
         norms = [surgery.module(n.module) for n in surgery.inspection.norms

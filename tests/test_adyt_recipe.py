@@ -98,8 +98,10 @@ def test_trained_model_keeps_plain_alpha0_and_no_scale() -> None:
 
 
 @pytest.mark.parametrize("spec, expect_scale", [("adyt:recipe=none", False),
-                                                ("adyt:recipe=dyt", True)])
+                                                ("adyt:recipe=dyt", True),
+                                                ("adyt:calibrate=true", False)])
 def test_explicit_recipe_wins(spec: str, expect_scale: bool) -> None:
+    """An explicit recipe is applied as asked; calibrating (keeping the function) means none."""
     torch.manual_seed(0)
     model = zoo.hf_gpt2().eval()
     surgeon.apply(model, [spec], example())
