@@ -82,8 +82,9 @@ class ADyT(PassConfig):
             return dataclasses.replace(self, recipe="none")
         if any(isinstance(m, InputScale) for m in surgery.model.modules()):
             return dataclasses.replace(self, recipe="dyt")  # applied before: the same again
+        # a functional norm's gain and bias are parameters of the module computing it
         norms = [surgery.module(n.module) for n in surgery.inspection.norms
-                 if n.node is None and self.selects(n.module)]
+                 if self.selects(n.module)]
         with contextlib.ExitStack() as stack:  # weights streamed from disk: read them
             for norm in norms:
                 stack.enter_context(materialized(norm))

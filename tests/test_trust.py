@@ -324,8 +324,8 @@ SCHEMA_CASES = {
     "huge-integer": (lambda r: r.update(format=10**1000), ": format is out of range"),
     "deep-nesting": (nested(100_000), " is nested too deeply to be read"),
     "unknown-key": (lambda r: r.update(surprise=1),
-                    ": surprise is not a key surgeon knows (known: base, check, digests, drift, "
-                    "dtype, example, format, manifest, passes, source, versions)"),
+                    ": surprise is not a key surgeon knows (known: base, calibration, check, "
+                    "digests, drift, dtype, example, format, manifest, passes, source, versions)"),
     "base-a-list": (lambda r: r.update(base=["os", "fork"]),
                     ": base must be an object, not a list"),
     "base-kind": (lambda r: r.update(base={"kind": "python", "code": "x"}),

@@ -9,13 +9,14 @@ the embedding output by a learnable scalar initialised to √d; `InputScale` is 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from surgeon.nn.scalars import scalar_parameter
+from surgeon.nn.state import RebuildsOptionalState
 
 
-class InputScale(nn.Module):
-    """`y = s·x` with a learnable scalar `s` (a `(1,)` fp32 parameter, shardable by FSDP)."""
+class InputScale(RebuildsOptionalState):
+    """`y = s·x` with a learnable scalar `s` (a `(1,)` fp32 parameter, shardable by FSDP; a
+    0-dim `scale` in a state dict loads too)."""
 
     _surgeon_atomic = True  # tracing treats it as a leaf: passes never rewrite it again
 
