@@ -23,6 +23,9 @@ tanh(alpha*x) stays ~alpha*x, so the converted model starts from near-uniform pr
 ends well above the plain model on this budget. Validation losses when this was written: plain
 0.72; `--passes aion,hyper` 0.70; all three 2.36; `--passes
 "aion,hyper,adyt:adaptive=false,calibrate=true"` (plain DyT, alpha0 fitted on the example) 2.01.
+Those numbers predate DyT's recipe, which `adyt` now applies to an untrained model by default
+(`recipe=auto`: per-role alpha0 and a learnable scale on the trunk input; `adyt:recipe=none` is
+the behaviour described above); see examples/benchmarks/adyt_training.py for what it reaches.
 """
 
 from __future__ import annotations
