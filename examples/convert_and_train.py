@@ -31,67 +31,37 @@ the behaviour described above); see examples/benchmarks/adyt_training.py for wha
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import surgeon
-from surgeon.nn import ADyT, AionResidual, HyperConnections, ManifoldHyperConnections
+from surgeon.nn import ADyT, AionResidual, HyperConnections, InputScale, ManifoldHyperConnections
 from surgeon.recipe import split_passes
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE / "data" / "toy_corpus.txt"
+sys.path.insert(0, str(HERE / "benchmarks"))
+from char_lm import (  # noqa: E402
+    CharData,
+    count,
+    lm_loss,
+    lr_factor,
+    make_optimizer,
+    read_text,
+    val_loss,
+)
+
 SEQ_LEN = 64
 BATCH = 16
-VAL_FRACTION = 0.1
 
 
-# --- data -------------------------------------------------------------------------------------
-
-def read_text(path: Path = DATA) -> str:
-    """The corpus, written by `data/make_text.py` first if the file is missing."""
-    if not path.is_file():
-        spec = importlib.util.spec_from_file_location("make_text", HERE / "data" / "make_text.py")
-        make_text = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(make_text)
-        make_text.write(path)
-        print(f"generated {path}")
-    return path.read_text(encoding="ascii")
-
-
-class CharData:
-    """Character-level token ids, split into a training part and a held-out validation tail."""
-
-    def __init__(self, text: str) -> None:
-        self.chars = sorted(set(text))
-        index = {c: i for i, c in enumerate(self.chars)}
-        ids = torch.tensor([index[c] for c in text], dtype=torch.long)
-        cut = int(len(ids) * (1 - VAL_FRACTION))
-        self.train, self.val = ids[:cut], ids[cut:]
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def batch(self, gen: torch.Generator) -> torch.Tensor:
-        """A random training batch `(BATCH, SEQ_LEN + 1)`: inputs and next-character targets."""
-        starts = torch.randint(0, len(self.train) - SEQ_LEN - 1, (BATCH,), generator=gen)
-        return torch.stack([self.train[s:s + SEQ_LEN + 1] for s in starts.tolist()])
-
-    def val_windows(self) -> torch.Tensor:
-        """Every non-overlapping window of the validation text `(N, SEQ_LEN + 1)`."""
-        n = (len(self.val) - 1) // SEQ_LEN
-        return torch.stack([self.val[i * SEQ_LEN:i * SEQ_LEN + SEQ_LEN + 1] for i in range(n)])
-
-
-# --- model and training -----------------------------------------------------------------------
+# --- model and training (data, losses and the optimizer: benchmarks/char_lm.py) -------------
 
 def build_model(vocab_size: int, seed: int) -> LlamaForCausalLM:
     config = LlamaConfig(
@@ -108,40 +78,6 @@ def build_model(vocab_size: int, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-character cross-entropy of a `(B, SEQ_LEN + 1)` batch."""
-    logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-
-
-@torch.no_grad()
-def val_loss(model: nn.Module, windows: torch.Tensor) -> float:
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for chunk in windows.split(64):
-        total += float(lm_loss(model, chunk)) * len(chunk)
-    model.train(was_training)
-    return total / len(windows)
-
-
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
-    """AdamW; matrices get weight decay, vectors and scalars (norm gains, AION's α0 and β,
-    ADyT's α0, hyper-connection scales) do not."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> float:
     loss = lm_loss(model, batch)
     optimizer.zero_grad(set_to_none=True)
@@ -153,11 +89,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.
 
 # --- reporting --------------------------------------------------------------------------------
 
-def count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-SURGEON_MODULES = (AionResidual, HyperConnections, ManifoldHyperConnections, ADyT)
+SURGEON_MODULES = (AionResidual, HyperConnections, ManifoldHyperConnections, ADyT, InputScale)
 
 
 def new_parameters(plain: nn.Module, converted: nn.Module) -> str:
@@ -205,7 +137,7 @@ def main() -> None:
     t_start = time.perf_counter()
     log_every = args.log_every or max(1, args.steps // 12)
 
-    data = CharData(read_text())
+    data = CharData(read_text(), seq_len=SEQ_LEN, batch=BATCH)
     val = data.val_windows()
     print(f"corpus: {len(data.train):,} training + {len(data.val):,} validation characters, "
           f"vocabulary {data.vocab_size}; batch {BATCH} x {SEQ_LEN}, {args.steps} steps, "
