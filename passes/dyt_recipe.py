@@ -52,12 +52,13 @@ def scale_trunk_inputs(surgery: Surgery, how: str) -> list[str]:
         name for name, mt in surgery.trace.traces.items()  # trunks hyper-connections hold
         if any(n.op == "call_function" and n.target is expand_streams for n in mt.graph.nodes)]
     firsts = [b for b in dict.fromkeys(firsts)
-              if b in surgery.trace.traces and _called_once(surgery, b)]
+              if b in surgery.trace.traces and _called_once(surgery, b)
+              and not any(isinstance(m, InputScale) for m in surgery.module(b).children())]
+    if not firsts:  # none, or all scaled by an earlier run of the pass: no forward needed
+        return []
     measured = _fed_inputs(surgery, embeddings, firsts)
     new = []
     for block, (rms, width) in measured.items():
-        if any(isinstance(m, InputScale) for m in surgery.module(block).children()):
-            continue  # scaled by an earlier run of the pass
         graph = surgery.graph(block)
         expand = next((n for n in graph.nodes
                        if n.op == "call_function" and n.target is expand_streams), None)
