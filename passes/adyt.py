@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from passes.adyt_calibration import fit_adyt_
-from passes.dyt_recipe import scale_trunk_inputs, untrained
+from passes.dyt_recipe import match_output_scales, scale_trunk_inputs, token_fed_trunks, untrained
 from surgeon.files.lazy import materialized
 from surgeon.graph.attention_inputs import qk_norm_modules
 from surgeon.graph.find import norm_input, strip_casts
@@ -68,10 +68,12 @@ class ADyT(PassConfig):
     final_norms: bool = True
     qk_norms: bool = False
     calibrate: bool = False  # fit each ADyT to its norm on the calibration inputs (or example)
-    # DyT's recipe for training from scratch (passes/dyt_recipe.py): per-role α0 and a
-    # learnable scale on the trunk input of a token model. "auto": on for an untrained model.
+    # DyT's recipe for training from scratch (passes/dyt_recipe.py): per-role α0 in a token
+    # model, gains matched to the untrained norms' output scale. "auto": on for an untrained
+    # model. `input_scale`: DyT's learnable scale on the trunk input (off, or its start: 1/rms
+    # of the trunk input on the example, or √d).
     recipe: Literal["auto", "dyt", "none"] = "auto"
-    input_scale: Literal["rms", "sqrt_d"] = "rms"  # the trunk scale's start: 1/rms or √d
+    input_scale: Literal["none", "rms", "sqrt_d"] = "none"
 
     def resolved(self, surgery: Surgery) -> ADyT:
         """`recipe=auto` decided: "dyt" when every norm in scope is still at its init (and
@@ -80,7 +82,8 @@ class ADyT(PassConfig):
             return self
         if self.calibrate:  # calibration keeps the function; the recipe's trunk scale would not
             return dataclasses.replace(self, recipe="none")
-        if any(isinstance(m, InputScale) for m in surgery.model.modules()):
+        if any(isinstance(m, InputScale) or getattr(m, "keep_scale_at_first_update", False)
+               for m in surgery.model.modules()):
             return dataclasses.replace(self, recipe="dyt")  # applied before: the same again
         # a functional norm's gain and bias are parameters of the module computing it
         norms = [surgery.module(n.module) for n in surgery.inspection.norms
@@ -94,9 +97,12 @@ class ADyT(PassConfig):
     def run(self, surgery: Surgery) -> list[str]:
         if self.recipe == "auto":
             return self.resolved(surgery).run(surgery)
-        scaled = scale_trunk_inputs(surgery, self.input_scale) if self.recipe == "dyt" else []
+        recipe = self.recipe == "dyt"
+        fed = token_fed_trunks(surgery) if recipe else {}
+        scaled = scale_trunk_inputs(surgery, fed, self.input_scale) if (
+            fed and self.input_scale != "none") else []
         # DyT's LLaMA α0 by role where a token embedding feeds the trunk; its default otherwise
-        by_role = self.llama_init or bool(scaled)
+        by_role = self.llama_init or bool(fed)
         norms = [n for n in surgery.inspection.norms if n.node is None and self.selects(n.module)]
         blocks = _blocks(surgery)
         qk = qk_norm_modules(surgery.model, [n.module for n in norms], surgery.run_example)
@@ -139,6 +145,12 @@ class ADyT(PassConfig):
                 surgery.graph(parent)  # reinstall traced: the fast path reads norm weights itself
         new += self._functional(surgery, spans, by_role)
         return new + scaled
+
+    def after_commit(self, surgery: Surgery, new: list[str]) -> None:
+        """The recipe's gain match, on the rewritten model (its trunk scale in place)."""
+        if self.recipe == "dyt":
+            adyts = [surgery.model.get_submodule(n) for n in new]
+            match_output_scales(surgery, [m for m in adyts if isinstance(m, ADyTModule)])
 
     def _functional_spans(self, surgery: Surgery, blocks: set[str]) -> list[tuple]:
         """The functional norms in scope, each with its sub-graph (see `_span`, which refuses

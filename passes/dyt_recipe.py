@@ -1,12 +1,16 @@
 """DyT's recipe for training from scratch (Zhu et al. 2025), as the `adyt` pass applies it.
 
-Two parts beyond swapping the norms: α0 by the norm's role and the model's width
-(`dyt_llama_alpha0`: attention-input norms more than FFN-input and final norms), and a learnable
-scalar on the trunk's input where a token embedding feeds the trunk (`InputScale`). DyT
-initialises that scalar to √d for embeddings initialised at std 1/√d, i.e. so the trunk input
-has rms 1; Hugging Face initialises embeddings at std 0.02 (and Gemma multiplies by √d itself),
-so surgeon measures the trunk input's rms on the example and starts the scale at 1/rms
-(`input_scale=sqrt_d` takes the paper's value literally).
+Beyond swapping the norms: α0 by the norm's role and the model's width where a token embedding
+feeds the trunk (`dyt_llama_alpha0`: attention-input norms more than FFN-input and final norms),
+and each new ADyT's gain matched on the example so that it starts with the output scale the
+untrained norm had (`match_output_scales`). Without that match a freshly initialised
+transformer's stream (rms ≈ 0.02 under Hugging Face's init) comes out of `tanh(α·x)` at ≈ α·0.02
+instead of 1, and the model trains far behind (examples/benchmarks/adyt_training.py measures it).
+
+DyT's learnable scalar after the embedding (`InputScale`, √d at init for embeddings at std
+1/√d) is available (`input_scale=rms` starts it at 1/rms of the trunk input on the example,
+`input_scale=sqrt_d` at √d) but off by default: with matched gains it puts the trunk at rms 1,
+where α(t) growing saturates the tanh, and it trained worse in the benchmark.
 
 The recipe is for models that have not been trained: a trained model's norms already match its
 stream's scale, and converting one is calibration's job. `untrained` tells them apart by the
@@ -19,9 +23,12 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from surgeon.files.lazy import keep_in_memory
 from surgeon.graph.rewrite import Surgery
+from surgeon.nn.adyt import ADyT
 from surgeon.nn.hyper import expand_streams
 from surgeon.nn.input_scale import InputScale
 
@@ -38,27 +45,33 @@ def untrained(norms: list[nn.Module]) -> bool:
     return True
 
 
-def scale_trunk_inputs(surgery: Surgery, how: str) -> list[str]:
-    """Put an `InputScale` on the input of the first block of every trunk that a token
-    embedding feeds (the embedding runs before the block, at the block's width); return the
-    qualified names of the new modules. The scale goes into the block's own graph, ahead of
-    everything that reads the input (ahead of hyper-connections' expand where there is one), so
-    it works where the model's top-level forward is not traced. `how`: "rms" (start at 1/rms of
-    the trunk input on the example) or "sqrt_d" (start at √d)."""
+def token_fed_trunks(surgery: Surgery) -> dict[str, tuple[float, int]]:
+    """The first block of every trunk a token embedding feeds (the embedding runs before the
+    block, at the block's width), each with its input's (rms, width) on the example. Blocks
+    called more than once per forward (shared weights) are left out. One forward."""
     embeddings = _token_embeddings(surgery.model)
     if not embeddings:
-        return []
+        return {}
     firsts = [t.blocks[0] for t in surgery.inspection.trunks] + [
         name for name, mt in surgery.trace.traces.items()  # trunks hyper-connections hold
         if any(n.op == "call_function" and n.target is expand_streams for n in mt.graph.nodes)]
     firsts = [b for b in dict.fromkeys(firsts)
-              if b in surgery.trace.traces and _called_once(surgery, b)
-              and not any(isinstance(m, InputScale) for m in surgery.module(b).children())]
-    if not firsts:  # none, or all scaled by an earlier run of the pass: no forward needed
-        return []
-    measured = _fed_inputs(surgery, embeddings, firsts)
+              if b in surgery.trace.traces and _called_once(surgery, b)]
+    return _fed_inputs(surgery, embeddings, firsts) if firsts else {}
+
+
+def scale_trunk_inputs(surgery: Surgery, fed: dict[str, tuple[float, int]], how: str
+                       ) -> list[str]:
+    """Put an `InputScale` on the input of each trunk's first block in `fed` (from
+    `token_fed_trunks`) that has none yet; return the qualified names of the new modules. The
+    scale goes into the block's own graph, ahead of everything that reads the input (ahead of
+    hyper-connections' expand where there is one), so it works where the model's top-level
+    forward is not traced. `how`: "rms" (start at 1/rms of the trunk input on the example) or
+    "sqrt_d" (start at √d)."""
     new = []
-    for block, (rms, width) in measured.items():
+    for block, (rms, width) in fed.items():
+        if any(isinstance(m, InputScale) for m in surgery.module(block).children()):
+            continue  # scaled by an earlier run of the pass
         graph = surgery.graph(block)
         expand = next((n for n in graph.nodes
                        if n.op == "call_function" and n.target is expand_streams), None)
@@ -76,6 +89,40 @@ def scale_trunk_inputs(surgery: Surgery, how: str) -> list[str]:
             reader.replace_input_with(x, scaled)
         new.append(f"{block}.{target}")
     return new
+
+
+def match_output_scales(surgery: Surgery, adyts: list[ADyT]) -> None:
+    """Rescale each new ADyT's gain so that, on the example, `tanh(α·s·x)` times the gain's
+    rescaling has rms 1, as the normalised `x̂` of the norm it replaced has: the converted model
+    starts with the activations the untrained norm gave it, and its α(t) later moves from there.
+    One forward, in call order, so each norm sees the input its rescaled predecessors make;
+    a norm called more than once is matched at its first call. An adaptive ADyT also keeps the
+    scale when its first gradient-norm update moves α(t) (`keep_scale_at_first_update`)."""
+    pending = {id(m): m for m in adyts}
+
+    def match(module: ADyT, args: tuple, kwargs: dict) -> None:
+        if pending.pop(id(module), None) is None:
+            return
+        x = args[0] if args else kwargs.get("x")
+        gate = args[1] if len(args) > 1 else kwargs.get("gate")
+        if not isinstance(x, torch.Tensor) or x.is_meta:
+            return
+        if gate is not None and module.gate == "before":
+            x = x * F.silu(gate)
+        slope = module.alpha().float() * module.input_scale.float().reshape(())
+        rms = float(torch.tanh(slope * x.float()).pow(2).mean().sqrt())
+        if math.isfinite(rms) and rms > 1e-12:
+            keep_in_memory(module.weight)  # a functional norm's own gain may be read from disk
+            module.weight.mul_(1.0 / rms)
+
+    handles = [m.register_forward_pre_hook(match, with_kwargs=True) for m in adyts]
+    try:
+        surgery.run_example()
+    finally:
+        for h in handles:
+            h.remove()
+    for m in adyts:
+        m.keep_scale_at_first_update = True
 
 
 def _called_once(surgery: Surgery, name: str) -> bool:

@@ -32,6 +32,7 @@ from zoo import hf_bert, hf_gpt2, hf_llama, hf_mamba, tokens
 import surgeon
 from surgeon.converting import Conversion, convert
 from surgeon.errors import SurgeonError
+from surgeon.nn import ADyT
 from surgeon.verifying import verify
 
 transformers = pytest.importorskip("transformers")
@@ -102,6 +103,25 @@ def tensors_in(directory: Path) -> dict[str, torch.Tensor]:
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.dtype == b.dtype and a.shape == b.shape
             and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+
+
+def matched_gains(dst: Path) -> set[str]:
+    """The keys of the norm gains adyt's training recipe rescaled (recipe=dyt): those of the
+    source the conversion changes on purpose."""
+    model = surgeon.load(dst, trust_remote_code=True)  # the tests' own factory files
+    adyt = [c for c in surgeon.applying.applied_passes(model)
+            if c["_type"] == "adyt" and c["_data"]["recipe"] == "dyt"]
+    gains = [m.weight for m in model.modules() if isinstance(m, ADyT)] if adyt else []
+    return {name for name, p in model.named_parameters(remove_duplicate=False)
+            if any(p is g for g in gains)}
+
+
+def check_copied(stored: dict[str, torch.Tensor], original: dict[str, torch.Tensor],
+                 dst: Path) -> None:
+    """Every source tensor is in DST: byte for byte, or rescaled where the recipe matched it."""
+    changed = matched_gains(dst)
+    for key, value in original.items():
+        assert same_bytes(stored[key], value) is (key not in changed), key
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
@@ -192,8 +212,7 @@ def test_convert_verify_load_round_trip(source, tmp_path, name, sharded_src, dst
     # Unchanged tensors are the source's bytes; tied weights are stored once.
     before, after = tensors_in(src), tensors_in(dst)
     assert set(before) <= set(after)
-    for key, value in before.items():
-        assert same_bytes(after[key], value), key
+    check_copied(after, before, dst)
     for a, b in case.tied:
         assert (a in after) != (b in after)
     recipe = json.loads((dst / "surgeon.json").read_text())
@@ -239,8 +258,8 @@ def test_cli_convert_prints_the_summary_and_repeats_byte_for_byte(source, tmp_pa
     assert table[0].split() == ["pass", "modules", "drift", "promise", "max", "|Δ|"]
     assert table[1].split() == ["aion", "4", "0", "1e-05", "0"]
     assert table[2].split() == ["hyper", "4", "0", "1e-05", "0"]
-    # adyt: 5 norms + the recipe's InputScale
-    assert table[3].split()[:2] == ["adyt", "6"] and table[3].split()[3] == "-"
+    # adyt: 5 norms (the recipe's trunk scale is opt-in)
+    assert table[3].split()[:2] == ["adyt", "5"] and table[3].split()[3] == "-"
     assert f"new parameters: {again.new_parameters:,}" in lines
     assert any(line.startswith(f"tensors: {again.tensors} (") for line in lines)
     wrote = next(line for line in lines if line.startswith(f"wrote {dst} in "))
@@ -344,8 +363,7 @@ def test_factory_model(factory, tmp_path, with_weights):
     stored = tensors_in(dst)
     original = load_file(str(weights)) if weights else reference.state_dict()
     assert set(original) < set(stored)
-    for key, value in original.items():
-        assert same_bytes(stored[key], value), key
+    check_copied(stored, original, dst)
     assert result.copied_bytes == (copied_bytes(original, recipe) if weights else 0)
     assert 0 < copied_bytes(original, recipe) < sum(v.nbytes for v in original.values())
 
@@ -559,8 +577,7 @@ def test_pickle_source_with_allow_pickle(source, tmp_path):
         "README.md", "config.json", "generation_config.json", "model.safetensors",
         "surgeon.json", "surgeon_model.py"]
     stored, original = tensors_in(dst), tensors_in(src)
-    for key, value in original.items():
-        assert same_bytes(stored[key], value), key
+    check_copied(stored, original, dst)
     reference = in_memory(src, ("aion", "adyt"))
     assert torch.equal(output(surgeon.load(dst), INPUTS), output(reference, INPUTS))
 

@@ -134,6 +134,26 @@ class LazyWeights:
         """The checkpoint key a bound parameter is read from (None for any other tensor)."""
         return self.keys.get(id(tensor)) if self.params.get(id(tensor)) is tensor else None
 
+    def keep_in_memory(self, param: nn.Parameter) -> None:
+        """Stop reading `param` from disk: it keeps its values in memory from now on (a pass is
+        about to change them in place), and is written from memory, not copied."""
+        pid = id(param)
+        if self.params.get(pid) is not param:
+            return
+        if self.count.get(pid, 0) == 0 and pid not in self.held:
+            self._acquire([pid])
+        values = param.detach().clone()  # off the file's map
+        try:
+            swap_tensors(param, nn.Parameter(values, requires_grad=param.requires_grad))
+        except RuntimeError:  # a view of it is alive: swap what it holds instead
+            param.data = values
+        self.live -= 1
+        stored = self.checkpoint[self.keys.pop(pid)]
+        del self.params[pid]
+        self.count.pop(pid, None)
+        self.held.discard(pid)
+        self._unmap(stored)
+
     def __enter__(self) -> LazyWeights:
         from torch.nn.modules.module import (
             register_module_forward_hook,
@@ -205,6 +225,8 @@ class LazyWeights:
 
     def _release(self, pids: list[int]) -> None:
         for pid in pids:
+            if pid not in self.count:  # kept in memory meanwhile (`keep_in_memory`)
+                continue
             n = self.count[pid] - 1
             self.count[pid] = n
             if n == 0:
@@ -267,6 +289,13 @@ def _resolve(module: nn.Module, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part, None)
     return value
+
+
+def keep_in_memory(param: nn.Parameter) -> None:
+    """Where an active `LazyWeights` reads `param` from disk, load it for good (see
+    `LazyWeights.keep_in_memory`); elsewhere nothing. Call it before changing `param` in place."""
+    if _ACTIVE:
+        _ACTIVE[-1].keep_in_memory(param)
 
 
 @contextmanager

@@ -112,6 +112,10 @@ class ADyT(RebuildsOptionalState):
             raise ValueError(f"gate must be None, 'before' or 'after', got {gate!r}")
         # a gated norm's stand-in (Mamba2's norm(x·silu(gate))): where the gate multiplies
         self.gate = gate
+        # Set by the `adyt` pass's training recipe, which matched the gain to α at conversion:
+        # the first update of `G` moves α(t) from α0·(1 + λ/(ε + 1)) to α0·(1 + λ/(ε + g_1)),
+        # so it rescales the gain by their ratio and the layer's output keeps its scale.
+        self.keep_scale_at_first_update = False
         self._attachment: Any = None  # weakref to the `surgeon.attach` handle, if any
 
     @classmethod
@@ -173,6 +177,8 @@ class ADyT(RebuildsOptionalState):
         (0-dim bool) is true, or the result is not finite, `G` and the count stay as they were.
         Tensor ops only: no host sync, so it runs inside a step hook at full speed."""
         G, t = self.grad_norm_ema, self.grad_norm_steps
+        rescale = self.keep_scale_at_first_update and self.adaptive
+        before = (self.alpha(), t == 0) if rescale else None
         # m_t/(1 − s^t) written as a step towards g: G + w·(g − G), w = (1 − s)/(1 − s^(t+1)),
         # so w is exactly 1 on the first update (G_1 = g_1) and → 1 − s as t grows
         base = torch.full_like(G, self.smoothing)  # s in G's dtype: w is exactly 1 when t = 0
@@ -181,6 +187,11 @@ class ADyT(RebuildsOptionalState):
         stay = ~torch.isfinite(new) if keep is None else keep | ~torch.isfinite(new)
         G.copy_(torch.where(stay, G, new))
         t.copy_(torch.where(stay, t, t + 1))
+        if before is not None:
+            alpha, first = before
+            ratio = torch.where(first & ~stay, alpha / self.alpha(), torch.ones_like(alpha))
+            weight = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
+            weight.mul_(ratio.to(weight.dtype))  # (FSDP2: each rank its own shard)
 
     @torch.no_grad()
     def reset_optional_state_(self, names: tuple[str, ...] = optional_state) -> ADyT:
