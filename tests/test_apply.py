@@ -48,11 +48,11 @@ def expected_new(case: ZooCase, name: str) -> int:
         return sum(case.residuals.values())
     if name == "hyper":  # the residual adds inside the trunks' blocks
         return residuals_in_trunks(case.name)
-    return sum(case.norms.values()) + INPUT_SCALES.get(case.name, 0)
+    return sum(case.norms.values())
 
 
-# adyt's recipe on these untrained models: DyT's learnable scale on each trunk's input where a
-# token embedding feeds the trunk (encoder-decoders: both stacks; Whisper: its decoder)
+# `adyt:input_scale=rms` on these untrained models: DyT's learnable scale on each trunk's input
+# where a token embedding feeds the trunk (encoder-decoders: both stacks; Whisper: its decoder)
 INPUT_SCALES = {name: 1 for name in (
     "nanogpt", "hf_gpt2", "hf_llama", "hf_bert", "hf_whisper", "flat_moe", "parallel",
     "hf_mixtral", "hf_mamba", "hf_mamba2", "hf_neox_parallel", "functional_norms",
@@ -69,6 +69,13 @@ PARALLEL = {"parallel", "hf_neox_parallel"}  # attention and MLP added to one in
 # hyper on ConvNeXt-style channels-first toy streams rounds (≤ 1e-6) where the others are exact;
 # on LeViT (its stages' subsample-attention shortcuts reshape the stream) by a few fp32 ulps
 HYPER_ROUNDS = {"convnext_ish": 1e-6, "hf_levit": 1e-6}
+
+
+@pytest.mark.parametrize("case", [c for c in ZOO if c.name in INPUT_SCALES], ids=lambda c: c.name)
+def test_trunk_scale_where_a_token_embedding_feeds_the_trunk(case: ZooCase) -> None:
+    model = apply(case.build(), ["adyt:input_scale=rms"], case.example())
+    assert sum(isinstance(m, InputScale) for m in model.modules()) == INPUT_SCALES[case.name]
+    assert model.surgeon_drift[-1].modules == sum(case.norms.values()) + INPUT_SCALES[case.name]
 
 
 ROWS = [pytest.param(case, combo, id=f"{case.name}-{'+'.join(combo)}")
@@ -99,8 +106,7 @@ def test_apply_row(case: ZooCase, combo: tuple[str, ...]) -> None:
         expected_new(case, "aion") if "aion" in names else 0)
     assert sum(isinstance(m, ADyT) for m in model.modules()) == (
         sum(case.norms.values()) if "adyt" in names else 0)
-    assert sum(isinstance(m, InputScale) for m in model.modules()) == (
-        INPUT_SCALES.get(case.name, 0) if "adyt" in names else 0)
+    assert not any(isinstance(m, InputScale) for m in model.modules())  # opt-in
     assert sum(isinstance(m, StreamMixer) for m in model.modules()) == (
         expected_new(case, "hyper") if "hyper" in names else 0)
     if "adyt" not in names[:names.index("hyper")] if "hyper" in names else False:
@@ -189,7 +195,9 @@ def test_adyt_calibration_shrinks_the_drift(case: ZooCase) -> None:
     for calibrate in (False, True):
         torch.manual_seed(0)  # the same weights and example both times
         model, example = case.build().eval(), case.example()
-        drift.append(apply(model, ["adyt"], example, calibrate=calibrate).surgeon_drift[0])
+        # against the plain swap (an untrained model would get the recipe's matched gains)
+        drift.append(apply(model, ["adyt:recipe=none"], example,
+                           calibrate=calibrate).surgeon_drift[0])
     if case.name in MAX_ABS_GAIN:
         assert 0 < drift[1].max_abs < drift[0].max_abs
     else:
