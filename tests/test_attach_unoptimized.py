@@ -20,8 +20,7 @@ from surgeon.nn import ParametersNotOptimizedWarning, attach, unoptimized_parame
 
 CASE = next(c for c in ZOO if c.name == "nanogpt")
 PASSES = ["aion", "adyt"]
-NEW = 4 * 2 + 5 + 5 + 3 + 1  # α0, β of 4 residual adds; α0, weight of 5 norms, 3 of them with
-# bias; the scale DyT's recipe puts on the trunk input (the model is untrained)
+NEW = 4 * 2 + 5 + 5 + 3  # α0, β of 4 residual adds; α0, weight of 5 norms, 3 of them with bias
 
 
 def loss(model: nn.Module) -> torch.Tensor:

@@ -177,8 +177,8 @@ class ADyT(RebuildsOptionalState):
         (0-dim bool) is true, or the result is not finite, `G` and the count stay as they were.
         Tensor ops only: no host sync, so it runs inside a step hook at full speed."""
         G, t = self.grad_norm_ema, self.grad_norm_steps
-        rescale = self.keep_scale_at_first_update and self.adaptive
-        before = (self.alpha(), t == 0) if rescale else None
+        before = self._alpha_of(G) if self.keep_scale_at_first_update and self.adaptive else None
+        first = t == 0
         # m_t/(1 − s^t) written as a step towards g: G + w·(g − G), w = (1 − s)/(1 − s^(t+1)),
         # so w is exactly 1 on the first update (G_1 = g_1) and → 1 − s as t grows
         base = torch.full_like(G, self.smoothing)  # s in G's dtype: w is exactly 1 when t = 0
@@ -187,11 +187,19 @@ class ADyT(RebuildsOptionalState):
         stay = ~torch.isfinite(new) if keep is None else keep | ~torch.isfinite(new)
         G.copy_(torch.where(stay, G, new))
         t.copy_(torch.where(stay, t, t + 1))
-        if before is not None:
-            alpha, first = before
-            ratio = torch.where(first & ~stay, alpha / self.alpha(), torch.ones_like(alpha))
-            weight = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
-            weight.mul_(ratio.to(weight.dtype))  # (FSDP2: each rank its own shard)
+        if before is not None:  # until the first update happened: one host sync per step
+            first, updated = bool(first), not bool(stay)
+            if first and updated:
+                weight = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
+                weight.mul_((before / self._alpha_of(G)).to(weight.dtype))  # FSDP2: own shard
+            if updated or not first:  # done, or a checkpoint's count already past it
+                self.keep_scale_at_first_update = False
+
+    def _alpha_of(self, G: torch.Tensor) -> torch.Tensor:
+        """α(t) for a given `G`, outside the forward (FSDP2 shards α0 there: gathered)."""
+        alpha0 = self.alpha0.full_tensor() if hasattr(self.alpha0, "full_tensor") else self.alpha0
+        scale = 1.0 + self.lam / (self.eps + G.float())
+        return (alpha0.float().reshape(()) * scale).clamp(self.alpha_min, self.alpha_max)
 
     @torch.no_grad()
     def reset_optional_state_(self, names: tuple[str, ...] = optional_state) -> ADyT:
