@@ -16,16 +16,14 @@ added, and a `surgeon.save` / `surgeon.load` round trip that must give the same 
 `--passes` takes surgeon pass specs separated by commas; a `key=value` item after a pass belongs
 to that pass, so "hyper:streams=2,mhc=true,adyt" is two passes. Nothing is downloaded.
 
-What to expect (seed 0, 300 steps): AION and hyper-connections leave the function unchanged at
-conversion (drift 0) and train like the plain model. ADyT is not function-preserving: on a
-freshly initialised Llama the residual stream has rms ~0.02, where RMSNorm outputs rms 1 but
-tanh(alpha*x) stays ~alpha*x, so the converted model starts from near-uniform predictions and
-ends well above the plain model on this budget. Validation losses when this was written: plain
-0.72; `--passes aion,hyper` 0.70; all three 2.36; `--passes
-"aion,hyper,adyt:adaptive=false,calibrate=true"` (plain DyT, alpha0 fitted on the example) 2.01.
-Those numbers predate DyT's recipe, which `adyt` now applies to an untrained model by default
-(`recipe=auto`: per-role alpha0 and a learnable scale on the trunk input; `adyt:recipe=none` is
-the behaviour described above); see examples/benchmarks/adyt_training.py for what it reaches.
+What to expect (seed 0, 300 steps, measured 2026-12-03): AION and hyper-connections leave the
+function unchanged at conversion (drift 0) and train like the plain model. ADyT is not
+function-preserving (cosine 0.90 on the example), but on an untrained model `adyt` applies DyT's
+training recipe (`recipe=auto`: per-role alpha0, gains matched to the untrained norms' output
+scale), so the converted model trains as well: validation loss plain 0.72, all three passes
+0.58. With `adyt:recipe=none` (the norms swapped, nothing else) a fresh Llama's stream of rms
+~0.02 leaves tanh(alpha*x) at ~alpha*x and the model starts from near-uniform predictions; see
+examples/benchmarks/adyt_training.py for the side-by-side over seeds.
 """
 
 from __future__ import annotations
