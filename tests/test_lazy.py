@@ -15,6 +15,7 @@ from surgeon.files.lazy import (
     LazyWeights,
     MismatchError,
     MissingTensorError,
+    keep_in_memory,
     materialized,
     parameters_on_meta,
 )
@@ -144,3 +145,32 @@ def test_a_parameter_whose_view_outlives_its_call_stays_loaded_until_exit(
         want = model(input_ids=ids)[0]
     assert torch.equal(got, want) and torch.equal(again, want)
     assert all(p.is_meta for p in skeleton.parameters())
+
+
+@pytest.mark.parametrize("when", ["inside its module's call", "between calls"])
+def test_kept_in_memory_keeps_what_a_pass_changed(when: str, tmp_path: Path) -> None:
+    """A pass that changes a parameter read from disk in place (adyt's recipe rescaling a
+    functional norm's own gain) keeps it in memory: the change outlives the call and the run,
+    and the parameter is no longer one to copy from the file."""
+    model, skeleton, checkpoint = saved("gpt2", tmp_path)
+    ids = torch.randint(0, 64, (2, 8))
+    norm = skeleton.transformer.ln_f
+    weight = norm.weight
+
+    def rescale(module: nn.Module, args: tuple) -> None:
+        keep_in_memory(module.weight)
+        module.weight.mul_(2.0)
+
+    with torch.no_grad(), LazyWeights(skeleton, checkpoint, label=str(tmp_path)) as lazy:
+        if when == "between calls":
+            keep_in_memory(weight)
+            weight.mul_(2.0)
+        else:
+            handle = norm.register_forward_pre_hook(rescale)
+            skeleton(input_ids=ids)
+            handle.remove()
+        assert lazy.key_of(weight) is None and lazy.live == 0
+        skeleton(input_ids=ids)  # runs on, the others still read from disk
+    assert norm.weight is weight and not weight.is_meta
+    assert torch.equal(weight, 2.0 * model.transformer.ln_f.weight)
+    keep_in_memory(nn.Parameter(torch.ones(2)))  # outside a lazy run: nothing to do
