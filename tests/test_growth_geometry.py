@@ -318,3 +318,24 @@ def test_bad_snapshots(snaps: list[torch.Tensor], message: str) -> None:
 def test_config_validation(option: str, value: object) -> None:
     with pytest.raises(ValueError, match=option):
         GrowthConfig(**{option: value})
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_streamed_in_chunks_gives_the_same(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks far smaller than the tensor (as for a large one) change only float64 rounding."""
+    import surgeon.growth.geometry as geometry
+
+    make, cfg = CASES[case]
+    snaps = make()
+    snaps = [s.repeat(-(-5000 // s.numel())) for s in snaps]  # P ≥ 5000: chunks of 1024
+    whole, geo = extrapolate(snaps, cfg)
+    monkeypatch.setattr(geometry, "CHUNK_BYTES", 1)
+    chunked, geo_chunked = extrapolate(snaps, cfg)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+    assert (geo_chunked.k, geo_chunked.rank, geo_chunked.escape) == (geo.k, geo.rank, geo.escape)
+    for name in ("tau", "kappa", "beta", "gamma", "eta", "relative_update"):
+        assert getattr(geo_chunked, name) == pytest.approx(getattr(geo, name), rel=1e-9, abs=1e-12)
+    bad = [s.clone() for s in snaps]
+    bad[2][-1] = float("nan")  # in the last chunk only
+    with pytest.raises(ValueError, match="snapshot 2 has non-finite values"):
+        extrapolate(bad, cfg)

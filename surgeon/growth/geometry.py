@@ -15,8 +15,10 @@ From snapshots `W_0 … W_{S−1}` of one tensor (oldest first, flattened to vec
 
 The subspace comes from the `(S−1)×(S−1)` Gram matrix of the centred velocities, never from an
 SVD of the `(S−1)×P` matrix, and `P_k v` is applied as `Vcᵀ U_k Σ_k⁻² U_kᵀ Vc v`, so no `(P, k)`
-basis is formed either: the float64 velocity matrix is the only large object, and tensors can
-stream from memory-mapped checkpoints one at a time. Everything is computed in float64 (the
+basis is formed either. `extrapolate` streams the snapshots in column chunks (three reads), so
+no `(S−1)×P` matrix exists at all: memory is one chunk of every snapshot plus `W_new`, and
+tensors can come from memory-mapped checkpoints one at a time (`velocity_subspace`, for
+inspection, still forms the velocities). Everything is computed in float64 (the
 Gram route squares the condition number; float64 keeps it exact enough, see `RANK_RTOL`), and
 `W_new` comes back in the last snapshot's dtype, shape and device.
 
@@ -30,7 +32,7 @@ with `V̄` cannot fix the sign there: that branch is taken exactly when `V̄` li
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -159,14 +161,8 @@ def _canonical_sign(q: torch.Tensor) -> float:
     return -1.0 if q[torch.argmax(q.abs())] < 0 else 1.0
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    """`v/‖v‖`, or zeros for a zero vector (the report's `normalise`)."""
-    norm = torch.linalg.vector_norm(v)
-    return v / norm if norm > 0 else torch.zeros_like(v)
-
-
-def _velocities(snapshots: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Check the snapshots and return their velocities, `(S−1, P)` float64."""
+def _check(snapshots: Sequence[torch.Tensor]) -> None:
+    """Refuse snapshots the extrapolation cannot use, naming the first one at fault."""
     if len(snapshots) < 3:
         raise ValueError(f"extrapolation needs at least 3 snapshots (for an acceleration), "
                          f"got {len(snapshots)}")
@@ -181,6 +177,13 @@ def _velocities(snapshots: Sequence[torch.Tensor]) -> torch.Tensor:
                              f"{tuple(first.shape)}: all snapshots must have the same shape")
         if w.device != first.device:
             raise ValueError(f"snapshot {i} is on {w.device}, snapshot 0 on {first.device}")
+
+
+def _velocities(snapshots: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Check the snapshots and return their velocities, `(S−1, P)` float64 (for inspection:
+    `extrapolate` streams instead)."""
+    _check(snapshots)
+    first = snapshots[0]
     p = first.numel()
     v = torch.empty(len(snapshots) - 1, p, dtype=torch.float64, device=first.device)
     for t in range(1, len(snapshots)):  # one snapshot pair in float64 at a time
@@ -196,21 +199,6 @@ def _velocities(snapshots: Sequence[torch.Tensor]) -> torch.Tensor:
     return v
 
 
-def _stretch(v: torch.Tensor, delta: torch.Tensor, eps: float) -> Trajectory:
-    """τ and κ of velocities `v` `(S−1, P)` whose sum is `delta` `(P,)`."""
-    speeds = torch.linalg.vector_norm(v, dim=1)  # (S−1,)
-    length = torch.linalg.vector_norm(delta)
-    tau = speeds.sum() / (length + eps)
-    # Δ̂ exactly unit (an ε in its norm would leave κ ≈ ε/‖Δ‖ on a straight path); 0 if Δ = 0.
-    direction = delta / length if length > 0 else torch.zeros_like(delta)
-    along = (v @ direction).tolist()  # ⟨V_t, Δ̂⟩, S−1 numbers
-    # row by row, so no second (S−1, P) matrix: ‖V_t − ⟨V_t,Δ̂⟩Δ̂‖
-    across = sum(float(torch.linalg.vector_norm(torch.add(row, direction, alpha=-c)))
-                 for row, c in zip(v, along))
-    kappa = across / (sum(abs(c) for c in along) + eps)
-    return Trajectory(tau=float(tau), kappa=kappa)
-
-
 def _subspace(centred: torch.Tensor, scale: float, k_subspace: int) -> Subspace:
     """The centred velocities' singular subspace from their Gram matrix; `scale` = ‖V‖_F."""
     gram = centred @ centred.T  # (S−1, S−1)
@@ -222,22 +210,18 @@ def _subspace(centred: torch.Tensor, scale: float, k_subspace: int) -> Subspace:
     return Subspace(centred=centred, left=u[:, :rank], sigma=sigma, k=min(k_subspace, rank))
 
 
-def _projected_unit(
-    space: Subspace, vector: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`P_k x/(‖P_k x‖ + ε)` (the report's eq. 5) and the remainder `(I − P_k)x`, both `(P,)`."""
-    projected = space.project(vector)
-    outside = vector - projected
-    return projected.div_(torch.linalg.vector_norm(projected) + eps), outside
-
-
 def trajectory_stats(
     snapshots: Sequence[torch.Tensor], config: GrowthConfig | None = None
 ) -> Trajectory:
     """τ and κ of one tensor's snapshots (oldest first, S >= 3, any shape): the stagnation
-    signal, without the subspace."""
-    v = _velocities(snapshots)
-    return _stretch(v, v.sum(0), (config or GrowthConfig()).eps)
+    signal, without the subspace (two streamed reads, as `extrapolate` makes them)."""
+    _check(snapshots)
+    first = _first_pass(snapshots)
+    across2 = torch.zeros_like(first.dots)
+    for chunk in _chunks(snapshots):
+        across2 += _across2(chunk, first)
+    return Trajectory(tau=first.tau((config or GrowthConfig()).eps),
+                      kappa=first.kappa(across2, (config or GrowthConfig()).eps))
 
 
 def velocity_subspace(
@@ -262,42 +246,164 @@ def extrapolate(
     snapshots: Sequence[torch.Tensor], config: GrowthConfig | None = None
 ) -> tuple[torch.Tensor, Geometry]:
     """`W_new` for one tensor from its snapshots (oldest first, S >= 3, all of one shape), and
-    the record of how it was made. `W_new` has the last snapshot's shape, dtype and device."""
+    the record of how it was made. `W_new` has the last snapshot's shape, dtype and device.
+
+    Streamed: the snapshots are read in column chunks (at most `CHUNK_BYTES` of float64 for all
+    S), three times — the centred velocities' Gram matrix and their products with V̄ and Ā; the
+    norms that decide branches and scale terms, and the spectrum vectors' signs; then `W_new` —
+    so memory is one chunk of every snapshot plus `W_new`, never S float64 copies of the
+    tensor. Every vector formed is `Vcᵀc + w·V̄`, carried as its coefficients (S−1 numbers and
+    w); V̄ and Vc are column-local, so each chunk computes its own exactly."""
     config = config or GrowthConfig()
     eps = config.eps
-    v = _velocities(snapshots)  # (S−1, P)
+    _check(snapshots)
     last = snapshots[-1]
-    steps = v.shape[0]
-    delta = v.sum(0)  # Δ = W_{S−1} − W_0, (P,)
-    mean_velocity = delta / steps  # V̄
-    mean_acceleration = (v[-1] - v[0]) / (steps - 1)  # Ā: the second differences telescope
-    stretch = _stretch(v, delta, eps)
-    del delta
-    scale = float(torch.linalg.vector_norm(v))
-    v -= mean_velocity  # centred in place: v is Vc from here on
-    space = _subspace(v, scale, config.k_subspace)
-    space_k, space_rank = space.k, space.rank
+    first = _first_pass(snapshots)
+    tau = first.tau(eps)
+    lam, u = torch.linalg.eigh(first.gram)  # ascending
+    lam, u = lam.flip(0), u.flip(1)
+    rank = int((lam > (RANK_RTOL * first.scale) ** 2).sum())
+    sigma, k = lam[:rank].sqrt(), min(config.k_subspace, rank)
+    u_k = u[:, :k]
 
-    velocity_u, outside = _projected_unit(space, mean_velocity, eps)  # V̂_U, (I − P_k)V̄
-    acceleration_u, _ = _projected_unit(space, mean_acceleration, eps)  # Â_U
-    del mean_velocity, mean_acceleration
-    if torch.linalg.vector_norm(outside) >= eps:
-        escape, v_esc = "orthogonal", _unit(outside)
-    else:
-        escape, v_esc = "spectrum", _unit(space.spectrum(config.ell_orth))
-    del outside, space, v  # the velocities are no longer needed
+    def project(product: torch.Tensor) -> torch.Tensor:  # Vc x → c with P_k x = Vcᵀc
+        return u_k @ ((u_k.T @ product) / sigma[:k].square())
 
-    tau, kappa = stretch.tau, stretch.kappa
+    velocity_c, acceleration_c = project(first.by_velocity), project(first.by_acceleration)
+    spectrum = [u[:, i] / sigma[i] for i in range(k, min(k + config.ell_orth, rank))]  # q_i
+
+    # pass 2: curvature, ‖P_kV̄‖, ‖P_kĀ‖, ‖(I − P_k)V̄‖ from the vectors; q_i's signs
+    across2 = torch.zeros_like(first.dots)
+    norms2 = torch.zeros(3, dtype=torch.float64, device=last.device)
+    coeffs = torch.stack([velocity_c, acceleration_c, -velocity_c], dim=1)  # (m, 3)
+    peaks = [(0.0, 1.0)] * len(spectrum)  # each q_i's largest |entry| so far, and its sign
+    for chunk in _chunks(snapshots):
+        across2 += _across2(chunk, first)
+        vectors = chunk.centred.T @ coeffs  # (n, 3)
+        vectors[:, 2] += chunk.mean  # (I − P_k)V̄
+        norms2 += torch.einsum("nj,nj->j", vectors, vectors)
+        for i, c in enumerate(spectrum):
+            q = chunk.centred.T @ c
+            j = int(torch.argmax(q.abs()))
+            if abs(float(q[j])) > peaks[i][0]:  # the first such entry on ties
+                peaks[i] = (abs(float(q[j])), -1.0 if q[j] < 0 else 1.0)
+    kappa = first.kappa(across2, eps)
+    velocity_norm, acceleration_norm, outside_norm = norms2.sqrt().tolist()
+    if outside_norm >= eps:  # normalise((I − P_k)V̄)
+        escape, esc_c, esc_w = "orthogonal", -velocity_c / outside_norm, 1.0 / outside_norm
+    else:  # normalise(Σ σ_i q_i), i = k+1 … k+ℓ
+        esc_c = sum((sigma[k + i] * sign * c for i, (c, (_, sign)) in
+                     enumerate(zip(spectrum, peaks))), torch.zeros_like(velocity_c))
+        norm = float((esc_c @ first.gram @ esc_c).clamp_min(0).sqrt())
+        escape, esc_c, esc_w = "spectrum", esc_c / norm if norm > 0 else esc_c * 0, 0.0
+
     beta = config.beta0 / (tau + eps)
     gamma = config.gamma0 / (1.0 + kappa)
     eta = config.eta0 * max(0.0, tau - config.tau_crit) * max(0.0, kappa - config.kappa_crit)
+    update_c = (velocity_c * (beta / (velocity_norm + eps))
+                + acceleration_c * (gamma / (acceleration_norm + eps)) + esc_c * eta)
+    update_w = esc_w * eta
 
-    base = last.reshape(-1).double()  # W_{S−1}, (P,)
-    update = velocity_u.mul_(beta).add_(acceleration_u, alpha=gamma).add_(v_esc, alpha=eta)
-    del acceleration_u, v_esc
-    w_new = (base + update).to(last.dtype)
-    moved = torch.linalg.vector_norm(update.copy_(w_new).sub_(base))  # after rounding to dtype
-    relative = float(moved / (torch.linalg.vector_norm(base) + eps))
-    geometry = Geometry(tau=tau, kappa=kappa, beta=beta, gamma=gamma, eta=eta, k=space_k,
-                        rank=space_rank, escape=escape, relative_update=relative)
+    # pass 3: W_new = W_{S−1} + Vcᵀ·update_c + update_w·V̄, rounded to the dtype per chunk
+    w_new = torch.empty(last.numel(), dtype=last.dtype, device=last.device)
+    moved2 = base2 = 0.0
+    for chunk in _chunks(snapshots):
+        w_new[chunk.columns] = chunk.last + chunk.centred.T @ update_c + update_w * chunk.mean
+        moved = w_new[chunk.columns].double() - chunk.last
+        moved2 += float(moved @ moved)
+        base2 += float(chunk.last @ chunk.last)
+    relative = math.sqrt(moved2) / (math.sqrt(base2) + eps)
+    geometry = Geometry(tau=tau, kappa=kappa, beta=beta, gamma=gamma, eta=eta, k=k,
+                        rank=rank, escape=escape, relative_update=relative)
     return w_new.reshape(last.shape), geometry
+
+
+CHUNK_BYTES = 2 * 2**20  # one column chunk of all S snapshots in float64: cache-sized
+
+
+@dataclass
+class _Chunk:
+    """Columns of the snapshots, float64: the velocities `(S−1, n)`, Δ = W_{S−1} − W_0 and
+    their mean V̄ `(n,)`, the centred velocities, Ā `(n,)` and the last snapshot `(n,)`."""
+
+    columns: slice
+    velocities: torch.Tensor
+    delta: torch.Tensor
+    mean: torch.Tensor
+    centred: torch.Tensor
+    acceleration: torch.Tensor
+    last: torch.Tensor
+
+
+def _chunks(snapshots: Sequence[torch.Tensor]) -> Iterator[_Chunk]:
+    """The snapshots, checked finite, in column chunks of at most `CHUNK_BYTES`."""
+    flat = [w.reshape(-1) for w in snapshots]
+    p, s = flat[0].numel(), len(flat)
+    step = max(1024, CHUNK_BYTES // (8 * s))
+    for start in range(0, max(p, 1), step):
+        columns = slice(start, min(p, start + step))
+        rows = torch.stack([f[columns].double() for f in flat])  # (S, n)
+        v = rows[1:] - rows[:-1]
+        # A NaN or inf in either snapshot makes the sum non-finite (float64 cannot overflow on
+        # a sum of float32 differences): one cheap reduction instead of a mask.
+        if not bool(torch.isfinite(v.sum())):
+            for i in range(s):
+                if not bool(torch.isfinite(rows[i]).all()):
+                    raise ValueError(f"snapshot {i} has non-finite values (NaN or inf)")
+            raise ValueError("the difference of two snapshots overflows float64")
+        delta = rows[-1] - rows[0]  # Σ V_t (a sum over dim 0 is slow on CPU)
+        mean = delta / (s - 1)
+        yield _Chunk(columns, v, delta, mean, v - mean, (v[-1] - v[0]) / (s - 2), rows[-1])
+
+
+@dataclass
+class _FirstPass:
+    """What one read of the snapshots gives: the centred Gram matrix `Vc Vcᵀ`, `Vc V̄` and
+    `Vc Ā`, the speeds ‖V_t‖, ‖Δ‖ and ⟨V_t, Δ⟩."""
+
+    gram: torch.Tensor
+    by_velocity: torch.Tensor
+    by_acceleration: torch.Tensor
+    speeds2: torch.Tensor
+    length: float
+    dots: torch.Tensor
+
+    @property
+    def scale(self) -> float:  # ‖V‖_F, what the rank tolerance is relative to
+        return float(self.speeds2.sum().sqrt())
+
+    def along(self) -> torch.Tensor:  # ⟨V_t, Δ̂⟩
+        return self.dots / self.length if self.length > 0 else torch.zeros_like(self.dots)
+
+    def tau(self, eps: float) -> float:
+        return float(self.speeds2.sqrt().sum()) / (self.length + eps)
+
+    def kappa(self, across2: torch.Tensor, eps: float) -> float:
+        return float(across2.sqrt().sum()) / (float(self.along().abs().sum()) + eps)
+
+
+def _first_pass(snapshots: Sequence[torch.Tensor]) -> _FirstPass:
+    m = len(snapshots) - 1
+    device = snapshots[-1].device
+    zeros = [torch.zeros(m, dtype=torch.float64, device=device) for _ in range(4)]
+    gram = torch.zeros(m, m, dtype=torch.float64, device=device)
+    by_velocity, by_acceleration, speeds2, dots = zeros
+    length2 = 0.0
+    for chunk in _chunks(snapshots):
+        delta = chunk.delta
+        gram += chunk.centred @ chunk.centred.T
+        by_velocity += chunk.centred @ chunk.mean
+        by_acceleration += chunk.centred @ chunk.acceleration
+        speeds2 += torch.einsum("tn,tn->t", chunk.velocities, chunk.velocities)
+        dots += chunk.velocities @ delta
+        length2 += float(delta @ delta)
+    return _FirstPass(gram, by_velocity, by_acceleration, speeds2, math.sqrt(length2), dots)
+
+
+def _across2(chunk: _Chunk, first: _FirstPass) -> torch.Tensor:
+    """‖V_t − ⟨V_t,Δ̂⟩Δ̂‖² on the chunk's columns, `(S−1,)`: κ's numerator, squared."""
+    if first.length == 0:
+        across = chunk.velocities
+    else:
+        across = chunk.velocities - first.along()[:, None] * (chunk.delta / first.length)
+    return torch.einsum("tn,tn->t", across, across)
