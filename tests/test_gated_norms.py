@@ -15,13 +15,15 @@ from surgeon.nn.adyt import ADyT
 from surgeon.recipe import PassError
 
 mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
+# transformers 5.25 renamed MambaRMSNormGated to Mamba2RMSNormGated
+GATED_NORM = getattr(mamba2, "Mamba2RMSNormGated", None) or mamba2.MambaRMSNormGated
 
 
 class GatedBlock(nn.Module):
     def __init__(self, d: int) -> None:
         super().__init__()
         self.inp, self.out = nn.Linear(d, 2 * d), nn.Linear(d, d)
-        self.norm = mamba2.MambaRMSNormGated(d, group_size=d)
+        self.norm = GATED_NORM(d, group_size=d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d)
         h, gate = self.inp(x).chunk(2, dim=-1)

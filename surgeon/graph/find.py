@@ -436,7 +436,7 @@ def _class_norm_kind(module: nn.Module) -> str | None:
         if isinstance(module, cls):
             return kind
     name = type(module).__name__.lower()
-    name = name.removesuffix("gated")  # Mamba2's MambaRMSNormGated: norm(x·silu(gate))
+    name = name.removesuffix("gated")  # Mamba2RMSNormGated (MambaRMSNormGated before 5.25)
     if name.endswith("rmsnorm"):
         return "rms_norm"
     if name.endswith("layernorm"):
