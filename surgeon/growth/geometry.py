@@ -215,13 +215,13 @@ def trajectory_stats(
 ) -> Trajectory:
     """τ and κ of one tensor's snapshots (oldest first, S >= 3, any shape): the stagnation
     signal, without the subspace (two streamed reads, as `extrapolate` makes them)."""
+    eps = (config or GrowthConfig()).eps
     _check(snapshots)
     first = _first_pass(snapshots)
     across2 = torch.zeros_like(first.dots)
     for chunk in _chunks(snapshots):
         across2 += _across2(chunk, first)
-    return Trajectory(tau=first.tau((config or GrowthConfig()).eps),
-                      kappa=first.kappa(across2, (config or GrowthConfig()).eps))
+    return Trajectory(tau=first.tau(eps), kappa=first.kappa(across2, eps))
 
 
 def velocity_subspace(
@@ -390,13 +390,12 @@ def _first_pass(snapshots: Sequence[torch.Tensor]) -> _FirstPass:
     by_velocity, by_acceleration, speeds2, dots = zeros
     length2 = 0.0
     for chunk in _chunks(snapshots):
-        delta = chunk.delta
         gram += chunk.centred @ chunk.centred.T
         by_velocity += chunk.centred @ chunk.mean
         by_acceleration += chunk.centred @ chunk.acceleration
         speeds2 += torch.einsum("tn,tn->t", chunk.velocities, chunk.velocities)
-        dots += chunk.velocities @ delta
-        length2 += float(delta @ delta)
+        dots += chunk.velocities @ chunk.delta
+        length2 += float(chunk.delta @ chunk.delta)
     return _FirstPass(gram, by_velocity, by_acceleration, speeds2, math.sqrt(length2), dots)
 
 

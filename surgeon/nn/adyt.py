@@ -150,8 +150,12 @@ class ADyT(RebuildsOptionalState):
         alpha0 = self.alpha0.reshape(())
         if not self.adaptive:
             return alpha0
-        scale = 1.0 + self.lam / (self.eps + self.grad_norm_ema)  # ()
-        return InwardClamp.apply(alpha0 * scale, self.alpha_min, self.alpha_max)
+        return InwardClamp.apply(alpha0 * self._adaptation(self.grad_norm_ema), self.alpha_min,
+                                 self.alpha_max)
+
+    def _adaptation(self, G: torch.Tensor) -> torch.Tensor:
+        """α(t)/α0 before the clamp: `1 + λ/(ε + G)`, 0-dim."""
+        return 1.0 + self.lam / (self.eps + G)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         if gate is not None and self.gate is None:
@@ -175,10 +179,11 @@ class ADyT(RebuildsOptionalState):
     def update_grad_norm_(self, g: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Move `G` by one step's gradient norm `g` (0-dim fp32), bias-corrected; where `keep`
         (0-dim bool) is true, or the result is not finite, `G` and the count stay as they were.
-        Tensor ops only: no host sync, so it runs inside a step hook at full speed."""
+        Tensor ops only, so it runs inside a step hook at full speed: no host sync, except one
+        per step while `keep_scale_at_first_update` waits for the first update."""
         G, t = self.grad_norm_ema, self.grad_norm_steps
-        before = self._alpha_of(G) if self.keep_scale_at_first_update and self.adaptive else None
-        first = t == 0
+        rescale = self.keep_scale_at_first_update and self.adaptive
+        before, first = (self._alpha_of(G), t == 0) if rescale else (None, None)
         # m_t/(1 − s^t) written as a step towards g: G + w·(g − G), w = (1 − s)/(1 − s^(t+1)),
         # so w is exactly 1 on the first update (G_1 = g_1) and → 1 − s as t grows
         base = torch.full_like(G, self.smoothing)  # s in G's dtype: w is exactly 1 when t = 0
@@ -198,8 +203,8 @@ class ADyT(RebuildsOptionalState):
     def _alpha_of(self, G: torch.Tensor) -> torch.Tensor:
         """α(t) for a given `G`, outside the forward (FSDP2 shards α0 there: gathered)."""
         alpha0 = self.alpha0.full_tensor() if hasattr(self.alpha0, "full_tensor") else self.alpha0
-        scale = 1.0 + self.lam / (self.eps + G.float())
-        return (alpha0.float().reshape(()) * scale).clamp(self.alpha_min, self.alpha_max)
+        return (alpha0.float().reshape(()) * self._adaptation(G.float())).clamp(
+            self.alpha_min, self.alpha_max)
 
     @torch.no_grad()
     def reset_optional_state_(self, names: tuple[str, ...] = optional_state) -> ADyT:
