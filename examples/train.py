@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"saved {final}")
     check_reload(model, final / "model", val[:4, :-1], rank, log)
     if dist.is_initialized():
+        dist.barrier()  # rank 0 checks the reload alone: none tears gloo down meanwhile
         dist.destroy_process_group()
 
 
